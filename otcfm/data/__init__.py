@@ -1,0 +1,57 @@
+"""Data: toy distributions by name, ``sample(name, n, generator=None, device=None)``."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from otcfm._checks import check_choice
+from otcfm.data import toy2d
+
+__all__ = ["DATASETS", "sample"]
+
+#: Registered samplers ``f(n, generator, **options) -> (n, d)`` on the CPU.
+DATASETS: dict[str, Callable[..., Tensor]] = {
+    "gaussian": toy2d.gaussian,
+    "8gaussians": toy2d.eight_gaussians,
+    "moons": toy2d.moons,
+    "checkerboard": toy2d.checkerboard,
+    "spirals": toy2d.spirals,
+    "circles": toy2d.circles,
+    "scurve": toy2d.scurve,
+}
+
+
+def sample(
+    name: str,
+    n: int,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    **options: Any,
+) -> Tensor:
+    """Draw ``n`` samples of a named distribution.
+
+    Args:
+        name: one of :data:`DATASETS` (``"gaussian"`` accepts ``dim=``).
+        n: number of samples, ``>= 1``.
+        generator: a CPU ``torch.Generator`` for reproducible draws; torch's
+            default generator when None.
+        device: where the result goes (drawn on the CPU, then moved).
+        dtype: floating dtype of the result.
+        **options: keyword options of the sampler (``dim``, ``noise``).
+
+    Returns:
+        ``(n, d)`` tensor.
+
+    Raises:
+        ValueError: unknown name (lists the valid ones) or ``n < 1``.
+    """
+    check_choice(name, DATASETS, "name")
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n: expected a positive integer, got {n!r}")
+    if generator is not None and generator.device.type != "cpu":
+        raise ValueError(f"generator: expected a CPU generator, got one on {generator.device}")
+    return DATASETS[name](n, generator, **options).to(device=device, dtype=dtype)

@@ -1,0 +1,78 @@
+r"""Time samplers: the distribution of ``t`` in the flow-matching loss.
+
+Each sampler is called as ``sampler(n, generator, device, dtype) -> (n,)``
+with values in ``[0, 1]``. By name (:func:`get_time_sampler`): ``"uniform"``
+and ``"logit_normal"`` (Esser et al. 2024: ``t = sigmoid(m + s z)``,
+``z ~ N(0, 1)``, which puts more weight on the middle of the path).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from otcfm import _random
+from otcfm._checks import check_choice
+
+__all__ = ["TIME_SAMPLERS", "LogitNormal", "TimeSampler", "Uniform", "get_time_sampler"]
+
+
+class TimeSampler(Protocol):
+    """``sampler(n, generator, device, dtype) -> (n,)`` tensor of times in ``[0, 1]``."""
+
+    def __call__(
+        self, n: int, generator: torch.Generator | None, device: torch.device, dtype: torch.dtype
+    ) -> Tensor: ...
+
+
+@dataclass(frozen=True)
+class Uniform:
+    """``t ~ U[0, 1]``."""
+
+    def __call__(
+        self, n: int, generator: torch.Generator | None, device: torch.device, dtype: torch.dtype
+    ) -> Tensor:
+        return _random.rand((n,), generator, device, dtype)
+
+
+@dataclass(frozen=True)
+class LogitNormal:
+    """``t = sigmoid(mean + std * z)``, ``z ~ N(0, 1)``.
+
+    Args:
+        mean: location in logit space (0 centres the mass at ``t = 0.5``).
+        std: spread in logit space, ``> 0``.
+    """
+
+    mean: float = 0.0
+    std: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.std > 0:
+            raise ValueError(f"std: expected > 0, got {self.std}")
+
+    def __call__(
+        self, n: int, generator: torch.Generator | None, device: torch.device, dtype: torch.dtype
+    ) -> Tensor:
+        return torch.sigmoid(self.mean + self.std * _random.randn((n,), generator, device, dtype))
+
+
+#: Registered time samplers by name.
+TIME_SAMPLERS: dict[str, type] = {"uniform": Uniform, "logit_normal": LogitNormal}
+
+
+def get_time_sampler(sampler: str | TimeSampler) -> TimeSampler:
+    """Return a time sampler from a name in :data:`TIME_SAMPLERS`, or pass a callable through.
+
+    Raises:
+        ValueError: unknown name; the message lists the valid ones.
+    """
+    if isinstance(sampler, str):
+        check_choice(sampler, TIME_SAMPLERS, "time_sampler")
+        return TIME_SAMPLERS[sampler]()
+    if not callable(sampler):
+        raise TypeError(f"time_sampler: expected a name or a callable, got {type(sampler).__name__}")
+    return sampler

@@ -1,0 +1,61 @@
+"""Use an otcfm model inside torchdyn, whose vector fields are called ``f(t, x)``.
+
+torchdyn is an optional dependency (``pip install 'otcfm[torchdyn]'``); this
+module imports it only inside :func:`load_neural_ode`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["TorchdynField", "load_neural_ode"]
+
+INSTALL_HINT = (
+    "method='dopri5' needs the optional torchdyn integration: pip install 'otcfm[torchdyn]'. "
+    "With a CPU-only torch whose matching torchvision is unavailable, install it without "
+    "torchvision: pip install --no-deps torchdyn==1.0.6 && pip install attrs torchcde pytorch-lightning"
+)
+
+
+class TorchdynField(nn.Module):
+    """Adapter from otcfm's ``model(x, t)`` to torchdyn's ``f(t, x, args)``.
+
+    A scalar ``t`` from the solver is broadcast to ``(B,)``. :attr:`nfe`
+    counts the calls (network evaluations).
+
+    Args:
+        model: velocity field ``model(x: (B, ...), t: (B,)) -> (B, ...)``.
+
+    Example:
+        >>> from torchdyn.core import NeuralODE  # doctest: +SKIP
+        >>> node = NeuralODE(TorchdynField(model), solver="dopri5")  # doctest: +SKIP
+    """
+
+    def __init__(self, model: Callable[[Tensor, Tensor], Tensor]) -> None:
+        super().__init__()
+        self.model = model
+        self.nfe = 0
+
+    def forward(self, t: Tensor, x: Tensor, args: Any = None) -> Tensor:
+        """Velocity at ``x: (B, ...)`` and scalar or ``(B,)`` time ``t``."""
+        self.nfe += 1
+        t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+        return self.model(x, t.expand(x.shape[0]) if t.ndim == 0 else t)
+
+
+def load_neural_ode() -> type:
+    """Import and return ``torchdyn.core.NeuralODE``.
+
+    Raises:
+        ImportError: torchdyn is missing or fails to import; the message says how to install it.
+    """
+    try:
+        from torchdyn.core import NeuralODE
+    except ImportError as error:
+        raise ImportError(INSTALL_HINT) from error
+    except RuntimeError as error:  # a torchvision built for another torch fails at import time
+        raise ImportError(f"torchdyn failed to import ({error}). {INSTALL_HINT}") from error
+    return NeuralODE
