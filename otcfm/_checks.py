@@ -47,9 +47,7 @@ def check_pair(x0: object, x1: object, same_batch: bool = False) -> tuple[Tensor
             f"x0 and x1: expected the same sample shape, got x0 {tuple(x0.shape)} and x1 {tuple(x1.shape)}"
         )
     if same_batch and x0.shape[0] != x1.shape[0]:
-        raise ValueError(
-            f"x0 and x1: expected the same batch size, got {x0.shape[0]} and {x1.shape[0]}"
-        )
+        raise ValueError(f"x0 and x1: expected the same batch size, got {x0.shape[0]} and {x1.shape[0]}")
     if x0.device != x1.device:
         raise ValueError(f"x0 and x1: expected the same device, got {x0.device} and {x1.device}")
     return x0, x1

@@ -29,16 +29,12 @@ def randn(
     return torch.randn(shape, generator=generator, device=_device(generator), dtype=dtype).to(device)
 
 
-def rand(
-    shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device, dtype: torch.dtype
-) -> Tensor:
+def rand(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device, dtype: torch.dtype) -> Tensor:
     """Uniform draws on ``[0, 1)`` of ``shape``."""
     return torch.rand(shape, generator=generator, device=_device(generator), dtype=dtype).to(device)
 
 
-def randint(
-    high: int, shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device
-) -> Tensor:
+def randint(high: int, shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> Tensor:
     """Uniform integers in ``[0, high)`` of ``shape``, int64."""
     return torch.randint(high, shape, generator=generator, device=_device(generator)).to(device)
 

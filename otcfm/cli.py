@@ -7,6 +7,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -45,7 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
     tr.add_argument("--out", default="runs/train", help="output directory (default: runs/train)")
     tr.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    tr.add_argument("--eval-n", type=int, default=2000, help="samples for the W2 table (default 2000)")
+    tr.add_argument("--eval-n", type=int, default=2000, help="samples per draw for the W2 table (default 2000)")
+    tr.add_argument("--eval-draws", type=int, default=3, help="held-out draws averaged in the W2 table (default 3)")
     tr.add_argument("--no-progress", action="store_true")
 
     sa = commands.add_parser("sample", help="sample from a checkpoint")
@@ -59,36 +61,66 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _evaluate(model: torch.nn.Module, config: TrainConfig, n: int, out: Path) -> dict[str, object]:
-    """W2 vs Euler steps on held-out draws, a reference floor, and the PNG."""
+def _evaluate(model: torch.nn.Module, config: TrainConfig, n: int, draws: int, out: Path) -> dict[str, Any]:
+    """W2 vs Euler steps over `draws` held-out draws (mean and std), a reference floor, and the PNG."""
     held_out = torch.Generator().manual_seed(config.seed + 1_000_003)
-    x0 = sample(config.source, n, held_out)
-    reference = sample(config.target, n, held_out)
-    floor = metrics.w2(sample(config.target, n, held_out), reference)
-    table = metrics.w2_by_steps(model, x0, reference, EVAL_STEPS, "euler")
+    per_draw: dict[int, list[float]] = {k: [] for k in EVAL_STEPS}
+    floors = []
+    for _ in range(draws):
+        x0 = sample(config.source, n, held_out)
+        reference = sample(config.target, n, held_out)
+        floors.append(metrics.w2(sample(config.target, n, held_out), reference))
+        for k, value in metrics.w2_by_steps(model, x0, reference, EVAL_STEPS, "euler").items():
+            per_draw[k].append(value)
     trajectory = integrate(model, x0, 100, "euler", return_trajectory=True)
     from otcfm.plotting import plot_flow
 
-    png = plot_flow(trajectory, reference, out / "samples.png", title=f"{config.source} -> {config.target}, "
-                    f"coupler={config.coupler}, path={config.path}")
-    return {"n": n, "method": "euler", "w2": {str(k): v for k, v in table.items()}, "w2_floor": floor, "png": str(png)}
+    title = f"{config.source} -> {config.target}, coupler={config.coupler}, path={config.path}"
+    png = plot_flow(trajectory, reference, out / "samples.png", title=title)
+    return {
+        "n": n,
+        "draws": draws,
+        "method": "euler",
+        "w2": {str(k): _mean_std(v) for k, v in per_draw.items()},
+        "w2_floor": _mean_std(floors),
+        "png": str(png),
+    }
 
 
-def _print_table(result: dict[str, object], config: TrainConfig) -> None:
-    print(f"W2 vs Euler steps: {config.source} -> {config.target}, coupler={config.coupler}, "
-          f"path={config.path}, n={result['n']} held-out samples")
-    print("| steps | W2 |")
+def _mean_std(values: list[float]) -> dict[str, float]:
+    tensor = torch.tensor(values, dtype=torch.float64)
+    std = float(tensor.std()) if len(values) > 1 else 0.0
+    return {"mean": float(tensor.mean()), "std": std}
+
+
+def _print_table(result: dict[str, Any], config: TrainConfig) -> None:
+    print(
+        f"W2 vs Euler steps: {config.source} -> {config.target}, coupler={config.coupler}, path={config.path}, "
+        f"n={result['n']} held-out samples, mean +- std over {result['draws']} draws"
+    )
+    print("| Euler steps | W2 |")
     print("|---:|---:|")
-    for k, v in result["w2"].items():  # type: ignore[union-attr]
-        print(f"| {k} | {v:.3f} |")
-    print(f"(W2 between two independent target samples of the same size: {result['w2_floor']:.3f})")
+    for k, v in result["w2"].items():
+        print(f"| {k} | {v['mean']:.3f} +- {v['std']:.3f} |")
+    floor = result["w2_floor"]
+    print(f"(W2 between two independent target samples of the same size: {floor['mean']:.3f} +- {floor['std']:.3f})")
 
 
 def _train(args: argparse.Namespace) -> int:
     config = TrainConfig(
-        source=args.source, target=args.target, coupler=args.coupler, path=args.path, sigma=args.sigma,
-        time_sampler=args.time_sampler, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-        hidden=args.hidden, depth=args.depth, ema_decay=args.ema_decay, seed=args.seed,
+        source=args.source,
+        target=args.target,
+        coupler=args.coupler,
+        path=args.path,
+        sigma=args.sigma,
+        time_sampler=args.time_sampler,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        hidden=args.hidden,
+        depth=args.depth,
+        ema_decay=args.ema_decay,
+        seed=args.seed,
         checkpoint_every=args.checkpoint_every,
     )
     out = Path(args.out)
@@ -96,7 +128,7 @@ def _train(args: argparse.Namespace) -> int:
     result = train(config, out=out, resume=args.resume, progress=not args.no_progress)
     seconds = time.perf_counter() - started
     print(f"trained {config.steps} steps in {seconds:.1f} s; checkpoint: {out / 'checkpoint.pt'}")
-    evaluation = _evaluate(result.sampling_model, config, args.eval_n, out)
+    evaluation = _evaluate(result.sampling_model, config, args.eval_n, args.eval_draws, out)
     evaluation["train_seconds"] = seconds
     (out / "w2.json").write_text(json.dumps(evaluation, indent=2))
     _print_table(evaluation, config)

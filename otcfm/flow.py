@@ -10,7 +10,8 @@ from the time sampler and ``(x_t, u_t)`` from the probability path.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -89,9 +90,7 @@ class FlowMatcher:
         x_t, u_t = self.path(x0, x1, t, noise)
         return FlowBatch(t, x_t, u_t, i, j)
 
-    def loss(
-        self, model: VelocityModel, x0: Tensor, x1: Tensor, generator: torch.Generator | None = None
-    ) -> Tensor:
+    def loss(self, model: VelocityModel, x0: Tensor, x1: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Flow-matching loss: mean squared error of ``model(x_t, t)`` against ``u_t``.
 
         Args:

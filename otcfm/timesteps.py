@@ -32,9 +32,7 @@ class TimeSampler(Protocol):
 class Uniform:
     """``t ~ U[0, 1]``."""
 
-    def __call__(
-        self, n: int, generator: torch.Generator | None, device: torch.device, dtype: torch.dtype
-    ) -> Tensor:
+    def __call__(self, n: int, generator: torch.Generator | None, device: torch.device, dtype: torch.dtype) -> Tensor:
         return _random.rand((n,), generator, device, dtype)
 
 
@@ -54,9 +52,7 @@ class LogitNormal:
         if not self.std > 0:
             raise ValueError(f"std: expected > 0, got {self.std}")
 
-    def __call__(
-        self, n: int, generator: torch.Generator | None, device: torch.device, dtype: torch.dtype
-    ) -> Tensor:
+    def __call__(self, n: int, generator: torch.Generator | None, device: torch.device, dtype: torch.dtype) -> Tensor:
         return torch.sigmoid(self.mean + self.std * _random.randn((n,), generator, device, dtype))
 
 

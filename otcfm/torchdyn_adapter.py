@@ -6,7 +6,8 @@ module imports it only inside :func:`load_neural_ode`.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -23,7 +24,7 @@ INSTALL_HINT = (
 class TorchdynField(nn.Module):
     """Adapter from otcfm's ``model(x, t)`` to torchdyn's ``f(t, x, args)``.
 
-    A scalar ``t`` from the solver is broadcast to ``(B,)``. :attr:`nfe`
+    A single time from the solver (torchdyn passes shape ``(1,)``) is broadcast to ``(B,)``. :attr:`nfe`
     counts the calls (network evaluations).
 
     Args:
@@ -40,10 +41,12 @@ class TorchdynField(nn.Module):
         self.nfe = 0
 
     def forward(self, t: Tensor, x: Tensor, args: Any = None) -> Tensor:
-        """Velocity at ``x: (B, ...)`` and scalar or ``(B,)`` time ``t``."""
+        """Velocity at ``x: (B, ...)`` and a single time ``t`` (any shape holding one value) or ``t: (B,)``."""
         self.nfe += 1
         t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
-        return self.model(x, t.expand(x.shape[0]) if t.ndim == 0 else t)
+        if t.numel() == 1:
+            t = t.reshape(()).expand(x.shape[0])
+        return self.model(x, t)
 
 
 def load_neural_ode() -> type:

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -227,7 +228,7 @@ def train(
 
 def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
     with torch.no_grad():
-        for target, source in zip(ema.state_dict().values(), model.state_dict().values()):
+        for target, source in zip(ema.state_dict().values(), model.state_dict().values(), strict=True):
             if target.is_floating_point():
                 target.mul_(decay).add_(source, alpha=1 - decay)
             else:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -91,9 +91,7 @@ class ExactCoupler(Coupler):
     def pair(self, x0: Tensor, x1: Tensor, generator: torch.Generator | None) -> Pairing:
         cost = self.cost(x0, x1)
         if cost.shape != (x0.shape[0], x1.shape[0]):
-            raise ValueError(
-                f"cost: expected a ({x0.shape[0]}, {x1.shape[0]}) matrix, got {tuple(cost.shape)}"
-            )
+            raise ValueError(f"cost: expected a ({x0.shape[0]}, {x1.shape[0]}) matrix, got {tuple(cost.shape)}")
         matrix = cost.detach().to(device="cpu", dtype=torch.float64).numpy()
         if not np.isfinite(matrix).all():
             raise ValueError("cost: contains NaN or Inf")

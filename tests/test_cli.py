@@ -1,0 +1,67 @@
+"""The otcfm command line and the import-time contract."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from otcfm.cli import main
+
+SMALL = [
+    "--steps",
+    "30",
+    "--batch-size",
+    "32",
+    "--hidden",
+    "16",
+    "--depth",
+    "1",
+    "--eval-n",
+    "200",
+    "--eval-draws",
+    "2",
+    "--no-progress",
+]
+
+
+def test_train_then_sample(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    assert main(["train", "--coupler", "independent", "--out", str(out), *SMALL]) == 0
+    printed = capsys.readouterr().out
+    for steps in (1, 2, 4, 8, 100):
+        assert f"\n| {steps} | " in printed
+    assert {"checkpoint.pt", "samples.png", "w2.json"} <= {p.name for p in out.iterdir()}
+    table = json.loads((out / "w2.json").read_text())
+    assert set(table["w2"]) == {"1", "2", "4", "8", "100"} and table["n"] == 200 and table["draws"] == 2
+    assert all(v["mean"] > 0 and v["std"] >= 0 for v in table["w2"].values())
+
+    samples = tmp_path / "x.pt"
+    png = tmp_path / "x.png"
+    args = ["sample", "--checkpoint", str(out), "--n", "64", "--steps", "3", "--out", str(samples), "--png", str(png)]
+    assert main(args) == 0
+    assert torch.load(samples).shape == (64, 2) and png.stat().st_size > 0
+
+
+def test_train_resume_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "--out", str(tmp_path), *SMALL]) == 0
+    assert main(["train", "--out", str(tmp_path), "--resume", *SMALL, "--coupler", "independent"]) == 2
+    assert "another config" in capsys.readouterr().err
+
+
+def test_bad_arguments_exit_with_usage() -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--coupler", "optimal"])
+    assert info.value.code == 2
+    assert main(["sample", "--checkpoint", "/nonexistent/run", "--out", "x.pt"]) == 2
+
+
+def test_import_stays_light() -> None:
+    """`import otcfm` loads neither POT, scipy, matplotlib nor torchdyn."""
+    code = "import sys, otcfm; print(sorted(m for m in ('ot', 'scipy', 'matplotlib', 'torchdyn') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
