@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["randperm", "randn", "rand", "randint", "multinomial"]
+__all__ = ["multinomial", "multinomial_replace", "rand", "randint", "randn", "randperm"]
 
 
 def _device(generator: torch.Generator | None) -> torch.device:
@@ -43,3 +43,9 @@ def multinomial(weights: Tensor, generator: torch.Generator | None, device: torc
     """One index per row of ``weights: (R, C)`` (non-negative, rows need not sum to 1): shape ``(R,)``."""
     draws = torch.multinomial(weights.to(_device(generator)), 1, generator=generator)
     return draws.squeeze(1).to(device)
+
+
+def multinomial_replace(weights: Tensor, n: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
+    """``n`` indices drawn with replacement from ``weights: (K,)`` (non-negative): shape ``(n,)``."""
+    draws = torch.multinomial(weights.to(_device(generator)), n, replacement=True, generator=generator)
+    return draws.to(device)

@@ -18,13 +18,11 @@ from torch import Tensor
 
 from otcfm import _random
 from otcfm._checks import check_pair
-from otcfm.couplers import Coupler, get_coupler
-from otcfm.paths import Path, get_path
+from otcfm.couplers import Coupler, SinkhornCoupler, get_coupler
+from otcfm.paths import BridgePath, Path, get_path
 from otcfm.timesteps import TimeSampler, get_time_sampler
 
 __all__ = ["FlowBatch", "FlowMatcher"]
-
-VelocityModel = Callable[[Tensor, Tensor], Tensor]
 
 
 class FlowBatch(NamedTuple):
@@ -68,42 +66,70 @@ class FlowMatcher:
         sigma: float | None = None,
         time_sampler: str | TimeSampler = "uniform",
     ) -> None:
-        self.coupler = get_coupler(coupler)
         self.path = get_path(path, sigma)
+        if coupler == "sinkhorn" and isinstance(self.path, BridgePath):
+            # The Schroedinger bridge with diffusion sigma couples by entropic OT at epsilon = 2 sigma^2.
+            coupler = SinkhornCoupler(epsilon=2 * self.path.sigma**2, relative=False)
+        self.coupler = get_coupler(coupler)
         self.time_sampler = get_time_sampler(time_sampler)
 
-    def batch(self, x0: Tensor, x1: Tensor, generator: torch.Generator | None = None) -> FlowBatch:
+    def batch(
+        self,
+        x0: Tensor,
+        x1: Tensor,
+        generator: torch.Generator | None = None,
+        *,
+        y0: Tensor | None = None,
+        y1: Tensor | None = None,
+    ) -> FlowBatch:
         """Couple ``x0: (B0, ...)`` with ``x1: (B1, ...)``, draw ``t`` and noise, evaluate the path.
 
+        Args:
+            x0, x1: source and target batches.
+            generator: randomness of the coupling, ``t`` and noise.
+            y0, y1: optional labels or conditions, ``(B0,)`` and ``(B1,)``, passed to the coupler
+                (OT couplers then pair within labels); the target labels of the pairs are ``y1[batch.j]``.
+
         Returns:
-            a :class:`FlowBatch` of ``B0`` pairs.
+            a :class:`FlowBatch` (one entry per pair).
 
         Raises:
             ValueError: mismatched sample shapes, empty batches, NaN/Inf.
         """
         x0, x1 = check_pair(x0, x1)
         self.path.check_source(x0)
-        i, j = self.coupler(x0, x1, generator=generator)
+        i, j = self.coupler(x0, x1, y0=y0, y1=y1, generator=generator)
         x0, x1 = x0[i], x1[j]
         t = self.time_sampler(x0.shape[0], generator, x0.device, x0.dtype)
         noise = _random.randn(tuple(x0.shape), generator, x0.device, x0.dtype) if self.path.needs_noise else None
         x_t, u_t = self.path(x0, x1, t, noise)
         return FlowBatch(t, x_t, u_t, i, j)
 
-    def loss(self, model: VelocityModel, x0: Tensor, x1: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def loss(
+        self,
+        model: Callable[..., Tensor],
+        x0: Tensor,
+        x1: Tensor,
+        generator: torch.Generator | None = None,
+        *,
+        y0: Tensor | None = None,
+        y1: Tensor | None = None,
+    ) -> Tensor:
         """Flow-matching loss: mean squared error of ``model(x_t, t)`` against ``u_t``.
 
         Args:
-            model: velocity field called as ``model(x: (B, ...), t: (B,)) -> (B, ...)``.
+            model: velocity field called as ``model(x: (B, ...), t: (B,)) -> (B, ...)``;
+                with target labels, as ``model(x, t, y)`` where ``y = y1[j]`` are the pairs' labels.
             x0: source batch, ``(B0, ...)``.
             x1: target batch, ``(B1, ...)``.
             generator: randomness of the coupling, ``t`` and noise.
+            y0, y1: optional labels or conditions (see :meth:`batch`).
 
         Returns:
             scalar tensor (mean over batch and dimensions).
         """
-        batch = self.batch(x0, x1, generator)
-        v = model(batch.x_t, batch.t)
+        batch = self.batch(x0, x1, generator, y0=y0, y1=y1)
+        v = model(batch.x_t, batch.t) if y1 is None else model(batch.x_t, batch.t, y1[batch.j])
         if v.shape != batch.u_t.shape:
             raise ValueError(f"model: expected output of shape {tuple(batch.u_t.shape)}, got {tuple(v.shape)}")
         return torch.mean((v - batch.u_t) ** 2)

@@ -9,7 +9,7 @@ import numpy as np
 from torch import Tensor
 
 from otcfm._checks import check_pair
-from otcfm.couplers.base import squared_euclidean_cost
+from otcfm.couplers.cost import squared_euclidean_cost
 from otcfm.couplers.exact import exact_plan
 from otcfm.solvers import Method, integrate
 

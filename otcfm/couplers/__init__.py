@@ -1,22 +1,37 @@
 """Couplers: who is paired with whom inside a minibatch.
 
 A coupler maps ``(x0, x1)`` to index tensors ``(i, j)``; ``x0[i], x1[j]`` are
-the pairs. Choose one by name with :func:`get_coupler`.
+the pairs and labels follow as ``y1[j]``. Choose one by name with
+:func:`get_coupler`: ``"independent"``, ``"exact"``, ``"hungarian"``,
+``"sinkhorn"``, ``"paired"``.
 """
 
-from otcfm.couplers.base import Coupler, Pairing, pairs_from_plan, squared_euclidean_cost
-from otcfm.couplers.exact import ExactCoupler, exact_plan
-from otcfm.couplers.independent import IndependentCoupler
+from otcfm.couplers.base import Coupler, Pairing
+from otcfm.couplers.cost import condition_cost, squared_euclidean_cost
+from otcfm.couplers.exact import ExactCoupler, exact_plan, linear_assignment
+from otcfm.couplers.hungarian import HungarianCoupler
+from otcfm.couplers.independent import IndependentCoupler, PairedCoupler
+from otcfm.couplers.plan import OTCoupler, pairs_from_plan
 from otcfm.couplers.registry import COUPLERS, get_coupler
+from otcfm.couplers.sinkhorn import ConvergenceWarning, SinkhornCoupler, SinkhornResult, sinkhorn_plan
 
 __all__ = [
     "COUPLERS",
+    "ConvergenceWarning",
     "Coupler",
     "ExactCoupler",
+    "HungarianCoupler",
     "IndependentCoupler",
+    "OTCoupler",
+    "PairedCoupler",
     "Pairing",
+    "SinkhornCoupler",
+    "SinkhornResult",
+    "condition_cost",
     "exact_plan",
     "get_coupler",
+    "linear_assignment",
     "pairs_from_plan",
+    "sinkhorn_plan",
     "squared_euclidean_cost",
 ]

@@ -1,19 +1,38 @@
-"""Exact minibatch optimal transport (OT-CFM) with POT's network simplex."""
+"""Exact minibatch optimal transport (OT-CFM): network simplex or Jonker-Volgenant, chosen per problem."""
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from typing import Literal
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from otcfm.couplers.base import Coupler, Pairing, pairs_from_plan, squared_euclidean_cost
+from otcfm._checks import check_choice
+from otcfm.couplers.base import Pairing
+from otcfm.couplers.cost import squared_euclidean_cost
+from otcfm.couplers.plan import CostFn, OTCoupler, pairs_from_plan
 
-__all__ = ["ExactCoupler", "exact_plan"]
+__all__ = ["AUTO_LSA_MIN_FEATURES", "ExactCoupler", "exact_plan", "linear_assignment"]
 
-CostFn = Callable[[Tensor, Tensor], Tensor]
+Solver = Literal["auto", "emd", "lsa"]
+#: With ``solver="auto"``, equal batches of at least this many features use Jonker-Volgenant
+#: (scipy), which beats the network simplex on high-dimensional costs; see docs/benchmarks.md.
+AUTO_LSA_MIN_FEATURES = 16
+
+
+def _check_weights(w: np.ndarray | None, n: int, name: str) -> np.ndarray:
+    if w is None:
+        return np.full(n, 1.0 / n)
+    w = np.asarray(w, dtype=np.float64)
+    if w.shape != (n,):
+        raise ValueError(f"{name}: expected shape ({n},), got {w.shape}")
+    if not np.isfinite(w).all() or (w < 0).any():
+        raise ValueError(f"{name}: expected finite non-negative weights")
+    if abs(w.sum() - 1.0) > 1e-9:
+        raise ValueError(f"{name}: expected weights summing to 1, got sum {w.sum():.12g}")
+    return w
 
 
 def exact_plan(
@@ -22,17 +41,17 @@ def exact_plan(
     b: np.ndarray | None = None,
     num_iter_max: int | None = None,
 ) -> np.ndarray:
-    r"""Solve the discrete OT problem exactly with POT's ``ot.emd``.
+    r"""Solve the discrete OT problem exactly with POT's network simplex (``ot.emd``).
 
     .. math::
         P^\star = \arg\min_{P \ge 0,\ P 1 = a,\ P^\top 1 = b} \langle P, C \rangle
 
-    Runs on the CPU in float64 (the inputs are copied there).
+    Runs on the CPU in float64 (inputs are copied there).
 
     Args:
         cost: ``(B0, B1)`` cost matrix.
-        a: ``(B0,)`` source weights summing to 1; uniform when None.
-        b: ``(B1,)`` target weights summing to 1; uniform when None.
+        a: ``(B0,)`` source weights, non-negative, summing to 1; uniform when None.
+        b: ``(B1,)`` target weights; uniform when None.
         num_iter_max: network simplex iteration limit; ``max(100_000, 10 * B0 * B1)``
             when None (POT's fixed default of 100,000 stops short on large batches).
 
@@ -40,19 +59,21 @@ def exact_plan(
         ``(B0, B1)`` float64 optimal plan.
 
     Raises:
+        ValueError: bad weights or a cost with NaN/Inf.
         RuntimeError: the solver stopped before optimality (iteration limit) or
             found the problem infeasible; the message names the cause.
     """
-    import ot  # POT is imported where used, to keep `import otcfm` fast
+    import ot  # imported where used, to keep `import otcfm` fast
 
     cost = np.ascontiguousarray(cost, dtype=np.float64)
+    if cost.ndim != 2 or not np.isfinite(cost).all():
+        raise ValueError("cost: expected a finite 2-D matrix")
     n0, n1 = cost.shape
-    a = np.full(n0, 1.0 / n0) if a is None else np.asarray(a, dtype=np.float64)
-    b = np.full(n1, 1.0 / n1) if b is None else np.asarray(b, dtype=np.float64)
+    a, b = _check_weights(a, n0, "a"), _check_weights(b, n1, "b")
     if num_iter_max is None:
         num_iter_max = max(100_000, 10 * n0 * n1)
     with warnings.catch_warnings():
-        # POT reports a non-optimal exit only as a warning; we turn it into an error below.
+        # POT reports a non-optimal exit only as a warning; it becomes the error below.
         warnings.filterwarnings("ignore", message="numItermax reached", category=UserWarning)
         plan, log = ot.emd(a, b, cost, numItermax=num_iter_max, log=True)
     if log["result_code"] != 1:
@@ -63,40 +84,91 @@ def exact_plan(
     return plan
 
 
-class ExactCoupler(Coupler):
-    """Pair samples by an exact minibatch OT plan (Tong et al. 2023, OT-CFM).
-
-    The plan minimises the total ``cost`` (squared Euclidean between flattened
-    samples by default). For equal batch sizes the optimal plan is a
-    permutation and is returned as such: every source and every target sample
-    is used exactly once, nothing is drawn. For ``B0 != B1`` every source
-    sample is used once and its partner is drawn from its row of the plan.
+def linear_assignment(cost: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Minimum-cost one-to-one matching (scipy's Jonker-Volgenant ``linear_sum_assignment``).
 
     Args:
-        cost: ``cost(x0, x1) -> (B0, B1)`` tensor; squared Euclidean by default.
-        num_iter_max: iteration limit of the network simplex; scales with the
-            batch when None. A non-optimal exit raises ``RuntimeError``.
+        cost: ``(B0, B1)`` finite cost; rectangular allowed.
+
+    Returns:
+        ``(rows, cols)``, each of length ``min(B0, B1)``, rows sorted.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    cost = np.ascontiguousarray(cost, dtype=np.float64)
+    if cost.ndim != 2 or not np.isfinite(cost).all():
+        raise ValueError("cost: expected a finite 2-D matrix")
+    return linear_sum_assignment(cost)
+
+
+class ExactCoupler(OTCoupler):
+    """Pair samples by an exact minibatch OT plan (Tong et al. 2023, OT-CFM).
+
+    The plan minimises the total cost (squared Euclidean between flattened
+    samples by default). For equal batch sizes the optimal plan is a
+    permutation and is returned as such: every source and every target sample
+    is used exactly once, nothing is drawn. For ``B0 != B1`` every source is
+    used once and its partner is drawn from its row of the plan.
+
+    Solvers: ``"emd"`` (POT's network simplex, any batch sizes), ``"lsa"``
+    (scipy's Jonker-Volgenant, equal batch sizes), ``"auto"``: ``"lsa"`` for
+    equal batches with at least :data:`AUTO_LSA_MIN_FEATURES` features and no
+    ``replace``, ``"emd"`` otherwise. Both are exact; a non-optimal network
+    simplex exit raises ``RuntimeError``.
+
+    Args:
+        solver: ``"auto"``, ``"emd"`` or ``"lsa"``.
+        cost: ``cost(x0, x1) -> (B0, B1)``; squared Euclidean by default.
+        num_iter_max: network simplex iteration limit (scales with the batch when None).
+        label_weight: see :class:`~otcfm.couplers.plan.OTCoupler`.
+        replace: draw pairs with replacement from the plan (TorchCFM-compatible; uses ``"emd"``).
     """
 
     name = "exact"
 
-    def __init__(self, cost: CostFn = squared_euclidean_cost, num_iter_max: int | None = None) -> None:
-        if not callable(cost):
-            raise TypeError(f"cost: expected a callable cost(x0, x1) -> (B0, B1) tensor, got {cost!r}")
+    def __init__(
+        self,
+        solver: Solver = "auto",
+        cost: CostFn = squared_euclidean_cost,
+        num_iter_max: int | None = None,
+        label_weight: float | None = None,
+        replace: bool = False,
+    ) -> None:
+        super().__init__(cost, label_weight, replace)
+        check_choice(solver, ("auto", "emd", "lsa"), "solver")
+        if solver == "lsa" and replace:
+            raise ValueError("solver: 'lsa' returns a matching, not a plan to draw from; use 'emd' with replace=True")
         if num_iter_max is not None and num_iter_max <= 0:
             raise ValueError(f"num_iter_max: expected a positive integer, got {num_iter_max}")
-        self.cost = cost
+        self.solver = solver
         self.num_iter_max = num_iter_max
 
-    def pair(self, x0: Tensor, x1: Tensor, generator: torch.Generator | None) -> Pairing:
-        cost = self.cost(x0, x1)
-        if cost.shape != (x0.shape[0], x1.shape[0]):
-            raise ValueError(f"cost: expected a ({x0.shape[0]}, {x1.shape[0]}) matrix, got {tuple(cost.shape)}")
-        matrix = cost.detach().to(device="cpu", dtype=torch.float64).numpy()
-        if not np.isfinite(matrix).all():
-            raise ValueError("cost: contains NaN or Inf")
+    @property
+    def one_to_one(self) -> bool:  # type: ignore[override]
+        """Equal batches give a permutation unless pairs are drawn with replacement."""
+        return not self.replace
+
+    def choose_solver(self, n0: int, n1: int, features: int) -> str:
+        """The solver used for a ``(n0, n1)`` problem on samples of ``features`` features."""
+        if self.solver != "auto":
+            return self.solver
+        if n0 == n1 and not self.replace and features >= AUTO_LSA_MIN_FEATURES:
+            return "lsa"
+        return "emd"
+
+    def pair(
+        self, x0: Tensor, x1: Tensor, y0: Tensor | None, y1: Tensor | None, generator: torch.Generator | None
+    ) -> Pairing:
+        cost, device = self.cost_matrix(x0, x1, y0, y1, generator), x0.device
+        n0, n1 = cost.shape
+        matrix = cost.cpu().numpy()
+        if self.choose_solver(n0, n1, x0[0].numel()) == "lsa":
+            if n0 != n1:
+                raise ValueError(f"solver: 'lsa' needs equal batch sizes, got {n0} and {n1}; use 'emd' or 'hungarian'")
+            rows, cols = linear_assignment(matrix)
+            return Pairing(torch.as_tensor(rows, device=device), torch.as_tensor(cols, device=device))
         plan = exact_plan(matrix, num_iter_max=self.num_iter_max)
-        return pairs_from_plan(plan, generator, x0.device)
+        return pairs_from_plan(torch.from_numpy(plan), generator, device, self.replace)
 
     def __repr__(self) -> str:
-        return f"ExactCoupler(num_iter_max={self.num_iter_max})"
+        return f"ExactCoupler(solver={self.solver!r}, num_iter_max={self.num_iter_max}, replace={self.replace})"

@@ -7,14 +7,15 @@ from typing import Any
 from otcfm._checks import check_choice
 from otcfm.couplers.base import Coupler
 from otcfm.couplers.exact import ExactCoupler
-from otcfm.couplers.independent import IndependentCoupler
+from otcfm.couplers.hungarian import HungarianCoupler
+from otcfm.couplers.independent import IndependentCoupler, PairedCoupler
+from otcfm.couplers.sinkhorn import SinkhornCoupler
 
 __all__ = ["COUPLERS", "get_coupler"]
 
 #: Registered coupler classes by name.
 COUPLERS: dict[str, type[Coupler]] = {
-    IndependentCoupler.name: IndependentCoupler,
-    ExactCoupler.name: ExactCoupler,
+    cls.name: cls for cls in (IndependentCoupler, ExactCoupler, HungarianCoupler, SinkhornCoupler, PairedCoupler)
 }
 
 
@@ -23,12 +24,13 @@ def get_coupler(coupler: str | Coupler, **options: Any) -> Coupler:
 
     Args:
         coupler: a name in :data:`COUPLERS` or a :class:`Coupler` instance.
-        **options: keyword arguments of the named coupler's constructor.
+        **options: keyword arguments of the named coupler's constructor
+            (``get_coupler("sinkhorn", epsilon=0.1)``).
 
     Raises:
         ValueError: unknown name (the message lists the valid ones), or options
             given together with an instance.
-        TypeError: neither a string nor a Coupler.
+        TypeError: neither a string nor a Coupler, or an unknown option.
     """
     if isinstance(coupler, Coupler):
         if options:

@@ -1,0 +1,104 @@
+"""From a transport plan to pairs, and the OT coupler base class shared by exact, Hungarian and Sinkhorn."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from otcfm import _random
+from otcfm.couplers.base import Coupler, Pairing
+from otcfm.couplers.cost import condition_cost, squared_euclidean_cost
+
+__all__ = ["CostFn", "OTCoupler", "pairs_from_plan"]
+
+CostFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def pairs_from_plan(
+    plan: Tensor, generator: torch.Generator | None, device: torch.device, replace: bool = False
+) -> Pairing:
+    """Turn a transport plan into pairs.
+
+    Default (``replace=False``): every source sample is used exactly once.
+    Where ``plan`` is a scaled permutation matrix (equal uniform batches and an
+    exact solver) the permutation itself is returned, nothing is drawn and
+    every target is used once too; otherwise row ``a`` draws its partner from
+    ``plan[a] / plan[a].sum()``.
+
+    ``replace=True`` (TorchCFM's behaviour, to reproduce published numbers):
+    ``B0`` pairs ``(i, j)`` drawn with replacement from the whole plan, so some
+    pairs repeat and others are dropped (about 63% are unique for a permutation plan).
+
+    Args:
+        plan: ``(B0, B1)`` non-negative plan.
+        generator: randomness of the draws.
+        device: where the indices go.
+        replace: draw pairs with replacement from the flattened plan.
+
+    Returns:
+        ``Pairing(i, j)`` of length ``B0``.
+
+    Raises:
+        ValueError: the plan has NaN/Inf, negative entries, or a row without mass.
+    """
+    plan = plan.detach().to(torch.float64)
+    n0, n1 = plan.shape
+    if not bool(torch.isfinite(plan).all()) or bool((plan < 0).any()):
+        raise ValueError("plan: expected finite non-negative entries")
+    if replace:
+        flat = _random.multinomial_replace(plan.reshape(-1), n0, generator, device)
+        return Pairing(flat // n1, flat % n1)
+    i = torch.arange(n0, device=device)
+    if n0 == n1:
+        j = plan.argmax(dim=1)
+        is_permutation = torch.equal(torch.sort(j).values, torch.arange(n1, device=plan.device))
+        if is_permutation and torch.allclose(plan.gather(1, j[:, None]).squeeze(1), plan.sum(1), rtol=1e-9, atol=0):
+            return Pairing(i, j.to(device))
+    if bool((plan.sum(1) <= 0).any()):
+        raise ValueError("plan: a row has no mass, so its source sample has no partner")
+    return Pairing(i, _random.multinomial(plan, generator, device))
+
+
+class OTCoupler(Coupler):
+    """Base of couplers that solve an OT problem on a cost matrix.
+
+    The cost is ``cost(x0, x1)`` (squared Euclidean between flattened samples
+    by default) plus, when labels are passed, the term of
+    :func:`~otcfm.couplers.cost.condition_cost`.
+
+    Args:
+        cost: ``cost(x0, x1) -> (B0, B1)`` tensor.
+        label_weight: penalty of a label mismatch (None: pairs stay within labels
+            wherever the label counts allow), or weight of a continuous condition distance.
+        replace: draw pairs with replacement from the plan (TorchCFM-compatible; off by default).
+    """
+
+    def __init__(
+        self, cost: CostFn = squared_euclidean_cost, label_weight: float | None = None, replace: bool = False
+    ) -> None:
+        if not callable(cost):
+            raise TypeError(f"cost: expected a callable cost(x0, x1) -> (B0, B1) tensor, got {cost!r}")
+        if label_weight is not None and not label_weight >= 0:
+            raise ValueError(f"label_weight: expected None or a number >= 0, got {label_weight}")
+        self.cost = cost
+        self.label_weight = label_weight
+        self.replace = bool(replace)
+
+    def cost_matrix(
+        self, x0: Tensor, x1: Tensor, y0: Tensor | None, y1: Tensor | None, generator: torch.Generator | None
+    ) -> Tensor:
+        """The ``(B0, B1)`` float64 cost the plan minimises, labels included; validated."""
+        return condition_cost(self.base_cost(x0, x1), y0, y1, self.label_weight, generator)
+
+    def base_cost(self, x0: Tensor, x1: Tensor) -> Tensor:
+        """``cost(x0, x1)`` as a validated ``(B0, B1)`` float64 tensor, without the label term."""
+        cost = self.cost(x0, x1)
+        if not isinstance(cost, Tensor) or cost.shape != (x0.shape[0], x1.shape[0]):
+            shape = tuple(cost.shape) if isinstance(cost, Tensor) else type(cost).__name__
+            raise ValueError(f"cost: expected a ({x0.shape[0]}, {x1.shape[0]}) tensor, got {shape}")
+        cost = cost.detach().to(torch.float64)
+        if not bool(torch.isfinite(cost).all()):
+            raise ValueError("cost: contains NaN or Inf")
+        return cost
