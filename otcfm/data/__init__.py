@@ -22,6 +22,7 @@ DATASETS: dict[str, Callable[..., Tensor]] = {
     "spirals": toy2d.spirals,
     "circles": toy2d.circles,
     "scurve": toy2d.scurve,
+    "mixture": toy2d.mixture,
 }
 
 
@@ -36,7 +37,7 @@ def sample(
     """Draw ``n`` samples of a named distribution.
 
     Args:
-        name: one of :data:`DATASETS` (``"gaussian"`` accepts ``dim=``).
+        name: one of :data:`DATASETS` (``"gaussian"`` and ``"mixture"`` accept ``dim=``).
         n: number of samples, ``>= 1``.
         generator: a CPU ``torch.Generator`` for reproducible draws; torch's
             default generator when None.

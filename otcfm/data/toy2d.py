@@ -16,7 +16,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["checkerboard", "circles", "eight_gaussians", "gaussian", "moons", "scurve", "spirals"]
+__all__ = ["checkerboard", "circles", "eight_gaussians", "gaussian", "mixture", "moons", "scurve", "spirals"]
 
 Generator = torch.Generator | None
 
@@ -34,6 +34,20 @@ def gaussian(n: int, generator: Generator = None, dim: int = 2) -> Tensor:
     if not isinstance(dim, int) or dim < 1:
         raise ValueError(f"dim: expected a positive integer, got {dim!r}")
     return _randn(n, generator, dim)
+
+
+def mixture(n: int, generator: Generator = None, dim: int = 16, components: int = 8, radius: float = 5.0) -> Tensor:
+    """A Gaussian mixture in ``dim`` dimensions: ``components`` unit-variance Gaussians at distance ``radius``.
+
+    The centres are fixed (drawn once from ``torch.Generator().manual_seed(0)``, independent of
+    ``generator``), so every call samples the same distribution: ``(n, dim)``.
+    """
+    if not isinstance(dim, int) or dim < 1:
+        raise ValueError(f"dim: expected a positive integer, got {dim!r}")
+    directions = torch.randn(components, dim, generator=torch.Generator().manual_seed(0))
+    centres = radius * directions / directions.norm(dim=1, keepdim=True)
+    k = torch.randint(components, (n,), generator=generator)
+    return centres[k] + _randn(n, generator, dim)
 
 
 def eight_gaussians(n: int, generator: Generator = None) -> Tensor:

@@ -1,0 +1,69 @@
+"""Background coupling loader, and each benchmark script in its quick mode."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import otcfm
+from otcfm.couplers import ExactCoupler
+from otcfm.loader import CoupledBatches, coupled_loader
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def test_coupled_batches_are_exact_ot_pairs() -> None:
+    """Each batch is already optimally paired: re-coupling it exactly leaves it in place."""
+    stream = iter(CoupledBatches("8gaussians", "moons", "exact", batch_size=32, seed=0))
+    for _ in range(3):
+        x0, x1 = next(stream)
+        i, j = ExactCoupler(solver="emd")(x0.double(), x1.double())
+        assert torch.equal(j[torch.argsort(i)], torch.arange(32))
+
+
+def test_coupled_loader_with_a_worker_is_reproducible() -> None:
+    first = [b for _, b in zip(range(3), coupled_loader("gaussian", "moons", "exact", 16, seed=1, num_workers=1))]
+    again = [b for _, b in zip(range(3), coupled_loader("gaussian", "moons", "exact", 16, seed=1, num_workers=1))]
+    for (a0, a1), (b0, b1) in zip(first, again, strict=True):
+        assert torch.equal(a0, b0) and torch.equal(a1, b1)
+
+
+def test_training_on_coupled_batches() -> None:
+    model = otcfm.models.MLP(2, hidden=16, depth=1)
+    fm = otcfm.FlowMatcher(coupler="paired")
+    loader = coupled_loader(lambda n, g: torch.randn(n, 2, generator=g), "moons", "exact", 16, num_workers=0)
+    for _, (x0, x1) in zip(range(2), loader):
+        loss = fm.loss(model, x0, x1)
+        loss.backward()
+        assert torch.isfinite(loss)
+
+
+def test_loader_errors() -> None:
+    with pytest.raises(ValueError, match="batch_size"):
+        CoupledBatches("gaussian", "moons", "exact", batch_size=0)
+    with pytest.raises(ValueError, match="num_workers"):
+        coupled_loader("gaussian", "moons", num_workers=-1)
+    with pytest.raises(ValueError, match="paired coupler needs equal batch sizes"):
+        otcfm.get_coupler("paired")(torch.zeros(3, 2), torch.zeros(4, 2))
+
+
+def _load(name: str):  # noqa: ANN202
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_couplers_benchmark_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    docs = tmp_path / "benchmarks.md"
+    docs.write_text("# Benchmarks\n\nkept\n")
+    assert _load("couplers").main(["--quick", "--docs", str(docs)]) == 0
+    printed = capsys.readouterr().out
+    assert "otcfm exact (auto)" in printed and "steps/s" in printed
+    text = docs.read_text()
+    assert "kept" in text and "<!-- couplers:start -->" in text and "python benchmarks/couplers.py --quick" in text
