@@ -9,23 +9,16 @@ one, so the coupling cost overlaps with training. Train on its batches with
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from otcfm.couplers import Coupler, get_coupler
-from otcfm.data import sample
+from otcfm.data import Sampler, draw
 
-__all__ = ["CoupledBatches", "Sampler", "coupled_loader"]
-
-#: A source or target: a dataset name of ``otcfm.data`` or ``f(n, generator) -> (n, ...)``.
-Sampler = str | Callable[[int, torch.Generator], Tensor]
-
-
-def _draw(sampler: Sampler, n: int, generator: torch.Generator) -> Tensor:
-    return sample(sampler, n, generator) if isinstance(sampler, str) else sampler(n, generator)
+__all__ = ["CoupledBatches", "coupled_loader"]
 
 
 class CoupledBatches(IterableDataset):
@@ -55,8 +48,8 @@ class CoupledBatches(IterableDataset):
         info = get_worker_info()
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + (info.id if info is not None else 0))
         while True:
-            x0 = _draw(self.source, self.batch_size, generator)
-            x1 = _draw(self.target, self.batch_size, generator)
+            x0 = draw(self.source, self.batch_size, generator)
+            x1 = draw(self.target, self.batch_size, generator)
             i, j = self.coupler(x0, x1, generator=generator)
             yield x0[i], x1[j]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import sys
 from pathlib import Path
 
@@ -26,8 +27,8 @@ def test_coupled_batches_are_exact_ot_pairs() -> None:
 
 
 def test_coupled_loader_with_a_worker_is_reproducible() -> None:
-    first = [b for _, b in zip(range(3), coupled_loader("gaussian", "moons", "exact", 16, seed=1, num_workers=1))]
-    again = [b for _, b in zip(range(3), coupled_loader("gaussian", "moons", "exact", 16, seed=1, num_workers=1))]
+    first = list(itertools.islice(coupled_loader("gaussian", "moons", "exact", 16, seed=1, num_workers=1), 3))
+    again = list(itertools.islice(coupled_loader("gaussian", "moons", "exact", 16, seed=1, num_workers=1), 3))
     for (a0, a1), (b0, b1) in zip(first, again, strict=True):
         assert torch.equal(a0, b0) and torch.equal(a1, b1)
 
@@ -36,7 +37,7 @@ def test_training_on_coupled_batches() -> None:
     model = otcfm.models.MLP(2, hidden=16, depth=1)
     fm = otcfm.FlowMatcher(coupler="paired")
     loader = coupled_loader(lambda n, g: torch.randn(n, 2, generator=g), "moons", "exact", 16, num_workers=0)
-    for _, (x0, x1) in zip(range(2), loader):
+    for x0, x1 in itertools.islice(loader, 2):
         loss = fm.loss(model, x0, x1)
         loss.backward()
         assert torch.isfinite(loss)
@@ -67,3 +68,21 @@ def test_couplers_benchmark_quick(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert "otcfm exact (auto)" in printed and "steps/s" in printed
     text = docs.read_text()
     assert "kept" in text and "<!-- couplers:start -->" in text and "python benchmarks/couplers.py --quick" in text
+
+
+def test_variance_benchmark_quick_and_resume(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    module = _load("variance")
+    assert module.main(["--quick", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "| 8gaussians->moons | exact | 32 |" in printed
+    assert {"variance.json", "variance.csv", "variance.png"} <= {p.name for p in tmp_path.iterdir()}
+    stamp = (tmp_path / "variance.json").read_text()
+    assert module.main(["--quick", "--out", str(tmp_path), "--resume"]) == 0  # nothing left to compute
+    assert (tmp_path / "variance.json").read_text() == stamp
+
+
+def test_crossing_benchmark_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert _load("crossing").main(["--quick", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "swap fraction" in printed and "W2 @100" in printed
+    assert (tmp_path / "segments.png").stat().st_size > 0

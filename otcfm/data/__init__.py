@@ -11,7 +11,7 @@ from torch import Tensor
 from otcfm._checks import check_choice
 from otcfm.data import toy2d
 
-__all__ = ["DATASETS", "sample"]
+__all__ = ["DATASETS", "Sampler", "draw", "sample"]
 
 #: Registered samplers ``f(n, generator, **options) -> (n, d)`` on the CPU.
 DATASETS: dict[str, Callable[..., Tensor]] = {
@@ -57,3 +57,16 @@ def sample(
     if generator is not None and generator.device.type != "cpu":
         raise ValueError(f"generator: expected a CPU generator, got one on {generator.device}")
     return DATASETS[name](n, generator, **options).to(device=device, dtype=dtype)
+
+
+#: A source or target distribution: a name in :data:`DATASETS` or ``f(n, generator) -> (n, ...)``.
+Sampler = str | Callable[[int, torch.Generator], Tensor]
+
+
+def draw(sampler: Sampler, n: int, generator: torch.Generator | None = None) -> Tensor:
+    """``n`` samples of a named dataset or of a sampler callable ``f(n, generator)``."""
+    if isinstance(sampler, str):
+        return sample(sampler, n, generator)
+    if not callable(sampler):
+        raise TypeError(f"sampler: expected a dataset name or a callable f(n, generator), got {sampler!r}")
+    return sampler(n, generator)

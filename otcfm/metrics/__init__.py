@@ -1,0 +1,30 @@
+"""Metrics of samples, flows and couplings; definitions in docs/benchmarks.md."""
+
+from otcfm.metrics.geometry import crossing_rate, swap_fraction
+from otcfm.metrics.trajectory import FlowStatistics, flow_statistics, path_energy, straightness
+from otcfm.metrics.variance import (
+    GradientVariance,
+    TargetVariance,
+    coupled_pairs,
+    gaussian_target_variance,
+    gradient_variance,
+    target_variance,
+)
+from otcfm.metrics.w2 import w2, w2_by_steps
+
+__all__ = [
+    "FlowStatistics",
+    "GradientVariance",
+    "TargetVariance",
+    "coupled_pairs",
+    "crossing_rate",
+    "flow_statistics",
+    "gaussian_target_variance",
+    "gradient_variance",
+    "path_energy",
+    "straightness",
+    "swap_fraction",
+    "target_variance",
+    "w2",
+    "w2_by_steps",
+]
