@@ -1,8 +1,10 @@
-"""The ``otcfm`` command: ``otcfm train`` and ``otcfm sample``."""
+"""The ``otcfm`` command: ``otcfm train``, ``otcfm sample``, ``otcfm reflow`` and ``otcfm distill``."""
 
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import json
 import sys
 import time
@@ -11,13 +13,14 @@ from typing import Any
 
 import torch
 
-from otcfm import metrics
+from otcfm import checkpoint as ckpt
+from otcfm import metrics, reflow
 from otcfm.couplers import COUPLERS
 from otcfm.data import DATASETS, sample
 from otcfm.paths import PATHS
 from otcfm.solvers import METHODS, integrate
 from otcfm.timesteps import TIME_SAMPLERS
-from otcfm.training import TrainConfig, load_model, train
+from otcfm.training import CHECKPOINT_NAME, FORMAT_VERSION, TrainConfig, load_model, train
 
 __all__ = ["main"]
 
@@ -49,6 +52,28 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--eval-n", type=int, default=2000, help="samples per draw for the W2 table (default 2000)")
     tr.add_argument("--eval-draws", type=int, default=3, help="held-out draws averaged in the W2 table (default 3)")
     tr.add_argument("--no-progress", action="store_true")
+
+    for name, helptext in (
+        ("reflow", "generate pairs with a trained run, train the 2-rectified flow on them"),
+        ("distill", "generate pairs with a trained run, distill a one-step generator"),
+    ):
+        rf = commands.add_parser(name, help=helptext)
+        rf.add_argument("--teacher", required=True, help="run directory or checkpoint.pt of the teacher")
+        rf.add_argument("--pairs", type=int, default=20_000, help="number of (noise, sample) pairs")
+        rf.add_argument("--out", required=True, help="output directory (pairs in OUT/pairs, resumable)")
+        rf.add_argument("--solver-steps", type=int, default=100, help="teacher ODE steps per pair")
+        rf.add_argument("--method", default="rk4", choices=METHODS)
+        rf.add_argument("--train-steps", type=int, default=2000)
+        rf.add_argument("--batch-size", type=int, default=256)
+        rf.add_argument("--lr", type=float, default=1e-3)
+        rf.add_argument("--seed", type=int, default=0)
+        rf.add_argument("--eval-n", type=int, default=2000)
+        rf.add_argument("--eval-draws", type=int, default=3)
+        rf.add_argument("--no-progress", action="store_true")
+        if name == "reflow":
+            rf.add_argument("--time-sampler", default="uniform", choices=sorted(TIME_SAMPLERS))
+        else:
+            rf.add_argument("--loss", default="l2", choices=["l2", "pseudo_huber"])
 
     sa = commands.add_parser("sample", help="sample from a checkpoint")
     sa.add_argument("--checkpoint", required=True, help="checkpoint.pt or its run directory")
@@ -152,11 +177,64 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reflow(args: argparse.Namespace) -> int:
+    """``otcfm reflow`` and ``otcfm distill``: pairs from the teacher, then the student's training."""
+    teacher, config = load_model(args.teacher)
+    out = Path(args.out)
+    started = time.perf_counter()
+    pairs = reflow.generate_pairs(
+        teacher,
+        config.source,
+        args.pairs,
+        args.solver_steps,
+        args.method,
+        out / "pairs",
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    student = copy.deepcopy(teacher)
+    common = {
+        "steps": args.train_steps,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "seed": args.seed,
+        "progress": not args.no_progress,
+    }
+    if args.command == "reflow":
+        reflow.train_on_pairs(pairs, student, time_sampler=args.time_sampler, **common)
+    else:
+        reflow.distill(student, pairs, loss=args.loss, **common)
+    seconds = time.perf_counter() - started
+    ckpt.atomic_save(
+        {
+            "format": FORMAT_VERSION,
+            "config": dataclasses.asdict(config),
+            "model": student.state_dict(),
+            "ema": None,
+            "step": args.train_steps,
+            "losses": [],
+            "reflow": {"stage": args.command, "pairs": pairs.meta},
+        },
+        out / CHECKPOINT_NAME,
+    )
+    print(
+        f"{args.command}: {args.pairs} pairs and {args.train_steps} steps in {seconds:.1f} s; "
+        f"checkpoint: {out / CHECKPOINT_NAME}"
+    )
+    evaluation = _evaluate(student, config, args.eval_n, args.eval_draws, out)
+    evaluation["seconds"] = seconds
+    (out / "w2.json").write_text(json.dumps(evaluation, indent=2))
+    _print_table(evaluation, config)
+    print(f"figure: {evaluation['png']}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     args = _parser().parse_args(argv)
+    commands = {"train": _train, "sample": _sample, "reflow": _reflow, "distill": _reflow}
     try:
-        return _train(args) if args.command == "train" else _sample(args)
+        return commands[args.command](args)
     except KeyboardInterrupt:
         print("interrupted; finished steps are saved, rerun with --resume to continue", file=sys.stderr)
         return 130

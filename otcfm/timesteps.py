@@ -1,13 +1,15 @@
 r"""Time samplers: the distribution of ``t`` in the flow-matching loss.
 
 Each sampler is called as ``sampler(n, generator, device, dtype) -> (n,)``
-with values in ``[0, 1]``. By name (:func:`get_time_sampler`): ``"uniform"``
-and ``"logit_normal"`` (Esser et al. 2024: ``t = sigmoid(m + s z)``,
-``z ~ N(0, 1)``, which puts more weight on the middle of the path).
+with values in ``[0, 1]``. By name (:func:`get_time_sampler`): ``"uniform"``,
+``"logit_normal"`` (Esser et al. 2024: ``t = sigmoid(m + s z)``,
+``z ~ N(0, 1)``, which puts more weight on the middle of the path) and
+``"u_shaped"`` (more weight near both ends, as used for Reflow).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -17,7 +19,7 @@ from torch import Tensor
 from otcfm import _random
 from otcfm._checks import check_choice
 
-__all__ = ["TIME_SAMPLERS", "LogitNormal", "TimeSampler", "Uniform", "get_time_sampler"]
+__all__ = ["TIME_SAMPLERS", "LogitNormal", "TimeSampler", "UShaped", "Uniform", "get_time_sampler"]
 
 
 class TimeSampler(Protocol):
@@ -56,8 +58,30 @@ class LogitNormal:
         return torch.sigmoid(self.mean + self.std * _random.randn((n,), generator, device, dtype))
 
 
+@dataclass(frozen=True)
+class UShaped:
+    r"""U-shaped density ``p(t) ∝ cosh(a (2t - 1))``: more weight near both ends (Lee et al. 2024, for Reflow).
+
+    Drawn by inverting the CDF: ``t = (1 + asinh((2u - 1) sinh(a)) / a) / 2``, ``u ~ U[0, 1]``.
+
+    Args:
+        a: sharpness, ``> 0`` (``a -> 0`` gives the uniform density).
+    """
+
+    a: float = 2.0
+
+    def __post_init__(self) -> None:
+        if not self.a > 0:
+            raise ValueError(f"a: expected > 0, got {self.a}")
+
+    def __call__(self, n: int, generator: torch.Generator | None, device: torch.device, dtype: torch.dtype) -> Tensor:
+        u = _random.rand((n,), generator, device, torch.float64)
+        t = 0.5 * (1 + torch.asinh((2 * u - 1) * math.sinh(self.a)) / self.a)
+        return t.clamp(0, 1).to(dtype)
+
+
 #: Registered time samplers by name.
-TIME_SAMPLERS: dict[str, type] = {"uniform": Uniform, "logit_normal": LogitNormal}
+TIME_SAMPLERS: dict[str, type] = {"uniform": Uniform, "logit_normal": LogitNormal, "u_shaped": UShaped}
 
 
 def get_time_sampler(sampler: str | TimeSampler) -> TimeSampler:

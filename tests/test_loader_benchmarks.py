@@ -86,3 +86,10 @@ def test_crossing_benchmark_quick(tmp_path: Path, capsys: pytest.CaptureFixture[
     printed = capsys.readouterr().out
     assert "swap fraction" in printed and "W2 @100" in printed
     assert (tmp_path / "segments.png").stat().st_size > 0
+
+
+def test_reflow_benchmark_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert _load("reflow").main(["--quick", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "distilled one-step" in printed and "2-rectified" in printed
+    assert (tmp_path / "reflow.json").is_file()

@@ -1,0 +1,339 @@
+"""Reflow: (noise, sample) pairs from a trained flow, k-rectified training, one-step distillation.
+
+Liu et al. (2022): a flow trained on the pairs ``(x0, T(x0))`` that a trained flow ``T`` produces is
+straighter than ``T`` (2-rectified flow), and a straight flow can be distilled into a one-step generator
+``x1 = x0 + v(x0, 0)``.
+
+Pair files: a directory with ``meta.json`` (teacher fingerprint, source, solver, steps, seed, sizes) and
+chunks ``chunk-00000.pt`` written atomically. Chunk ``k`` draws its noise from a generator seeded with
+``seed * 1_000_003 + k``, so an interrupted generation resumes with the chunks it lacks and produces the
+same pairs as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from otcfm import checkpoint as ckpt
+from otcfm.data import Sampler, draw
+from otcfm.flow import FlowMatcher
+from otcfm.solvers import Method, integrate
+from otcfm.timesteps import TimeSampler
+
+__all__ = [
+    "OnlinePairs",
+    "PairSet",
+    "distill",
+    "generate_pairs",
+    "load_pairs",
+    "rectify",
+    "teacher_fingerprint",
+    "train_on_pairs",
+]
+
+PAIR_FORMAT = 1
+PairSource = Callable[[int, torch.Generator], tuple[Tensor, Tensor]]
+
+
+@dataclass(frozen=True)
+class PairSet:
+    """Noise-sample pairs ``(x0[k], x1[k])`` pushed through a teacher flow.
+
+    Attributes:
+        x0: ``(n, ...)`` source samples.
+        x1: ``(n, ...)`` the teacher's images of ``x0``.
+        meta: how they were made (teacher fingerprint, solver, steps, seed, source).
+    """
+
+    x0: Tensor
+    x1: Tensor
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.x0.shape[0]
+
+    def __call__(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """``n`` pairs drawn uniformly with replacement, the pairing kept: ``((n, ...), (n, ...))``."""
+        k = torch.randint(len(self), (n,), generator=generator)
+        return self.x0[k], self.x1[k]
+
+
+def teacher_fingerprint(model: nn.Module) -> str:
+    """SHA-256 (first 16 hex digits) of a model's state dict: names, shapes, dtypes and values."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        data = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(data.shape)}:{data.dtype}".encode())
+        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return digest.hexdigest()[:16]
+
+
+def _chunk_noise(source: Sampler, seed: int, chunk: int, size: int) -> Tensor:
+    return draw(source, size, torch.Generator().manual_seed(seed * 1_000_003 + chunk))
+
+
+def generate_pairs(
+    teacher: nn.Module,
+    source: Sampler,
+    n: int,
+    steps: int = 100,
+    method: Method = "rk4",
+    out: str | Path | None = None,
+    batch_size: int = 4096,
+    seed: int = 0,
+    progress: bool = True,
+) -> PairSet:
+    """Push ``n`` source samples through ``teacher``'s ODE; save them in chunks when ``out`` is given.
+
+    Args:
+        teacher: velocity model ``v(x, t)``.
+        source: dataset name or sampler ``f(n, generator)`` of ``x0``.
+        n: number of pairs.
+        steps, method: the solver of :func:`otcfm.integrate`.
+        out: directory of the pair set; an existing one is resumed (missing chunks only).
+        batch_size: pairs per chunk.
+        seed: seed of the noise.
+        progress: show a progress bar.
+
+    Returns:
+        the :class:`PairSet` (all chunks, in order).
+
+    Raises:
+        ValueError: ``out`` holds pairs from another teacher or other settings.
+    """
+    if not isinstance(n, int) or n < 1 or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"n, batch_size: expected positive integers, got {n!r}, {batch_size!r}")
+    meta = {
+        "format": PAIR_FORMAT,
+        "teacher": teacher_fingerprint(teacher),
+        "source": source if isinstance(source, str) else f"callable:{getattr(source, '__qualname__', '?')}",
+        "n": n,
+        "steps": steps,
+        "method": method,
+        "seed": seed,
+        "batch_size": batch_size,
+    }
+    directory = Path(out) if out is not None else None
+    if directory is not None:
+        _check_or_write_meta(directory, meta)
+    chunks = math.ceil(n / batch_size)
+    x0s, x1s = [], []
+    from tqdm.auto import tqdm
+
+    device = next(iter(teacher.parameters()), torch.empty(0)).device
+    for k in tqdm(range(chunks), desc="pairs", unit="chunk", disable=not progress):
+        path = directory / f"chunk-{k:05d}.pt" if directory is not None else None
+        if path is not None and path.is_file():
+            saved = ckpt.load(path)
+            x0, x1 = saved["x0"], saved["x1"]
+        else:
+            size = min(batch_size, n - k * batch_size)
+            x0 = _chunk_noise(source, seed, k, size)
+            x1 = integrate(teacher, x0.to(device), steps, method).cpu()
+            if path is not None:
+                ckpt.atomic_save({"x0": x0, "x1": x1}, path)
+        x0s.append(x0)
+        x1s.append(x1)
+    return PairSet(torch.cat(x0s), torch.cat(x1s), meta)
+
+
+def _check_or_write_meta(directory: Path, meta: dict[str, Any]) -> None:
+    path = directory / "meta.json"
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        differing = [k for k in meta if saved.get(k) != meta[k]]
+        if differing:
+            details = ", ".join(f"{k}: file {saved.get(k)!r} vs now {meta[k]!r}" for k in differing)
+            raise ValueError(f"out: {directory} holds pairs made with other settings or another teacher ({details})")
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / ".meta.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=1))
+    tmp.replace(path)
+
+
+def load_pairs(path: str | Path) -> PairSet:
+    """Load a complete pair set written by :func:`generate_pairs`.
+
+    Raises:
+        FileNotFoundError: no ``meta.json`` there.
+        ValueError: chunks are missing (resume with :func:`generate_pairs` and the same settings).
+    """
+    directory = Path(path)
+    meta_path = directory / "meta.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"path: no pair set (meta.json) in {directory}")
+    meta = json.loads(meta_path.read_text())
+    chunks = math.ceil(meta["n"] / meta["batch_size"])
+    missing = [k for k in range(chunks) if not (directory / f"chunk-{k:05d}.pt").is_file()]
+    if missing:
+        raise ValueError(f"path: {len(missing)} of {chunks} chunks missing in {directory}; resume generate_pairs")
+    parts = [ckpt.load(directory / f"chunk-{k:05d}.pt") for k in range(chunks)]
+    return PairSet(torch.cat([p["x0"] for p in parts]), torch.cat([p["x1"] for p in parts]), meta)
+
+
+class OnlinePairs:
+    """Pairs made on the fly by a frozen teacher: no disk, the teacher's cost paid at every draw.
+
+    Args:
+        teacher: velocity model.
+        source: dataset name or sampler of ``x0``.
+        steps, method: the teacher's solver.
+    """
+
+    def __init__(self, teacher: nn.Module, source: Sampler, steps: int = 20, method: Method = "rk4") -> None:
+        self.teacher = copy.deepcopy(teacher).eval().requires_grad_(False)
+        self.source, self.steps, self.method = source, steps, method
+
+    def __call__(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """``n`` fresh pairs ``(x0, teacher(x0))``."""
+        x0 = draw(self.source, n, generator)
+        return x0, integrate(self.teacher, x0, self.steps, self.method)
+
+
+def train_on_pairs(
+    pairs: PairSet | PairSource,
+    model: nn.Module,
+    steps: int = 2000,
+    batch_size: int = 256,
+    lr: float = 1e-3,
+    time_sampler: str | TimeSampler = "uniform",
+    seed: int = 0,
+    progress: bool = True,
+) -> nn.Module:
+    """Train ``model`` (in place) by flow matching on pairs whose pairing is kept (a k-rectified flow).
+
+    Args:
+        pairs: a :class:`PairSet` or :class:`OnlinePairs` (any ``f(n, generator) -> (x0, x1)``).
+        model: the student, e.g. a copy of the teacher (warm start) or a new model.
+        steps, batch_size, lr: Adam training.
+        time_sampler: ``"uniform"``, ``"logit_normal"``, ``"u_shaped"`` or a callable.
+        seed: seed of the draws.
+        progress: show a progress bar.
+
+    Returns:
+        ``model``, trained, in eval mode.
+    """
+    fm = FlowMatcher(coupler="paired", path="linear", time_sampler=time_sampler)
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    device = next(iter(model.parameters())).device
+    from tqdm.auto import trange
+
+    model.train()
+    for _ in trange(steps, desc="reflow", unit="step", disable=not progress):
+        x0, x1 = pairs(batch_size, generator)
+        loss = fm.loss(model, x0.to(device), x1.to(device), generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+def distill(
+    model: nn.Module,
+    pairs: PairSet | PairSource,
+    steps: int = 2000,
+    batch_size: int = 256,
+    lr: float = 1e-3,
+    loss: Literal["l2", "pseudo_huber"] = "l2",
+    seed: int = 0,
+    progress: bool = True,
+) -> nn.Module:
+    r"""Distill a one-step generator: train ``model`` (in place) so that ``x0 + v(x0, 0) ≈ x1``.
+
+    ``integrate(model, x0, steps=1)`` is then the one-step sample. Losses:
+    ``"l2"``: ``||x0 + v(x0, 0) - x1||^2``; ``"pseudo_huber"``:
+    ``sqrt(||d||^2 + c^2) - c`` with ``c = 0.00054 sqrt(dim)`` (Song & Dhariwal 2023).
+
+    Args:
+        model: the student (warm-starting from a 2-rectified flow works best).
+        pairs: a :class:`PairSet` or any ``f(n, generator) -> (x0, x1)``.
+        steps, batch_size, lr: Adam training.
+        loss: ``"l2"`` or ``"pseudo_huber"``.
+        seed: seed of the draws.
+        progress: show a progress bar.
+
+    Returns:
+        ``model``, trained, in eval mode.
+    """
+    if loss not in ("l2", "pseudo_huber"):
+        raise ValueError(f"loss: unknown value {loss!r}; expected one of 'l2', 'pseudo_huber'")
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    device = next(iter(model.parameters())).device
+    from tqdm.auto import trange
+
+    model.train()
+    for _ in trange(steps, desc="distill", unit="step", disable=not progress):
+        x0, x1 = (x.to(device) for x in pairs(batch_size, generator))
+        t = torch.zeros(x0.shape[0], dtype=x0.dtype, device=device)
+        diff = (x0 + model(x0, t) - x1).reshape(x0.shape[0], -1)
+        if loss == "l2":
+            value = (diff**2).sum(1).mean()
+        else:
+            c = 0.00054 * math.sqrt(diff.shape[1])
+            value = (torch.sqrt((diff**2).sum(1) + c**2) - c).mean()
+        optimizer.zero_grad(set_to_none=True)
+        value.backward()
+        optimizer.step()
+    return model.eval()
+
+
+def rectify(
+    teacher: nn.Module,
+    source: Sampler,
+    rounds: int = 1,
+    n_pairs: int = 20_000,
+    steps: int = 100,
+    method: Method = "rk4",
+    train_steps: int = 2000,
+    batch_size: int = 256,
+    lr: float = 1e-3,
+    time_sampler: str | TimeSampler = "uniform",
+    warm_start: bool = True,
+    out: str | Path | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[nn.Module]:
+    """k-rectified flow: ``rounds`` times, generate pairs with the current flow and retrain on them.
+
+    Args:
+        teacher: the 1-rectified flow (any coupler's model).
+        source: dataset name or sampler of ``x0``.
+        rounds: k - 1 (1 gives the 2-rectified flow).
+        n_pairs, steps, method: pair generation per round.
+        train_steps, batch_size, lr, time_sampler: training per round.
+        warm_start: start each round from the previous model (a copy); otherwise from fresh weights
+            (the teacher's architecture re-initialised from ``seed``).
+        out: directory for the pair sets (``out/round-1``, ...); in memory when None.
+        seed: seed of noise and training.
+        progress: show progress bars.
+
+    Returns:
+        the models of rounds 1..rounds (the last is the (rounds + 1)-rectified flow).
+    """
+    models, current = [], teacher
+    for r in range(1, rounds + 1):
+        pair_dir = Path(out) / f"round-{r}" if out is not None else None
+        pairs = generate_pairs(current, source, n_pairs, steps, method, pair_dir, seed=seed + r, progress=progress)
+        student = copy.deepcopy(current)
+        if not warm_start:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed + r)
+                for module in student.modules():
+                    if hasattr(module, "reset_parameters"):
+                        module.reset_parameters()
+        current = train_on_pairs(pairs, student, train_steps, batch_size, lr, time_sampler, seed + r, progress)
+        models.append(current)
+    return models

@@ -1,0 +1,168 @@
+"""Reflow: deterministic, resumable pair generation; wrong-teacher refusal; straighter 2-rectified flows;
+a one-step generator by distillation; the CLI commands."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+import otcfm
+from otcfm import reflow
+from otcfm.metrics import flow_statistics, w2
+from otcfm.timesteps import UShaped
+from otcfm.training import TrainConfig
+
+SMALL = TrainConfig(steps=400, batch_size=128, hidden=64, depth=2, lr=3e-3, coupler="independent", seed=0)
+
+
+@pytest.fixture(scope="module")
+def teacher() -> torch.nn.Module:
+    """An independently coupled (curved) 1-rectified flow on 8gaussians -> moons."""
+    return otcfm.train(SMALL, progress=False).model
+
+
+def _chunks(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.glob("chunk-*.pt"))}
+
+
+def test_pairs_are_deterministic_and_resume_to_identical_files(
+    teacher: torch.nn.Module, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = {"n": 50, "steps": 4, "method": "euler", "batch_size": 16, "seed": 3, "progress": False}
+    full = reflow.generate_pairs(teacher, "8gaussians", out=tmp_path / "full", **settings)
+    again = reflow.generate_pairs(teacher, "8gaussians", **settings)  # in memory, same pairs
+    assert torch.equal(full.x0, again.x0) and torch.equal(full.x1, again.x1) and len(full) == 50
+
+    calls = {"n": 0}
+    real = reflow.integrate
+
+    def interrupted(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(reflow, "integrate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        reflow.generate_pairs(teacher, "8gaussians", out=tmp_path / "cut", **settings)
+    assert len(_chunks(tmp_path / "cut")) == 2  # finished chunks were kept
+    monkeypatch.setattr(reflow, "integrate", real)
+    resumed = reflow.generate_pairs(teacher, "8gaussians", out=tmp_path / "cut", **settings)
+    assert _chunks(tmp_path / "cut") == _chunks(tmp_path / "full")
+    assert torch.equal(resumed.x1, full.x1)
+    loaded = reflow.load_pairs(tmp_path / "cut")
+    assert torch.equal(loaded.x0, full.x0) and loaded.meta == full.meta
+
+
+def test_pairs_from_another_teacher_or_settings_are_refused(teacher: torch.nn.Module, tmp_path: Path) -> None:
+    reflow.generate_pairs(teacher, "8gaussians", 20, steps=2, method="euler", out=tmp_path, progress=False)
+    other = copy.deepcopy(teacher)
+    with torch.no_grad():
+        next(other.parameters()).add_(1e-3)
+    with pytest.raises(ValueError, match="teacher"):
+        reflow.generate_pairs(other, "8gaussians", 20, steps=2, method="euler", out=tmp_path, progress=False)
+    with pytest.raises(ValueError, match="steps: file 2 vs now 3"):
+        reflow.generate_pairs(teacher, "8gaussians", 20, steps=3, method="euler", out=tmp_path, progress=False)
+    (tmp_path / "chunk-00000.pt").unlink()
+    with pytest.raises(ValueError, match="chunks missing"):
+        reflow.load_pairs(tmp_path)
+    with pytest.raises(FileNotFoundError):
+        reflow.load_pairs(tmp_path / "nothing")
+
+
+def test_two_rectified_flow_is_straighter_and_distills_to_one_step(teacher: torch.nn.Module) -> None:
+    """2-rectified straightness below half the teacher's; the distilled one-step W2 within 2x of the teacher's
+    100-step W2 (loose bound for a 2-second budget; the benchmark measures the real figure)."""
+    g = torch.Generator().manual_seed(5)
+    x0, reference = otcfm.data.sample("8gaussians", 1000, g), otcfm.data.sample("moons", 1000, g)
+    pairs = reflow.generate_pairs(teacher, "8gaussians", 4000, steps=50, method="rk4", progress=False)
+    student = reflow.train_on_pairs(pairs, copy.deepcopy(teacher), steps=400, lr=3e-3, progress=False)
+    before, after = flow_statistics(teacher, x0, 50).straightness, flow_statistics(student, x0, 50).straightness
+    assert after < 0.5 * before
+    one_step = reflow.distill(copy.deepcopy(student), pairs, steps=400, lr=3e-3, progress=False)
+    teacher_w2 = w2(otcfm.integrate(teacher, x0, 100), reference)
+    assert w2(otcfm.integrate(one_step, x0, 1), reference) < 2.0 * teacher_w2
+
+
+def test_online_pairs_and_pseudo_huber(teacher: torch.nn.Module) -> None:
+    online = reflow.OnlinePairs(teacher, "8gaussians", steps=3)
+    x0, x1 = online(16, torch.Generator().manual_seed(0))
+    assert x0.shape == x1.shape == (16, 2) and not x1.requires_grad
+    student = reflow.distill(copy.deepcopy(teacher), online, steps=3, loss="pseudo_huber", progress=False)
+    assert student(x0, torch.zeros(16)).shape == (16, 2)
+    with pytest.raises(ValueError, match="loss"):
+        reflow.distill(student, online, steps=1, loss="l1", progress=False)  # type: ignore[arg-type]
+
+
+def test_rectify_rounds(teacher: torch.nn.Module, tmp_path: Path) -> None:
+    models = reflow.rectify(
+        teacher,
+        "8gaussians",
+        rounds=2,
+        n_pairs=64,
+        steps=2,
+        method="euler",
+        train_steps=2,
+        out=tmp_path,
+        progress=False,
+    )
+    assert len(models) == 2 and (tmp_path / "round-2" / "meta.json").is_file()
+    assert reflow.teacher_fingerprint(models[1]) != reflow.teacher_fingerprint(teacher)
+
+
+def test_u_shaped_time_sampler_density() -> None:
+    """Histogram of 200k draws vs p(t) = a cosh(a (2t - 1)) / sinh(a), a = 2 (tolerance 0.03 per bin)."""
+    import math
+
+    t = UShaped(2.0)(200_000, torch.Generator().manual_seed(0), torch.device("cpu"), torch.float64)
+    hist = torch.histc(t, 10, 0, 1) / len(t) * 10
+    for k in range(10):
+        mid = (k + 0.5) / 10
+        assert float(hist[k]) == pytest.approx(2 * math.cosh(2 * (2 * mid - 1)) / math.sinh(2), abs=0.03)
+
+
+def test_cli_reflow_and_distill(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from otcfm.cli import main
+
+    run = tmp_path / "run"
+    small = [
+        "--steps",
+        "20",
+        "--batch-size",
+        "32",
+        "--hidden",
+        "16",
+        "--depth",
+        "1",
+        "--no-progress",
+        "--eval-n",
+        "100",
+        "--eval-draws",
+        "1",
+    ]
+    assert main(["train", "--out", str(run), *small]) == 0
+    common = [
+        "--teacher",
+        str(run),
+        "--pairs",
+        "64",
+        "--solver-steps",
+        "2",
+        "--train-steps",
+        "3",
+        "--no-progress",
+        "--eval-n",
+        "100",
+        "--eval-draws",
+        "1",
+    ]
+    for command in ("reflow", "distill"):
+        out = tmp_path / command
+        assert main([command, *common, "--out", str(out)]) == 0
+        assert {"checkpoint.pt", "samples.png", "w2.json", "pairs"} <= {p.name for p in out.iterdir()}
+        model, _ = otcfm.load_model(out)
+        assert model(torch.zeros(2, 2), torch.zeros(2)).shape == (2, 2)
+    assert "| 1 |" in capsys.readouterr().out
