@@ -14,6 +14,7 @@ import argparse
 import copy
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -41,7 +42,9 @@ def _adaptive_w2(model: torch.nn.Module, x0: torch.Tensor, reference: torch.Tens
 
 def evaluate(model: torch.nn.Module, x0: torch.Tensor, reference: torch.Tensor) -> dict:
     adaptive = _adaptive_w2(model, x0, reference)
+    one_step = otcfm.integrate(model, x0[:600], 1)
     return {
+        "one_step_samples": one_step.tolist(),
         "w2": {str(k): v for k, v in w2_by_steps(model, x0, reference, STEPS).items()},
         "w2_adaptive": adaptive[0] if adaptive else None,
         "nfe_adaptive": adaptive[1] if adaptive else None,
@@ -74,6 +77,31 @@ def run(task: str, coupler: str, args: argparse.Namespace) -> dict:
     seconds["distill"] = time.perf_counter() - start
     stages["distilled one-step"] = evaluate(one_step, x0, reference)
     return {"stages": stages, "seconds": seconds}
+
+
+def figure(results: dict, tasks: list[str], couplers: list[str], path: Path) -> Path:
+    """One-step (single Euler step) samples of every stage beside the target."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [(t, c) for t in tasks for c in couplers]
+    stages = list(results[f"{keys[0][0]}|{keys[0][1]}"]["stages"])
+    fig, axes = plt.subplots(len(keys), len(stages), figsize=(3.3 * len(stages), 3.3 * len(keys)), squeeze=False)
+    for row, (task, coupler) in enumerate(keys):
+        result = results[f"{task}|{coupler}"]
+        for col, stage in enumerate(stages):
+            ax = axes[row][col]
+            pts = torch.tensor(result["stages"][stage]["one_step_samples"])
+            w2_one = result["stages"][stage]["w2"]["1"]
+            ax.scatter(pts[:, 0], pts[:, 1], s=2, alpha=0.6)
+            ax.set_title(f"{task}\n{coupler}: {stage}\n1 Euler step, W2 {w2_one:.2f}", fontsize=8)
+            ax.set_aspect("equal")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,8 +161,11 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.perf_counter() - started
     print(table)
     print(timing)
-    print(f"\n{seconds:.0f} s; raw numbers: {path}")
+    png = figure(results, args.tasks, args.couplers, args.out / "reflow.png")
+    print(f"\n{seconds:.0f} s; raw numbers: {path}; figure: {png}")
     if not args.quick and not args.no_write:
+        (args.docs.parent / "figures").mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(png, args.docs.parent / "figures" / "reflow.png")
         body = f"""## Reflow: 2-rectified flows and one-step distillation
 
 Command: `python benchmarks/reflow.py` ({seconds:.0f} s). Measured {machine()}. Teachers: {args.train_steps} Adam
@@ -149,6 +180,8 @@ floor, two target draws of that size, is about 0.2-0.3); straightness from 100 E
 Wall time of each stage (seconds):
 
 {timing}
+
+![one-step samples of each stage](figures/reflow.png)
 """
         print(f"written to {write_section('reflow', body, args.docs)}")
     return 0

@@ -86,7 +86,9 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _evaluate(model: torch.nn.Module, config: TrainConfig, n: int, draws: int, out: Path) -> dict[str, Any]:
+def _evaluate(
+    model: torch.nn.Module, config: TrainConfig, n: int, draws: int, out: Path, stage: str = ""
+) -> dict[str, Any]:
     """W2 vs Euler steps over `draws` held-out draws (mean and std), a reference floor, and the PNG."""
     held_out = torch.Generator().manual_seed(config.seed + 1_000_003)
     per_draw: dict[int, list[float]] = {k: [] for k in EVAL_STEPS}
@@ -100,7 +102,7 @@ def _evaluate(model: torch.nn.Module, config: TrainConfig, n: int, draws: int, o
     trajectory = integrate(model, x0, 100, "euler", return_trajectory=True)
     from otcfm.plotting import plot_flow
 
-    title = f"{config.source} -> {config.target}, coupler={config.coupler}, path={config.path}"
+    title = f"{config.source} -> {config.target}, coupler={config.coupler}, path={config.path}{stage}"
     png = plot_flow(trajectory, reference, out / "samples.png", title=title)
     return {
         "n": n,
@@ -221,7 +223,7 @@ def _reflow(args: argparse.Namespace) -> int:
         f"{args.command}: {args.pairs} pairs and {args.train_steps} steps in {seconds:.1f} s; "
         f"checkpoint: {out / CHECKPOINT_NAME}"
     )
-    evaluation = _evaluate(student, config, args.eval_n, args.eval_draws, out)
+    evaluation = _evaluate(student, config, args.eval_n, args.eval_draws, out, f" ({args.command})")
     evaluation["seconds"] = seconds
     (out / "w2.json").write_text(json.dumps(evaluation, indent=2))
     _print_table(evaluation, config)

@@ -111,7 +111,21 @@ class Path(ABC):
 
 
 @dataclass(frozen=True)
-class LinearPath(Path):
+class _ConstantNoisePath(Path):
+    """A path with constant Gaussian noise ``sigma * eps`` added to ``x_t`` (none when ``sigma = 0``)."""
+
+    sigma: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_nonneg(self.sigma, "sigma")
+
+    @property
+    def needs_noise(self) -> bool:  # type: ignore[override]
+        return self.sigma > 0
+
+
+@dataclass(frozen=True)
+class LinearPath(_ConstantNoisePath):
     r"""Straight conditional path (CondOT; rectified flow when ``sigma = 0``).
 
     .. math::
@@ -121,15 +135,7 @@ class LinearPath(Path):
         sigma: constant noise level, ``>= 0``.
     """
 
-    sigma: float = 0.0
     name = "linear"
-
-    def __post_init__(self) -> None:
-        _check_nonneg(self.sigma, "sigma")
-
-    @property
-    def needs_noise(self) -> bool:  # type: ignore[override]
-        return self.sigma > 0
 
     def interpolate(self, x0: Tensor, x1: Tensor, t: Tensor, noise: Tensor | None) -> PathSample:
         x_t = t * x1 + (1 - t) * x0
@@ -209,7 +215,7 @@ class DiffusionPath(Path):
 
 
 @dataclass(frozen=True)
-class CosinePath(Path):
+class CosinePath(_ConstantNoisePath):
     r"""Variance-preserving (trigonometric) interpolation, VP-CFM.
 
     .. math::
@@ -220,15 +226,7 @@ class CosinePath(Path):
         sigma: constant noise level, ``>= 0``.
     """
 
-    sigma: float = 0.0
     name = "cosine"
-
-    def __post_init__(self) -> None:
-        _check_nonneg(self.sigma, "sigma")
-
-    @property
-    def needs_noise(self) -> bool:  # type: ignore[override]
-        return self.sigma > 0
 
     def interpolate(self, x0: Tensor, x1: Tensor, t: Tensor, noise: Tensor | None) -> PathSample:
         c, s = torch.cos(0.5 * math.pi * t), torch.sin(0.5 * math.pi * t)

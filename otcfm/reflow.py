@@ -225,19 +225,11 @@ def train_on_pairs(
         ``model``, trained, in eval mode.
     """
     fm = FlowMatcher(coupler="paired", path="linear", time_sampler=time_sampler)
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    device = next(iter(model.parameters())).device
-    from tqdm.auto import trange
 
-    model.train()
-    for _ in trange(steps, desc="reflow", unit="step", disable=not progress):
-        x0, x1 = pairs(batch_size, generator)
-        loss = fm.loss(model, x0.to(device), x1.to(device), generator)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    return model.eval()
+    def loss(x0: Tensor, x1: Tensor, generator: torch.Generator) -> Tensor:
+        return fm.loss(model, x0, x1, generator)
+
+    return _fit(model, pairs, loss, steps, batch_size, lr, seed, progress, "reflow")
 
 
 def distill(
@@ -269,21 +261,39 @@ def distill(
     """
     if loss not in ("l2", "pseudo_huber"):
         raise ValueError(f"loss: unknown value {loss!r}; expected one of 'l2', 'pseudo_huber'")
+
+    def one_step_loss(x0: Tensor, x1: Tensor, generator: torch.Generator) -> Tensor:
+        t = torch.zeros(x0.shape[0], dtype=x0.dtype, device=x0.device)
+        diff = (x0 + model(x0, t) - x1).reshape(x0.shape[0], -1)
+        if loss == "l2":
+            return (diff**2).sum(1).mean()
+        c = 0.00054 * math.sqrt(diff.shape[1])
+        return (torch.sqrt((diff**2).sum(1) + c**2) - c).mean()
+
+    return _fit(model, pairs, one_step_loss, steps, batch_size, lr, seed, progress, "distill")
+
+
+def _fit(
+    model: nn.Module,
+    pairs: PairSet | PairSource,
+    loss: Callable[[Tensor, Tensor, torch.Generator], Tensor],
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    progress: bool,
+    desc: str,
+) -> nn.Module:
+    """Adam on ``loss(x0, x1, generator)`` over pairs drawn from ``pairs``; ``model`` is trained in place."""
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     device = next(iter(model.parameters())).device
     from tqdm.auto import trange
 
     model.train()
-    for _ in trange(steps, desc="distill", unit="step", disable=not progress):
-        x0, x1 = (x.to(device) for x in pairs(batch_size, generator))
-        t = torch.zeros(x0.shape[0], dtype=x0.dtype, device=device)
-        diff = (x0 + model(x0, t) - x1).reshape(x0.shape[0], -1)
-        if loss == "l2":
-            value = (diff**2).sum(1).mean()
-        else:
-            c = 0.00054 * math.sqrt(diff.shape[1])
-            value = (torch.sqrt((diff**2).sum(1) + c**2) - c).mean()
+    for _ in trange(steps, desc=desc, unit="step", disable=not progress):
+        x0, x1 = pairs(batch_size, generator)
+        value = loss(x0.to(device), x1.to(device), generator)
         optimizer.zero_grad(set_to_none=True)
         value.backward()
         optimizer.step()

@@ -106,7 +106,7 @@ def test_time_samplers() -> None:
         assert abs(float(t.mean()) - 0.5) < 0.02
     t = LogitNormal(mean=1.0)(4000, g, torch.device("cpu"), torch.float32)
     assert float(t.median()) == pytest.approx(torch.sigmoid(torch.tensor(1.0)).item(), abs=0.02)
-    with pytest.raises(ValueError, match="'logit_normal', 'uniform'"):
+    with pytest.raises(ValueError, match="'logit_normal', 'u_shaped', 'uniform'"):
         get_time_sampler("beta")
     with pytest.raises(ValueError, match="std"):
         LogitNormal(std=0.0)

@@ -92,4 +92,4 @@ def test_reflow_benchmark_quick(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert _load("reflow").main(["--quick", "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     assert "distilled one-step" in printed and "2-rectified" in printed
-    assert (tmp_path / "reflow.json").is_file()
+    assert (tmp_path / "reflow.json").is_file() and (tmp_path / "reflow.png").stat().st_size > 0
