@@ -29,8 +29,8 @@ class SinkhornResult:
 
     Attributes:
         plan: ``(B0, B1)`` entropic plan.
-        f: ``(B0,)`` dual potential (cost units).
-        g: ``(B1,)`` dual potential (cost units).
+        f: ``(B0,)`` potential, cost units, with the weights folded in (``P = exp((f + g - C) / epsilon)``).
+        g: ``(B1,)`` potential, likewise.
         epsilon: the absolute epsilon of the final iterations.
         iterations: Sinkhorn iterations made (annealing stages included).
         error: L2 norm of the violation of the target marginal, ``||P^T 1 - b||_2``.
@@ -68,14 +68,18 @@ def sinkhorn_plan(
     max_iter: int = 2000,
     anneal: bool = True,
 ) -> SinkhornResult:
-    r"""Entropic optimal transport by log-domain Sinkhorn iterations.
+    r"""Entropic optimal transport by stabilised Sinkhorn iterations.
 
     .. math::
         P^\epsilon = \arg\min_{P \in U(a, b)} \langle P, C \rangle - \epsilon H(P),\qquad
-        P_{kl} = a_k b_l \exp\big((f_k + g_l - C_{kl}) / \epsilon\big)
+        P_{kl} = \exp\big((f_k + g_l - C_{kl}) / \epsilon\big)
 
-    Updates are log-sum-exp reductions, stable for any ``epsilon > 0`` that
-    float arithmetic can resolve. With ``anneal=True`` epsilon starts at the
+    Iterations use the scaling form (two matrix-vector products each) on a
+    kernel taken relative to log-domain potentials ``f, g``; the scalings are
+    absorbed into the potentials before they under- or overflow, and a
+    log-sum-exp step replaces any iteration whose kernel did (Schmitzer 2019),
+    so it is stable for any ``epsilon > 0`` that float arithmetic can resolve
+    and costs far less than a pure log-domain loop. With ``anneal=True`` epsilon starts at the
     largest cost and halves each iteration down to its target (epsilon
     scaling), which needs far fewer iterations at small epsilon; the plan at
     the target epsilon is the same. Stops when the target marginal is met,
@@ -128,7 +132,8 @@ def sinkhorn_plan(
         v = b / (kernel.T @ u)
         u = a / (kernel @ v)
         iterations += 1
-        stale = not (bool(torch.isfinite(u).all()) and bool(torch.isfinite(v).all()) and bool((u > 0).all()))
+        finite = bool(torch.isfinite(u).all()) and bool(torch.isfinite(v).all())
+        stale = not (finite and bool((u > 0).all()) and bool((v > 0).all()))
         big = not stale and float(torch.maximum(u.log().abs().max(), v.log().abs().max())) > _ABSORB
         if stale:  # under- or overflow in the kernel: redo this step in the log domain
             f, g = _log_step(cost, f, g, log_a, log_b, current)
