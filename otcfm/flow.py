@@ -19,6 +19,7 @@ from torch import Tensor
 from otcfm import _random
 from otcfm._checks import check_pair
 from otcfm.couplers import Coupler, SinkhornCoupler, get_coupler
+from otcfm.couplers.base import check_labels
 from otcfm.paths import BridgePath, Path, get_path
 from otcfm.timesteps import TimeSampler, get_time_sampler
 
@@ -97,8 +98,9 @@ class FlowMatcher:
             ValueError: mismatched sample shapes, empty batches, NaN/Inf.
         """
         x0, x1 = check_pair(x0, x1)
+        y0, y1 = check_labels(y0, x0.shape[0], "y0"), check_labels(y1, x1.shape[0], "y1")
         self.path.check_source(x0)
-        i, j = self.coupler(x0, x1, y0=y0, y1=y1, generator=generator)
+        i, j = self.coupler.pair(x0, x1, y0, y1, generator)  # inputs validated once, here
         x0, x1 = x0[i], x1[j]
         t = self.time_sampler(x0.shape[0], generator, x0.device, x0.dtype)
         noise = _random.randn(tuple(x0.shape), generator, x0.device, x0.dtype) if self.path.needs_noise else None
