@@ -14,12 +14,14 @@ from otcfm.couplers.base import Pairing
 from otcfm.couplers.cost import squared_euclidean_cost
 from otcfm.couplers.plan import CostFn, OTCoupler, pairs_from_plan
 
-__all__ = ["AUTO_LSA_MIN_FEATURES", "ExactCoupler", "exact_plan", "linear_assignment"]
+__all__ = ["AUTO_LSA_MAX_BATCH", "AUTO_LSA_MIN_FEATURES", "ExactCoupler", "exact_plan", "linear_assignment"]
 
 Solver = Literal["auto", "emd", "lsa"]
-#: With ``solver="auto"``, equal batches of at least this many features use Jonker-Volgenant
-#: (scipy), which beats the network simplex on high-dimensional costs; see docs/benchmarks.md.
+#: With ``solver="auto"``, equal batches of at least this many features, or of at most
+#: :data:`AUTO_LSA_MAX_BATCH` samples, use Jonker-Volgenant (scipy), which beats the network
+#: simplex there; the network simplex wins on large low-dimensional batches. See docs/benchmarks.md.
 AUTO_LSA_MIN_FEATURES = 16
+AUTO_LSA_MAX_BATCH = 128
 
 
 def _check_weights(w: np.ndarray | None, n: int, name: str) -> np.ndarray:
@@ -112,8 +114,8 @@ class ExactCoupler(OTCoupler):
 
     Solvers: ``"emd"`` (POT's network simplex, any batch sizes), ``"lsa"``
     (scipy's Jonker-Volgenant, equal batch sizes), ``"auto"``: ``"lsa"`` for
-    equal batches with at least :data:`AUTO_LSA_MIN_FEATURES` features and no
-    ``replace``, ``"emd"`` otherwise. Both are exact; a non-optimal network
+    equal batches (no ``replace``) with at least :data:`AUTO_LSA_MIN_FEATURES`
+    features or at most :data:`AUTO_LSA_MAX_BATCH` samples, ``"emd"`` otherwise. Both are exact; a non-optimal network
     simplex exit raises ``RuntimeError``.
 
     Args:
@@ -152,7 +154,7 @@ class ExactCoupler(OTCoupler):
         """The solver used for a ``(n0, n1)`` problem on samples of ``features`` features."""
         if self.solver != "auto":
             return self.solver
-        if n0 == n1 and not self.replace and features >= AUTO_LSA_MIN_FEATURES:
+        if n0 == n1 and not self.replace and (features >= AUTO_LSA_MIN_FEATURES or n0 <= AUTO_LSA_MAX_BATCH):
             return "lsa"
         return "emd"
 
