@@ -159,6 +159,8 @@ def train(
 
     if resume and path is not None and path.is_file():
         state = ckpt.load(path)
+        if state.get("optimizer") is None or state.get("generator") is None:
+            raise ValueError(f"resume: {path} holds weights without training state (e.g. from otcfm reflow/distill)")
         _check_same_run(state["config"], config)
         model.load_state_dict(state["model"])
         if ema is not None:

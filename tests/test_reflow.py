@@ -166,3 +166,5 @@ def test_cli_reflow_and_distill(tmp_path: Path, capsys: pytest.CaptureFixture[st
         model, _ = otcfm.load_model(out)
         assert model(torch.zeros(2, 2), torch.zeros(2)).shape == (2, 2)
     assert "| 1 |" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="without training state"):
+        otcfm.train(SMALL, out=tmp_path / "reflow", resume=True, progress=False)
