@@ -13,6 +13,7 @@ Optional and heavy packages (POT, matplotlib, torchdyn) are imported where used.
 from otcfm import couplers, data, metrics, models, paths
 from otcfm.couplers import get_coupler
 from otcfm.flow import FlowBatch, FlowMatcher
+from otcfm.likelihood import LogLikelihood, likelihood
 from otcfm.paths import get_path
 from otcfm.solvers import Solution, integrate, solve
 from otcfm.training import TrainConfig, TrainResult, load_model, train
@@ -22,6 +23,7 @@ __version__ = "0.1.0"
 __all__ = [
     "FlowBatch",
     "FlowMatcher",
+    "LogLikelihood",
     "Solution",
     "TrainConfig",
     "TrainResult",
@@ -30,6 +32,7 @@ __all__ = [
     "get_coupler",
     "get_path",
     "integrate",
+    "likelihood",
     "load_model",
     "metrics",
     "models",
