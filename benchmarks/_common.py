@@ -28,6 +28,16 @@ def median_ms(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
     return 1e3 * statistics.median(times)
 
 
+def pyplot():  # noqa: ANN201
+    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A Markdown table; floats are printed with 3 significant digits."""
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DOCS, machine, markdown_table, write_section  # noqa: E402
+from _common import DOCS, machine, markdown_table, pyplot, write_section  # noqa: E402
 
 import otcfm  # noqa: E402
 from otcfm.metrics import crossing_rate, flow_statistics, swap_fraction, w2_by_steps  # noqa: E402
@@ -25,11 +25,7 @@ STEPS = (1, 2, 4, 8, 100)
 
 
 def segments_figure(couplers: list[str], source: str, target: str, n: int, seed: int, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     g = torch.Generator().manual_seed(seed)
     x0, x1 = otcfm.data.sample(source, n, g), otcfm.data.sample(target, n, g)
     fig, axes = plt.subplots(1, len(couplers), figsize=(4.2 * len(couplers), 4.2), squeeze=False)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DOCS, machine, markdown_table, write_section  # noqa: E402
+from _common import DOCS, machine, markdown_table, pyplot, write_section  # noqa: E402
 
 import otcfm  # noqa: E402
 from otcfm import reflow  # noqa: E402
@@ -81,11 +81,7 @@ def run(task: str, coupler: str, args: argparse.Namespace) -> dict:
 
 def figure(results: dict, tasks: list[str], couplers: list[str], path: Path) -> Path:
     """One-step (single Euler step) samples of every stage beside the target."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     keys = [(t, c) for t in tasks for c in couplers]
     stages = list(results[f"{keys[0][0]}|{keys[0][1]}"]["stages"])
     fig, axes = plt.subplots(len(keys), len(stages), figsize=(3.3 * len(stages), 3.3 * len(keys)), squeeze=False)

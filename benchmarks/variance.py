@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DOCS, machine, markdown_table, write_section  # noqa: E402
+from _common import DOCS, machine, markdown_table, pyplot, write_section  # noqa: E402
 
 import otcfm  # noqa: E402
 from otcfm.metrics import gradient_variance, target_variance  # noqa: E402
@@ -75,11 +75,7 @@ def _save(results: dict, out: Path) -> None:
 
 
 def plot(results: dict, tasks: list[str], couplers: list[str], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows = list(results["rows"].values())
     fig, axes = plt.subplots(2, len(tasks), figsize=(4.2 * len(tasks), 7), squeeze=False)
     for col, task in enumerate(tasks):
