@@ -1,4 +1,4 @@
-r"""Entropic OT (Sinkhorn) in torch, log-domain with epsilon scaling, on the inputs' device."""
+r"""Entropic OT (Sinkhorn) in torch: stabilised scaling iterations with epsilon annealing, on the inputs' device."""
 
 from __future__ import annotations
 
@@ -57,6 +57,12 @@ def _weights(w: Tensor | None, n: int, like: Tensor, name: str) -> Tensor:
     return w
 
 
+def absolute_epsilon(epsilon: float, relative: bool, cost: Tensor) -> float:
+    """``epsilon`` in cost units: times ``cost.mean()`` when ``relative`` (and the mean is positive)."""
+    scale = float(cost.mean())
+    return epsilon * scale if relative and scale > 0 else float(epsilon)
+
+
 def sinkhorn_plan(
     cost: Tensor,
     epsilon: float,
@@ -113,7 +119,7 @@ def sinkhorn_plan(
     n0, n1 = cost.shape
     a, b = _weights(a, n0, cost, "a"), _weights(b, n1, cost, "b")
     scale = float(cost.mean())
-    eps = epsilon * scale if relative and scale > 0 else float(epsilon)
+    eps = absolute_epsilon(epsilon, relative, cost)
     if scale > 0 and eps < MIN_RELATIVE_EPSILON * scale:
         raise ValueError(
             f"epsilon: {eps:.3g} is below {MIN_RELATIVE_EPSILON:g} of the mean cost ({scale:.3g}), too small to be "
@@ -222,8 +228,7 @@ class SinkhornCoupler(OTCoupler):
     ) -> SinkhornResult:
         """Entropic plan of ``x0: (B0, ...)``, ``x1: (B1, ...)``; a relative epsilon scales the label-free cost."""
         base = self.base_cost(x0, x1)
-        scale = float(base.mean())
-        eps = self.epsilon * scale if self.relative and scale > 0 else self.epsilon
+        eps = absolute_epsilon(self.epsilon, self.relative, base)
         cost = condition_cost(base, y0, y1, self.label_weight, generator)
         return sinkhorn_plan(cost, eps, relative=False, tol=self.tol, max_iter=self.max_iter, anneal=self.anneal)
 
