@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import json
 import sys
 import time
@@ -13,14 +12,13 @@ from typing import Any
 
 import torch
 
-from otcfm import checkpoint as ckpt
 from otcfm import metrics, reflow
 from otcfm.couplers import COUPLERS
 from otcfm.data import DATASETS, sample
 from otcfm.paths import PATHS
 from otcfm.solvers import METHODS, integrate
 from otcfm.timesteps import TIME_SAMPLERS
-from otcfm.training import CHECKPOINT_NAME, FORMAT_VERSION, TrainConfig, load_model, train
+from otcfm.training import CHECKPOINT_NAME, TrainConfig, load_model, train, write_checkpoint
 
 __all__ = ["main"]
 
@@ -207,17 +205,12 @@ def _reflow(args: argparse.Namespace) -> int:
     else:
         reflow.distill(student, pairs, loss=args.loss, **common)
     seconds = time.perf_counter() - started
-    ckpt.atomic_save(
-        {
-            "format": FORMAT_VERSION,
-            "config": dataclasses.asdict(config),
-            "model": student.state_dict(),
-            "ema": None,
-            "step": args.train_steps,
-            "losses": [],
-            "reflow": {"stage": args.command, "pairs": pairs.meta},
-        },
+    write_checkpoint(
         out / CHECKPOINT_NAME,
+        config,
+        student,
+        step=args.train_steps,
+        reflow={"stage": args.command, "pairs": pairs.meta},
     )
     print(
         f"{args.command}: {args.pairs} pairs and {args.train_steps} steps in {seconds:.1f} s; "

@@ -24,7 +24,7 @@ from otcfm.data import sample
 from otcfm.flow import FlowMatcher
 from otcfm.models import MLP
 
-__all__ = ["TrainConfig", "TrainResult", "build_model", "load_model", "train"]
+__all__ = ["TrainConfig", "TrainResult", "build_model", "load_model", "train", "write_checkpoint"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 FORMAT_VERSION = 1
@@ -173,18 +173,15 @@ def train(
 
     def save(generator_state: torch.Tensor) -> None:
         if path is not None:
-            ckpt.atomic_save(
-                {
-                    "format": FORMAT_VERSION,
-                    "config": dataclasses.asdict(config),
-                    "step": len(losses),
-                    "model": model.state_dict(),
-                    "ema": ema.state_dict() if ema is not None else None,
-                    "optimizer": optimizer.state_dict(),
-                    "generator": generator_state,
-                    "losses": losses,
-                },
+            write_checkpoint(
                 path,
+                config,
+                model,
+                ema=ema,
+                step=len(losses),
+                optimizer=optimizer.state_dict(),
+                generator=generator_state,
+                losses=losses,
             )
 
     from tqdm.auto import tqdm
@@ -243,6 +240,26 @@ def _check_same_run(saved: dict[str, Any], config: TrainConfig) -> None:
     if differing:
         details = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {current[k]!r}" for k in differing)
         raise ValueError(f"resume: the checkpoint was made with another config ({details})")
+
+
+def write_checkpoint(
+    path: str | Path, config: TrainConfig, model: nn.Module, ema: nn.Module | None = None, **state: Any
+) -> Path:
+    """Write the checkpoint format :func:`load_model` reads, atomically.
+
+    ``state`` adds entries: the training loop stores ``step``, ``optimizer``, ``generator`` and ``losses``
+    (what ``resume`` needs); Reflow stores how its student was made.
+    """
+    return ckpt.atomic_save(
+        {
+            "format": FORMAT_VERSION,
+            "config": dataclasses.asdict(config),
+            "model": model.state_dict(),
+            "ema": ema.state_dict() if ema is not None else None,
+            **state,
+        },
+        path,
+    )
 
 
 def load_model(path: str | Path, use_ema: bool = True) -> tuple[nn.Module, TrainConfig]:
