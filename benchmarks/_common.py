@@ -38,6 +38,14 @@ def pyplot():  # noqa: ANN201
     return plt
 
 
+def save_figure(fig: Any, path: Path, dpi: int = 100) -> Path:
+    """Lay out, write and close a matplotlib figure; returns ``path``."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+    return path
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A Markdown table; floats are printed with 3 significant digits."""
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DOCS, machine, markdown_table, pyplot, write_section  # noqa: E402
+from _common import DOCS, machine, markdown_table, pyplot, save_figure, write_section  # noqa: E402
 
 import otcfm  # noqa: E402
 from otcfm.metrics import crossing_rate, flow_statistics, swap_fraction, w2_by_steps  # noqa: E402
@@ -38,10 +38,7 @@ def segments_figure(couplers: list[str], source: str, target: str, n: int, seed:
         ax.set_title(f"{name}: {100 * crossing_rate(x0[i], x1[j]):.1f}% of pairs cross", fontsize=10)
         ax.set_aspect("equal")
     axes[0][0].legend(loc="upper right", markerscale=3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DOCS, machine, markdown_table, pyplot, write_section  # noqa: E402
+from _common import DOCS, machine, markdown_table, pyplot, save_figure, write_section  # noqa: E402
 
 import otcfm  # noqa: E402
 from otcfm import reflow  # noqa: E402
@@ -94,10 +94,7 @@ def figure(results: dict, tasks: list[str], couplers: list[str], path: Path) -> 
             ax.scatter(pts[:, 0], pts[:, 1], s=2, alpha=0.6)
             ax.set_title(f"{task}\n{coupler}: {stage}\n1 Euler step, W2 {w2_one:.2f}", fontsize=8)
             ax.set_aspect("equal")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=90)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DOCS, machine, markdown_table, pyplot, write_section  # noqa: E402
+from _common import DOCS, machine, markdown_table, pyplot, save_figure, write_section  # noqa: E402
 
 import otcfm  # noqa: E402
 from otcfm.metrics import gradient_variance, target_variance  # noqa: E402
@@ -94,10 +94,7 @@ def plot(results: dict, tasks: list[str], couplers: list[str], path: Path) -> Pa
             ax.set_title(task, fontsize=10)
             ax.grid(True, which="both", alpha=0.3)
     axes[0][0].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
