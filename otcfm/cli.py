@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from otcfm import metrics, reflow
+from otcfm import distributed, metrics, reflow
 from otcfm.couplers import COUPLERS
 from otcfm.data import DATASETS, sample
 from otcfm.paths import PATHS
@@ -45,6 +45,11 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--ema-decay", type=float, default=defaults.ema_decay)
     tr.add_argument("--seed", type=int, default=defaults.seed)
     tr.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
+    tr.add_argument(
+        "--global-coupling",
+        action="store_true",
+        help="under torchrun: couple the batches of all ranks as one OT problem (default: each rank its own)",
+    )
     tr.add_argument("--out", default="runs/train", help="output directory (default: runs/train)")
     tr.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     tr.add_argument("--eval-n", type=int, default=2000, help="samples per draw for the W2 table (default 2000)")
@@ -147,11 +152,14 @@ def _train(args: argparse.Namespace) -> int:
         ema_decay=args.ema_decay,
         seed=args.seed,
         checkpoint_every=args.checkpoint_every,
+        global_coupling=args.global_coupling,
     )
     out = Path(args.out)
     started = time.perf_counter()
     result = train(config, out=out, resume=args.resume, progress=not args.no_progress)
     seconds = time.perf_counter() - started
+    if distributed.world()[0] > 0:
+        return 0  # rank 0 evaluates and reports
     print(f"trained {config.steps} steps in {seconds:.1f} s; checkpoint: {out / 'checkpoint.pt'}")
     evaluation = _evaluate(result.sampling_model, config, args.eval_n, args.eval_draws, out)
     evaluation["train_seconds"] = seconds
@@ -205,6 +213,8 @@ def _reflow(args: argparse.Namespace) -> int:
     else:
         reflow.distill(student, pairs, loss=args.loss, **common)
     seconds = time.perf_counter() - started
+    if distributed.world()[0] > 0:
+        return 0  # rank 0 writes the checkpoint, evaluates and reports
     write_checkpoint(
         out / CHECKPOINT_NAME,
         config,
@@ -228,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     args = _parser().parse_args(argv)
     commands = {"train": _train, "sample": _sample, "reflow": _reflow, "distill": _reflow}
+    launched = distributed.init_from_env()  # under torchrun: one process group for the whole command
     try:
         return commands[args.command](args)
     except KeyboardInterrupt:
@@ -236,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as error:
         print(f"otcfm: error: {error}", file=sys.stderr)
         return 2
+    finally:
+        if launched:
+            distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -1,21 +1,121 @@
-"""Couplings across ranks of ``torch.distributed``: one OT problem on the global batch.
+"""PyTorch's distributed engine (``torch.distributed``, DDP) in otcfm: ranks, seeds, global couplings.
 
-By default each rank couples its own minibatch (what published work does). :func:`global_pairs` gathers the
-source and target batches of all ranks, computes one coupling of the concatenated batch (identically on
-every rank: same inputs, same solver, same generator state), and gives each rank its slice of the pairs,
-so the effective OT batch grows with the number of ranks.
+``otcfm.train``, Reflow's pair generation and training, and the ``otcfm`` command run unchanged under
+``torchrun --nproc_per_node K``: each rank draws its own batch of ``batch_size`` pairs, DDP averages the
+gradients (so a step equals a single-process step on the concatenated batch), rank 0 writes checkpoints.
+
+Couplings: by default each rank couples its own minibatch (what published work does). With a global
+coupling, :func:`global_pairs` gathers the source and target batches of all ranks, rank 0 computes one
+coupling of the concatenated batch and broadcasts it, and each rank keeps its slice of the pairs: the
+effective OT batch grows with the number of ranks. Without an initialised process group every function
+here is the single-process identity (rank 0 of 1).
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
+from typing import NamedTuple
+
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 from otcfm._checks import check_pair
 from otcfm.couplers import Coupler, get_coupler
+from otcfm.couplers.base import check_labels
 
-__all__ = ["gather_batch", "global_pairs"]
+__all__ = [
+    "GlobalPairs",
+    "barrier",
+    "default_device",
+    "gather_batch",
+    "global_pairs",
+    "init_from_env",
+    "mean_over_ranks",
+    "shutdown",
+    "stream_seed",
+    "world",
+    "wrap",
+]
+
+
+def _active() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def world(group: dist.ProcessGroup | None = None) -> tuple[int, int]:
+    """``(rank, world_size)`` of this process; ``(0, 1)`` without an initialised process group."""
+    if not _active():
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def init_from_env() -> bool:
+    """Initialise the default process group from torchrun's environment (``WORLD_SIZE``, ``RANK``, ...).
+
+    The backend is nccl when CUDA is available, gloo otherwise. Does nothing in a plain process
+    (no ``WORLD_SIZE`` or ``WORLD_SIZE=1``) or when a group is already initialised.
+
+    Returns:
+        True when this call initialised the group (the caller then calls ``dist.destroy_process_group()``).
+    """
+    if _active() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if not dist.is_available():
+        raise RuntimeError("WORLD_SIZE > 1 but this PyTorch build has no torch.distributed")
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend)
+    return True
+
+
+def shutdown() -> None:
+    """Destroy the default process group if one is initialised (the end of :func:`init_from_env`)."""
+    if _active():
+        dist.destroy_process_group()
+
+
+def default_device() -> torch.device:
+    """``cuda:LOCAL_RANK`` under a distributed launch with CUDA, otherwise the CPU."""
+    if _active() and torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def stream_seed(seed: int, *key: int | str) -> int:
+    """A seed for the random stream named by ``key`` (e.g. ``rank, step``), derived from ``seed`` by SHA-256.
+
+    Streams with different keys are independent for all practical purposes, and each is a pure function of
+    ``(seed, key)``: a rank can recreate its stream at any step without saved state.
+    """
+    text = ":".join(str(part) for part in (seed, *key))
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
+
+
+def wrap(model: nn.Module, device: torch.device) -> nn.Module:
+    """``DistributedDataParallel(model)`` when more than one rank runs, else ``model`` itself."""
+    if world()[1] == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def mean_over_ranks(value: Tensor) -> Tensor:
+    """The mean of a tensor over all ranks (a copy; ``value`` itself when one rank runs)."""
+    if world()[1] == 1:
+        return value
+    total = value.detach().clone()
+    dist.all_reduce(total)
+    return total / world()[1]
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op in a single process)."""
+    if world()[1] > 1:
+        dist.barrier()
 
 
 def gather_batch(x: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:
@@ -23,11 +123,27 @@ def gather_batch(x: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:
 
     Every rank must pass the same shape. Without an initialised process group, ``x`` itself.
     """
-    if not dist.is_available() or not dist.is_initialized():
+    if not _active():
         return x
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, x.contiguous(), group=group)
     return torch.cat(parts)
+
+
+class GlobalPairs(NamedTuple):
+    """This rank's share of a global coupling (row ``k`` of ``x0`` is paired with row ``k`` of ``x1``).
+
+    Attributes:
+        x0: ``(B, ...)`` source samples.
+        x1: ``(B, ...)`` their partners.
+        y0: ``(B,)`` labels of ``x0`` (None when none were passed).
+        y1: ``(B,)`` labels of ``x1`` (None when none were passed).
+    """
+
+    x0: Tensor
+    x1: Tensor
+    y0: Tensor | None
+    y1: Tensor | None
 
 
 def global_pairs(
@@ -35,31 +151,50 @@ def global_pairs(
     x0: Tensor,
     x1: Tensor,
     *,
+    y0: Tensor | None = None,
+    y1: Tensor | None = None,
     generator: torch.Generator | None = None,
     group: dist.ProcessGroup | None = None,
-) -> tuple[Tensor, Tensor]:
-    """This rank's share of a coupling computed on the batches of all ranks.
+) -> GlobalPairs:
+    """This rank's share of one coupling of the batches of all ranks.
 
-    Pairs are ordered by source index of the global batch, and rank ``r`` of ``W`` receives pairs
-    ``r * B`` to ``(r + 1) * B - 1``: with one process this is the ordinary coupling of ``(x0, x1)``.
-    Randomised couplers need the same ``generator`` state on every rank (seed it identically).
+    The batches (and labels) of all ranks are gathered in rank order; rank 0 of ``group`` couples the
+    global batch and broadcasts the pairs, so every rank agrees whatever the solver's determinism.
+    Pairs are ordered by source index of the global batch and rank ``r`` receives pairs ``r * B`` to
+    ``(r + 1) * B - 1``: with one process this is the ordinary coupling of ``(x0, x1)``. Train on the
+    result with ``coupler="paired"``.
 
     Args:
-        coupler: coupler name or instance.
-        x0: this rank's source batch, ``(B, ...)``; the same ``B`` on every rank.
+        coupler: coupler name or instance; one-to-one couplers (exact, Hungarian, Sinkhorn, ...).
+        x0: this rank's source batch, ``(B, ...)``; the same shape on every rank.
         x1: this rank's target batch, ``(B, ...)``.
-        generator: randomness of the coupler, identical on all ranks.
+        y0, y1: optional labels ``(B,)`` (see :meth:`otcfm.couplers.Coupler.__call__`); they follow the pairs.
+        generator: randomness of the coupler (used on rank 0 only).
         group: process group; the default group when None.
 
     Returns:
-        ``(x0_pairs, x1_pairs)``, each ``(B, ...)``: paired row by row (train with ``coupler="paired"``).
+        :class:`GlobalPairs` ``(x0, x1, y0, y1)``, each with ``B`` rows.
     """
     x0, x1 = check_pair(x0, x1, same_batch=True)
+    y0, y1 = check_labels(y0, x0.shape[0], "y0"), check_labels(y1, x1.shape[0], "y1")
     coupler = get_coupler(coupler)
     all0, all1 = gather_batch(x0, group), gather_batch(x1, group)
-    i, j = coupler(all0, all1, generator=generator)
-    order = torch.argsort(i)
-    i, j = i[order], j[order]
-    rank = dist.get_rank(group) if dist.is_available() and dist.is_initialized() else 0
+    ally0 = gather_batch(y0, group) if y0 is not None else None
+    ally1 = gather_batch(y1, group) if y1 is not None else None
+    rank, size = world(group)
+    if rank == 0:
+        i, j = coupler(all0, all1, y0=ally0, y1=ally1, generator=generator)
+        order = torch.argsort(i)
+        pairs = torch.stack([i[order], j[order]]).to(x0.device)
+    else:
+        pairs = torch.empty(2, all0.shape[0], dtype=torch.int64, device=x0.device)
+    if size > 1:
+        dist.broadcast(pairs, dist.get_global_rank(group, 0) if group is not None else 0, group=group)
     mine = slice(rank * x0.shape[0], (rank + 1) * x0.shape[0])
-    return all0[i[mine]], all1[j[mine]]
+    i, j = pairs[0, mine], pairs[1, mine]
+    return GlobalPairs(
+        all0[i],
+        all1[j],
+        ally0[i] if ally0 is not None else None,
+        ally1[j] if ally1 is not None else None,
+    )

@@ -5,6 +5,14 @@ coupling, times, noise) and the model's initialisation, so a run is a
 function of its config. Checkpoints are written atomically every
 ``checkpoint_every`` steps and on Ctrl-C; ``resume=True`` continues from the
 last one to the same parameters an uninterrupted run reaches.
+
+Under ``torchrun`` (an initialised ``torch.distributed`` group) the same call
+trains with DDP: every rank draws ``batch_size`` pairs, gradients are averaged
+over ranks, and rank 0 writes the checkpoints. Rank 0 draws from the run's
+generator (a one-process run is the one-rank case); rank ``r > 0`` draws step
+``s`` from a generator seeded with ``stream_seed(seed, r, s)``, so resuming on
+any number of ranks needs no per-rank state, and resuming on the same number
+continues bit for bit.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import torch
 from torch import nn
 
 from otcfm import checkpoint as ckpt
+from otcfm import distributed
 from otcfm.data import sample
 from otcfm.flow import FlowMatcher
 from otcfm.models import MLP
@@ -42,13 +51,15 @@ class TrainConfig:
         sigma: the path's noise parameter (None: the path's default).
         time_sampler: ``"uniform"`` or ``"logit_normal"``.
         steps: optimisation steps.
-        batch_size: samples per batch on each side.
+        batch_size: samples per batch on each side (per rank under torchrun).
         lr: Adam learning rate.
         hidden: MLP width.
         depth: MLP hidden layers.
         ema_decay: decay of an exponential moving average of the weights (0 disables it).
         seed: seed of the run's generator.
         checkpoint_every: steps between checkpoints (when an output directory is given).
+        global_coupling: under torchrun, couple the batches of all ranks as one OT problem
+            (:func:`otcfm.distributed.global_pairs`) instead of each rank its own; no effect in one process.
     """
 
     source: str = "8gaussians"
@@ -65,6 +76,7 @@ class TrainConfig:
     ema_decay: float = 0.0
     seed: int = 0
     checkpoint_every: int = 500
+    global_coupling: bool = False
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "hidden", "depth", "checkpoint_every"):
@@ -92,7 +104,7 @@ class TrainResult:
     Attributes:
         model: the trained model (raw weights).
         ema: the moving-average copy, or None when ``ema_decay == 0``.
-        losses: the loss of every step, resumed runs included.
+        losses: the loss of every step (the mean over ranks under torchrun), resumed runs included.
         config: the run's config.
     """
 
@@ -125,7 +137,7 @@ def train(
     callback: Callable[[int, float], None] | None = None,
     **overrides: Any,
 ) -> TrainResult:
-    """Train a velocity model with flow matching.
+    """Train a velocity model with flow matching (with DDP when launched by torchrun; see the module docstring).
 
     Args:
         config: the run's settings; defaults when None. Keyword ``overrides``
@@ -134,7 +146,8 @@ def train(
         resume: continue from ``out/checkpoint.pt`` if it exists (its config
             must match, except ``steps``, which may be raised).
         model: a velocity model ``model(x, t)``; the config's MLP when None.
-        device: where to train (CPU by default); data is drawn on the CPU.
+        device: where to train; by default the CPU, or ``cuda:LOCAL_RANK`` under torchrun with CUDA.
+            Data is drawn on the CPU.
         progress: show a progress bar.
         callback: called as ``callback(step, loss)`` after every step.
 
@@ -148,8 +161,11 @@ def train(
     config = dataclasses.replace(config or TrainConfig(), **overrides)
     if resume and out is None:
         raise ValueError("resume: needs out, the directory holding checkpoint.pt")
-    device = torch.device(device or "cpu")
+    rank, world_size = distributed.world()
+    device = torch.device(device) if device is not None else distributed.default_device()
     fm = config.flow_matcher()
+    global_coupling = config.global_coupling and world_size > 1
+    paired = FlowMatcher(coupler="paired", path=fm.path, time_sampler=fm.time_sampler) if global_coupling else fm
     model = (model if model is not None else build_model(config)).to(device)
     ema = copy.deepcopy(model).requires_grad_(False) if config.ema_decay > 0 else None
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
@@ -170,9 +186,10 @@ def train(
         losses = list(state["losses"])
         if len(losses) > config.steps:
             raise ValueError(f"steps: the checkpoint already holds {len(losses)} steps, more than steps={config.steps}")
+    net = distributed.wrap(model, device)  # DDP averages the gradients over ranks
 
     def save(generator_state: torch.Tensor) -> None:
-        if path is not None:
+        if path is not None and rank == 0:
             write_checkpoint(
                 path,
                 config,
@@ -182,27 +199,37 @@ def train(
                 optimizer=optimizer.state_dict(),
                 generator=generator_state,
                 losses=losses,
+                world_size=world_size,
             )
+
+    def step_loss(step: int) -> torch.Tensor:
+        if rank > 0:
+            generator.manual_seed(distributed.stream_seed(config.seed, rank, step))
+        x0 = sample(config.source, config.batch_size, generator, device)
+        x1 = sample(config.target, config.batch_size, generator, device)
+        if not global_coupling:
+            return fm.loss(net, x0, x1, generator)
+        shared = torch.Generator().manual_seed(distributed.stream_seed(config.seed, "coupling", step))
+        x0, x1, _, _ = distributed.global_pairs(fm.coupler, x0, x1, generator=shared)
+        return paired.loss(net, x0, x1, generator)
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=config.steps, initial=len(losses), disable=not progress, desc="train", unit="step")
+    bar = tqdm(total=config.steps, initial=len(losses), disable=not progress or rank > 0, desc="train", unit="step")
     model.train()
     try:
         while len(losses) < config.steps:
             start_state = generator.get_state()
             updating = False
             try:
-                x0 = sample(config.source, config.batch_size, generator, device)
-                x1 = sample(config.target, config.batch_size, generator, device)
-                loss = fm.loss(model, x0, x1, generator)
+                loss = step_loss(len(losses))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 updating = True  # from here until the step is recorded, the state is mid-update
                 optimizer.step()
                 if ema is not None:
                     _ema_update(ema, model, config.ema_decay)
-                losses.append(loss.item())
+                losses.append(distributed.mean_over_ranks(loss.detach()).item())
                 updating = False
             except KeyboardInterrupt:
                 if not updating:  # the unfinished step left no trace: save the finished ones
@@ -235,8 +262,9 @@ def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
 
 
 def _check_same_run(saved: dict[str, Any], config: TrainConfig) -> None:
-    current = dataclasses.asdict(config)
-    differing = [k for k in current if k != "steps" and saved.get(k) != current[k]]
+    current, defaults = dataclasses.asdict(config), dataclasses.asdict(TrainConfig())
+    # a field added after the checkpoint was written had its default then
+    differing = [k for k in current if k != "steps" and saved.get(k, defaults[k]) != current[k]]
     if differing:
         details = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {current[k]!r}" for k in differing)
         raise ValueError(f"resume: the checkpoint was made with another config ({details})")

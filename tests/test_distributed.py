@@ -1,9 +1,16 @@
-"""Global coupling over 2 CPU processes (gloo) equals the single-process coupling of the concatenated batch."""
+"""torch.distributed over 2 CPU processes (gloo): global coupling, DDP training, resume, sharded Reflow pairs.
+
+Each test spawns 2 processes with ``torch.multiprocessing`` and compares what they wrote with a
+single-process computation of the same thing.
+"""
 
 from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -11,15 +18,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import otcfm
+from otcfm import distributed, reflow
 from otcfm.couplers import ExactCoupler
 from otcfm.distributed import global_pairs
+from otcfm.flow import FlowMatcher
+from otcfm.training import CHECKPOINT_NAME, TrainConfig, build_model
 
 B = 48
-
-
-def _batches() -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    return otcfm.data.sample("8gaussians", 2 * B, g).double(), otcfm.data.sample("moons", 2 * B, g).double()
+CONFIG = TrainConfig(steps=1, batch_size=32, hidden=32, depth=2, global_coupling=True, seed=3)
 
 
 def _free_port() -> int:
@@ -28,31 +34,116 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, port: int, out: str) -> None:
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+def _run(rank: int, port: int, job: Callable[[int, Path], None], out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
-        x0, x1 = _batches()
-        mine = slice(rank * B, (rank + 1) * B)
-        p0, p1 = global_pairs("exact", x0[mine], x1[mine])
-        torch.save({"x0": p0, "x1": p1}, Path(out) / f"rank{rank}.pt")
+        job(rank, Path(out))
     finally:
         dist.destroy_process_group()
 
 
+def _spawn(job: Callable[[int, Path], None], out: Path) -> None:
+    mp.spawn(_run, args=(_free_port(), job, str(out)), nprocs=2, join=True)
+
+
+def _batches() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    x0 = otcfm.data.sample("8gaussians", 2 * B, g).double()
+    x1 = otcfm.data.sample("moons", 2 * B, g).double()
+    return x0, x1, torch.arange(2 * B) % 3
+
+
+def _couple(rank: int, out: Path) -> None:
+    x0, x1, y = _batches()
+    mine = slice(rank * B, (rank + 1) * B)
+    pairs = global_pairs("exact", x0[mine], x1[mine], y1=y[mine], generator=torch.Generator().manual_seed(1))
+    torch.save(pairs._asdict(), out / f"rank{rank}.pt")
+
+
 def test_global_exact_coupling_over_two_ranks_equals_single_process(tmp_path: Path) -> None:
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    _spawn(_couple, tmp_path)
     parts = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    x0, x1 = _batches()
-    i, j = ExactCoupler()(x0, x1)
+    x0, x1, y = _batches()
+    i, j = ExactCoupler()(x0, x1, y1=y, generator=torch.Generator().manual_seed(1))  # draws the source labels
     order = torch.argsort(i)
     assert torch.equal(torch.cat([p["x0"] for p in parts]), x0[i[order]])
     assert torch.equal(torch.cat([p["x1"] for p in parts]), x1[j[order]])
+    assert torch.equal(torch.cat([p["y1"] for p in parts]), y[j[order]])  # labels follow their samples
 
 
 def test_single_process_global_pairs_is_the_local_coupling() -> None:
-    x0, x1 = _batches()
-    p0, p1 = global_pairs("exact", x0, x1)
+    x0, x1, _ = _batches()
+    p0, p1, y0, y1 = global_pairs("exact", x0, x1)
     i, j = ExactCoupler()(x0, x1)
-    assert torch.equal(p0, x0[i]) and torch.equal(p1, x1[j])
+    assert torch.equal(p0, x0[i]) and torch.equal(p1, x1[j]) and y0 is None and y1 is None
+
+
+def _train(rank: int, out: Path) -> None:
+    otcfm.train(CONFIG, out=out, progress=False)
+
+
+def _reference_step() -> dict[str, torch.Tensor]:
+    """One single-process Adam step on the concatenated batch of both ranks, with the global pairing."""
+    config = CONFIG
+    model = build_model(config)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    generators = [torch.Generator().manual_seed(config.seed)]
+    generators.append(torch.Generator().manual_seed(distributed.stream_seed(config.seed, 1, 0)))
+    draws = [(otcfm.data.sample("8gaussians", 32, g), otcfm.data.sample("moons", 32, g)) for g in generators]
+    x0, x1 = torch.cat([d[0] for d in draws]), torch.cat([d[1] for d in draws])
+    i, j = ExactCoupler()(x0, x1)
+    order = torch.argsort(i)
+    x0, x1 = x0[i[order]], x1[j[order]]
+    paired = FlowMatcher(coupler="paired")
+    batches = [paired.batch(x0[r * 32 : (r + 1) * 32], x1[r * 32 : (r + 1) * 32], generators[r]) for r in range(2)]
+    t, x_t, u_t = (torch.cat([getattr(b, name) for b in batches]) for name in ("t", "x_t", "u_t"))
+    loss = torch.mean((model(x_t, t) - u_t) ** 2)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return model.state_dict()
+
+
+def test_ddp_step_on_two_ranks_equals_one_step_on_the_concatenated_batch(tmp_path: Path) -> None:
+    _spawn(_train, tmp_path)
+    state = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
+    assert state["world_size"] == 2 and state["step"] == 1
+    reference = _reference_step()
+    for name, value in reference.items():
+        torch.testing.assert_close(state["model"][name], value, rtol=1e-5, atol=1e-6)  # float32 sums in another order
+    # a checkpoint written by 2 ranks resumes in this single process
+    resumed = otcfm.train(CONFIG, out=tmp_path, resume=True, steps=3, progress=False)
+    assert len(resumed.losses) == 3 and resumed.losses[0] == state["losses"][0]
+    assert all(torch.isfinite(torch.tensor(resumed.losses)))
+
+
+def _pairs(rank: int, out: Path) -> None:
+    teacher = build_model(TrainConfig(hidden=16, depth=1))
+    pairs = reflow.generate_pairs(teacher, "gaussian", 70, 4, "euler", out / "pairs", batch_size=16, progress=False)
+    torch.save({"x0": pairs.x0, "x1": pairs.x1}, out / f"rank{rank}.pt")
+
+
+def test_sharded_pair_generation_writes_the_single_process_pair_set(tmp_path: Path) -> None:
+    _spawn(_pairs, tmp_path / "two")
+    teacher = build_model(TrainConfig(hidden=16, depth=1))
+    single = reflow.generate_pairs(teacher, "gaussian", 70, 4, "euler", tmp_path / "one", batch_size=16, progress=False)
+    for r in range(2):  # every rank returns the whole set
+        got = torch.load(tmp_path / "two" / f"rank{r}.pt")
+        assert torch.equal(got["x0"], single.x0) and torch.equal(got["x1"], single.x1)
+    files = sorted(p.name for p in (tmp_path / "two" / "pairs").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "one").iterdir())  # 5 chunks + meta.json, nothing else
+
+
+def test_cli_train_under_torchrun(tmp_path: Path) -> None:
+    port = str(_free_port())
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
+    command += ["-m", "otcfm.cli", "train", "--steps", "20", "--hidden", "32", "--global-coupling"]
+    command += ["--out", str(tmp_path), "--eval-n", "200", "--eval-draws", "1", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("W2 vs Euler steps") == 1  # rank 0 reports
+    state = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
+    assert state["world_size"] == 2 and len(state["losses"]) == 20
