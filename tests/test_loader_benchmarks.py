@@ -93,3 +93,14 @@ def test_reflow_benchmark_quick(tmp_path: Path, capsys: pytest.CaptureFixture[st
     printed = capsys.readouterr().out
     assert "distilled one-step" in printed and "2-rectified" in printed
     assert (tmp_path / "reflow.json").is_file() and (tmp_path / "reflow.png").stat().st_size > 0
+
+
+def test_distributed_benchmark_quick() -> None:
+    """Run as a script: its spawned processes import the benchmark module by its file name."""
+    import subprocess
+
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "distributed.py"), "--quick"], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "| 2 | global | 64 |" in done.stdout and "global, 2 ranks" in done.stdout
