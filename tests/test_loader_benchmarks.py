@@ -104,3 +104,31 @@ def test_distributed_benchmark_quick() -> None:
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "| 2 | global | 64 |" in done.stdout and "global, 2 ranks" in done.stdout
+
+
+def test_table2d_benchmark_quick(tmp_path: Path) -> None:
+    """Run as a script: its worker processes import the benchmark module by its file name."""
+    import subprocess
+
+    command = [sys.executable, str(BENCHMARKS / "table2d.py"), "--quick", "--out", str(tmp_path), "--workers", "1"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "| OT-CFM |" in done.stdout and "NLL" in done.stdout
+    rows = (tmp_path / "quick" / "results.jsonl").read_text().splitlines()
+    assert len(rows) == 11  # 6 methods on N->8gaussians, 5 on moons->8gaussians (FM needs a Gaussian source)
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300)  # resumes: nothing left to do
+    assert again.returncode == 0 and "for 0 jobs this run" in again.stdout
+
+
+def test_checkerboard_benchmark_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert _load("checkerboard").main(["--quick", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "diffusion path" in printed and "NLL" in printed
+    assert (tmp_path / "quick" / "checkerboard.png").stat().st_size > 0
+
+
+def test_digits_benchmark_quick(tmp_path: Path, digits_cache: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert _load("digits").main(["--quick", "--out", str(tmp_path), "--cache", str(digits_cache)]) == 0
+    printed = capsys.readouterr().out
+    assert "feature classifier: test accuracy" in printed and "| distilled |" in printed
+    assert (tmp_path / "quick" / "digits.png").stat().st_size > 0

@@ -10,10 +10,12 @@ from torch import Tensor
 
 from otcfm._checks import check_choice
 from otcfm.data import toy2d
+from otcfm.data.digits import digits, load_digits
 
-__all__ = ["DATASETS", "Sampler", "draw", "sample"]
+__all__ = ["DATASETS", "Sampler", "draw", "load_digits", "sample"]
 
-#: Registered samplers ``f(n, generator, **options) -> (n, d)`` on the CPU.
+#: Registered samplers ``f(n, generator, **options) -> (n, ...)`` on the CPU (``digits``: ``(n, 1, 8, 8)``,
+#: needs scikit-learn).
 DATASETS: dict[str, Callable[..., Tensor]] = {
     "gaussian": toy2d.gaussian,
     "8gaussians": toy2d.eight_gaussians,
@@ -23,6 +25,7 @@ DATASETS: dict[str, Callable[..., Tensor]] = {
     "circles": toy2d.circles,
     "scurve": toy2d.scurve,
     "mixture": toy2d.mixture,
+    "digits": digits,
 }
 
 
@@ -37,7 +40,8 @@ def sample(
     """Draw ``n`` samples of a named distribution.
 
     Args:
-        name: one of :data:`DATASETS` (``"gaussian"`` and ``"mixture"`` accept ``dim=``).
+        name: one of :data:`DATASETS` (``"gaussian"`` and ``"mixture"`` accept ``dim=``, ``"digits"``
+            ``split=``).
         n: number of samples, ``>= 1``.
         generator: a CPU ``torch.Generator`` for reproducible draws; torch's
             default generator when None.
@@ -46,7 +50,7 @@ def sample(
         **options: keyword options of the sampler (``dim``, ``noise``).
 
     Returns:
-        ``(n, d)`` tensor.
+        ``(n, d)`` tensor (``(n, 1, 8, 8)`` for ``"digits"``).
 
     Raises:
         ValueError: unknown name (lists the valid ones) or ``n < 1``.

@@ -1,5 +1,6 @@
 """Metrics of samples, flows and couplings; definitions in docs/benchmarks.md."""
 
+from otcfm.metrics.frechet import DigitsFeatures, digits_features, frechet_distance
 from otcfm.metrics.geometry import crossing_rate, swap_fraction
 from otcfm.metrics.trajectory import FlowStatistics, flow_statistics, path_energy, straightness
 from otcfm.metrics.variance import (
@@ -13,12 +14,15 @@ from otcfm.metrics.variance import (
 from otcfm.metrics.w2 import w2, w2_by_steps
 
 __all__ = [
+    "DigitsFeatures",
     "FlowStatistics",
     "GradientVariance",
     "TargetVariance",
     "coupled_pairs",
     "crossing_rate",
+    "digits_features",
     "flow_statistics",
+    "frechet_distance",
     "gaussian_target_variance",
     "gradient_variance",
     "path_energy",
