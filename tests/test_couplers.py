@@ -123,6 +123,28 @@ def test_exact_is_optimal_where_pots_default_stops_short() -> None:
         assert _pair_cost(x0, x1, coupler(x0, x1)) == pytest.approx(optimum, rel=1e-9)
 
 
+@pytest.mark.parametrize("kind", ["ties", "2-D", "clusters"])
+def test_warm_started_assignment_is_exact(kind: str) -> None:
+    """linear_assignment's reductions and auction warm start (n >= AUCTION_MIN_BATCH) keep the optimum exactly."""
+    from scipy.optimize import linear_sum_assignment
+
+    from otcfm.couplers.exact import AUCTION_MIN_BATCH, linear_assignment
+
+    n, g = AUCTION_MIN_BATCH + 88, torch.Generator().manual_seed(1)
+    if kind == "ties":  # small integer costs: many optimal matchings, exact arithmetic
+        cost = torch.randint(0, 5, (n, n), generator=g).double().numpy()
+    else:
+        x0 = torch.randn(n, 2 if kind == "2-D" else 32, generator=g, dtype=torch.float64)
+        x1 = torch.randn(n, x0.shape[1], generator=g, dtype=torch.float64)
+        if kind == "clusters":
+            x1 = x1 + 5 * torch.randn(8, x0.shape[1], generator=g, dtype=torch.float64)[torch.arange(n) % 8]
+        cost = squared_euclidean_cost(x0, x1).numpy()
+    rows, cols = linear_assignment(cost)
+    assert np.array_equal(rows, np.arange(n)) and np.array_equal(np.sort(cols), np.arange(n))
+    reference_rows, reference_cols = linear_sum_assignment(cost)
+    assert cost[rows, cols].sum() == pytest.approx(cost[reference_rows, reference_cols].sum(), rel=1e-12, abs=0)
+
+
 @given(seed=st.integers(0, 2**16), n=st.integers(2, 16))
 def test_exact_cost_never_exceeds_independent_cost(seed: int, n: int) -> None:
     x0, x1 = _batch(seed, n), _batch(seed + 3, n)

@@ -30,7 +30,8 @@ def squared_euclidean_cost(x0: Tensor, x1: Tensor) -> Tensor:
         for k in range(a.shape[1]):
             cost += (a[:, k, None] - b[None, :, k]) ** 2
         return cost
-    cost = (a * a).sum(1, keepdim=True) + (b * b).sum(1)[None, :] - 2.0 * (a @ b.T)
+    cost = torch.addmm((b * b).sum(1)[None, :], a, b.T, alpha=-2.0)  # one (B0, B1) buffer, updated in place
+    cost += (a * a).sum(1, keepdim=True)
     return cost.clamp_min_(0.0)
 
 

@@ -22,6 +22,10 @@ Solver = Literal["auto", "emd", "lsa"]
 #: simplex there; the network simplex wins on large low-dimensional batches. See docs/benchmarks.md.
 AUTO_LSA_MIN_FEATURES = 16
 AUTO_LSA_MAX_BATCH = 128
+#: :func:`linear_assignment` warm-starts batches of at least this many samples with
+#: :data:`AUCTION_ROUNDS` rounds (at most) of an auction.
+AUCTION_MIN_BATCH = 512
+AUCTION_ROUNDS = 300
 
 
 def _check_weights(w: np.ndarray | None, n: int, name: str) -> np.ndarray:
@@ -86,8 +90,45 @@ def exact_plan(
     return plan
 
 
+def _auction_prices(reduced: np.ndarray, epsilon: float, max_rounds: int) -> np.ndarray:
+    """Column prices from a few rounds of Bertsekas' auction (Jacobi form) on a square cost, ``(n,)``.
+
+    Every unassigned row bids for its cheapest column ``j`` (cost plus price) and raises ``price[j]`` by
+    its margin over the second cheapest plus ``epsilon``; the highest bid per column wins. The prices are
+    ``epsilon``-optimal column duals of the rows assigned so far; only they are used, as a warm start.
+    """
+    n = reduced.shape[0]
+    price, owner, column_of = np.zeros(n), np.full(n, -1), np.full(n, -1)
+    for _ in range(max_rounds):
+        free = np.flatnonzero(column_of < 0)
+        if free.size == 0:
+            break
+        values = reduced[free] + price
+        rows = np.arange(free.size)
+        best = values.argmin(axis=1)
+        first = values[rows, best]
+        values[rows, best] = np.inf
+        bids = price[best] + values.min(axis=1) - first + epsilon
+        order = np.lexsort((-bids, best))  # by column, highest bid first
+        winners = np.ones(order.size, dtype=bool)
+        winners[1:] = best[order][1:] != best[order][:-1]
+        won_rows, won_columns = free[order][winners], best[order][winners]
+        outbid = owner[won_columns]
+        column_of[outbid[outbid >= 0]] = -1
+        owner[won_columns], column_of[won_rows] = won_rows, won_columns
+        price[won_columns] = bids[order][winners]
+    return price
+
+
 def linear_assignment(cost: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Minimum-cost one-to-one matching (scipy's Jonker-Volgenant ``linear_sum_assignment``).
+    """Minimum-cost one-to-one matching (scipy's Jonker-Volgenant ``linear_sum_assignment``), warm-started.
+
+    A square cost is first reduced: ``C - min_j C[i, j]`` row by row, then column by column, and for
+    :data:`AUCTION_MIN_BATCH` rows or more, column prices from a few auction rounds are added and the rows
+    reduced again. Adding a constant to a row or a column shifts every complete matching's cost by the same
+    amount, so the optimal matchings are unchanged and the result is exact; the reductions are an initial
+    dual solution from which scipy's shortest augmenting paths are several times shorter on minibatch OT
+    problems (docs/benchmarks.md). Rectangular problems are solved unreduced.
 
     Args:
         cost: ``(B0, B1)`` finite cost; rectangular allowed.
@@ -97,9 +138,16 @@ def linear_assignment(cost: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """
     from scipy.optimize import linear_sum_assignment
 
-    cost = np.ascontiguousarray(cost, dtype=np.float64)
+    cost = np.array(cost, dtype=np.float64)  # a copy: reduced in place below
     if cost.ndim != 2 or not np.isfinite(cost).all():
         raise ValueError("cost: expected a finite 2-D matrix")
+    n = cost.shape[0]
+    if n == cost.shape[1] and n:
+        cost -= cost.min(axis=1, keepdims=True)
+        cost -= cost.min(axis=0, keepdims=True)
+        if n >= AUCTION_MIN_BATCH:
+            cost += _auction_prices(cost, 1e-3 * float(cost.mean()), AUCTION_ROUNDS)
+            cost -= cost.min(axis=1, keepdims=True)
     return linear_sum_assignment(cost)
 
 
