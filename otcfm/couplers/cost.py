@@ -26,9 +26,10 @@ def squared_euclidean_cost(x0: Tensor, x1: Tensor) -> Tensor:
     a = x0.reshape(x0.shape[0], -1).to(torch.float64)
     b = x1.reshape(x1.shape[0], -1).to(torch.float64)
     if a.shape[1] <= 4:  # for a few features, summing per feature is faster than a matmul and exact
-        cost = torch.zeros(a.shape[0], b.shape[0], dtype=torch.float64, device=a.device)
-        for k in range(a.shape[1]):
-            cost += (a[:, k, None] - b[None, :, k]) ** 2
+        cost = torch.sub(a[:, 0, None], b[None, :, 0]).square_()
+        for k in range(1, a.shape[1]):
+            diff = torch.sub(a[:, k, None], b[None, :, k])
+            cost.addcmul_(diff, diff)
         return cost
     cost = torch.addmm((b * b).sum(1)[None, :], a, b.T, alpha=-2.0)  # one (B0, B1) buffer, updated in place
     cost += (a * a).sum(1, keepdim=True)
