@@ -145,8 +145,9 @@ def linear_assignment(cost: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if n == cost.shape[1] and n:
         cost -= cost.min(axis=1, keepdims=True)
         cost -= cost.min(axis=0, keepdims=True)
-        if n >= AUCTION_MIN_BATCH:
-            cost += _auction_prices(cost, 1e-3 * float(cost.mean()), AUCTION_ROUNDS)
+        epsilon = 1e-3 * float(cost.mean())
+        if n >= AUCTION_MIN_BATCH and epsilon > 0:  # a zero cost (all points equal) needs no warm start
+            cost += _auction_prices(cost, epsilon, AUCTION_ROUNDS)
             cost -= cost.min(axis=1, keepdims=True)
     return linear_sum_assignment(cost)
 
