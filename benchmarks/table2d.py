@@ -1,6 +1,6 @@
 """The 2-D table of the OT-CFM paper (Tong et al. 2023): W2, NPE and NLL for six methods on four tasks, 5 seeds.
 
-    python benchmarks/table2d.py            # default budget: about 13 minutes on 2 CPU cores
+    python benchmarks/table2d.py            # default budget: about 14 minutes on 2 CPU cores
     python benchmarks/table2d.py --paper    # the paper's budget (batch 512, 20,000 steps): hours on a CPU
     python benchmarks/table2d.py --quick    # seconds; for tests
 
