@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import platform
 import re
 import statistics
@@ -65,6 +66,19 @@ def machine() -> str:
         f"{date.today().isoformat()}, {torch.get_num_threads()} torch threads on a {platform.machine()} CPU "
         f"({platform.processor() or 'unknown model'}), torch {torch.__version__}, Python {platform.python_version()}"
     )
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The rows of a JSON-lines results file (none when it is missing); a last line cut short by an
+    interruption is skipped, so a benchmark resumes from the rows it finished."""
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
 
 
 def write_section(name: str, body: str, path: Path = DOCS) -> Path:

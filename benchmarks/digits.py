@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DOCS, machine, markdown_table, pyplot, save_figure, write_section  # noqa: E402
+from _common import DOCS, machine, markdown_table, pyplot, read_jsonl, save_figure, write_section  # noqa: E402
 
 import otcfm  # noqa: E402
 from otcfm import checkpoint, reflow  # noqa: E402
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     train, _ = otcfm.data.load_digits("train")
     floor = {"fd": features.frechet_distance(train, test), "w2": w2(train[: args.eval_n], test)}
     results_file = out / "results.jsonl"
-    rows = [json.loads(line) for line in results_file.read_text().splitlines()] if results_file.exists() else []
+    rows = read_jsonl(results_file)
     done = {(r["seed"], r["method"]) for r in rows}
     models: dict[str, nn.Module] = {}
     for seed in range(args.seeds):

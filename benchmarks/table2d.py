@@ -37,10 +37,11 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DOCS, machine, markdown_table, write_section  # noqa: E402
+from _common import DOCS, machine, markdown_table, read_jsonl, write_section  # noqa: E402
 
 import otcfm  # noqa: E402
 from otcfm import checkpoint, reflow  # noqa: E402
+from otcfm.likelihood import standard_normal_log_prob  # noqa: E402
 from otcfm.metrics import flow_statistics, w2  # noqa: E402
 
 TASKS = {
@@ -75,15 +76,12 @@ def source_log_prob(path: otcfm.paths.Path) -> Callable[[torch.Tensor], torch.Te
     """log-density of the flow's source at t = 0: N(0, (1 + s^2) I), s the path's noise at t = 0."""
     s = 0.0
     if path.needs_noise:
-        zero = torch.zeros(1, 2, dtype=torch.float64)
-        s = float(
-            path(zero, zero, torch.zeros(1, dtype=torch.float64), torch.ones(1, 2, dtype=torch.float64)).x_t[0, 0]
-        )
-    var = 1.0 + s * s
+        zero, one = torch.zeros(1, 2, dtype=torch.float64), torch.ones(1, 2, dtype=torch.float64)
+        s = float(path(zero, zero, torch.zeros(1, dtype=torch.float64), one).x_t[0, 0])
+    std = math.sqrt(1.0 + s * s)
 
-    def log_prob(x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(x.shape[0], -1)
-        return -0.5 * (flat**2).sum(1) / var - 0.5 * flat.shape[1] * math.log(2 * math.pi * var)
+    def log_prob(x: torch.Tensor) -> torch.Tensor:  # log N(x; 0, std^2 I) = log N(x / std; 0, I) - d log std
+        return standard_normal_log_prob(x / std) - x[0].numel() * math.log(std)
 
     return log_prob
 
@@ -135,18 +133,6 @@ def job(task: str, seed: int, budget: str, n_eval: int, done: list[str], out: st
         row = {"task": task, "method": name, "seed": seed, **evaluate(model, fm, task, seed, n_eval)}
         row["seconds"] = time.perf_counter() - started
         rows.append(row)
-    return rows
-
-
-def load_rows(path: Path) -> list[dict]:
-    """Rows of a results file; a line cut short by an interruption is ignored."""
-    rows = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
     return rows
 
 
@@ -206,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     results = out / "results.jsonl"
     if args.fresh and results.exists():
         results.unlink()
-    rows = load_rows(results)
+    rows = read_jsonl(results)
     jobs = []
     for seed in range(seeds):
         for task in tasks:
