@@ -203,16 +203,18 @@ def _steps_per_second(d: int, coupler: str, helper: bool, steps: int, seed: int)
     return steps / (time.perf_counter() - start)
 
 
-def throughput_table(dims: list[int], steps: int, seed: int) -> str:
+def throughput_table(dims: list[int], steps: int, repeats: int, seed: int) -> str:
+    """Steps/s of each set-up, median of ``repeats`` runs taken in turn (timings here drift 20-50% between runs)."""
+    setups = (("independent", False), ("exact", False), ("independent", True), ("exact", True))
     rows = []
     for d in dims:
-        base = _steps_per_second(d, "independent", False, steps, seed)
-        for coupler, helper in (("independent", False), ("exact", False), ("independent", True), ("exact", True)):
-            rate = (
-                base
-                if (coupler, helper) == ("independent", False)
-                else _steps_per_second(d, coupler, helper, steps, seed)
-            )
+        rates: dict[tuple[str, bool], list[float]] = {setup: [] for setup in setups}
+        for repeat in range(repeats):
+            for coupler, helper in setups:
+                rates[coupler, helper].append(_steps_per_second(d, coupler, helper, steps, seed + repeat))
+        base = float(np.median(rates["independent", False]))
+        for (coupler, helper), values in rates.items():
+            rate = float(np.median(values))
             mode = "background worker" if helper else "inline"
             rows.append([d, f"MLP 3x{HIDDEN[d]}", coupler, mode, f"{rate:.1f}", f"{rate / base:.2f}"])
         print(f"  throughput d={d} done", flush=True)
@@ -229,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)  # single-threaded main process: the background worker gets the other core
     if args.quick:
         dims, sizes, reps, eps_list, sk_n, sk_iter, steps, tdims = [2], [64], {64: 1}, [1e-2], 32, 200, 3, [2]
+        step_repeats = 1
     else:
         dims, sizes = [2, 64, 784], [64, 256, 1024, 2048]
         reps, eps_list, sk_n, sk_iter, steps, tdims = (
@@ -239,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
             40,
             [2, 64, 784],
         )
+        step_repeats = 3
     command = "python benchmarks/couplers.py" + (" --quick" if args.quick else "")
     started = time.perf_counter()
     print("coupling time, optimality gap and unique pairs ...", flush=True)
@@ -248,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     sinkhorn = sinkhorn_table(sk_n, eps_list, sk_iter, 3 if not args.quick else 1, args.seed)
     print(sinkhorn)
     print("training throughput at batch 256 ...", flush=True)
-    throughput = throughput_table(tdims, steps, args.seed)
+    throughput = throughput_table(tdims, steps, step_repeats, args.seed)
     print(throughput)
     peer = "TorchCFM 1.0.7" if OTPlanSampler is not None else "TorchCFM not installed: its rows are missing"
     body = f"""## Couplers: speed, optimality, unique pairs
@@ -272,7 +276,8 @@ criterion) and iteration limit {sk_iter}; "error" is the final target-marginal v
 ### Training throughput, batch 256
 
 Steps per second of a flow-matching training step (Adam, MLP depth 3), coupling inline or in one background
-`DataLoader` worker (`otcfm.loader.coupled_loader` + `FlowMatcher(coupler="paired")`).
+`DataLoader` worker (`otcfm.loader.coupled_loader` + `FlowMatcher(coupler="paired")`): median of
+{step_repeats} runs of {steps} steps, the four set-ups taking turns.
 
 {throughput}
 """

@@ -12,8 +12,11 @@ from torch import Tensor
 __all__ = ["check_batch", "check_pair", "check_time", "check_choice"]
 
 
-def check_batch(x: object, name: str) -> Tensor:
+def check_batch(x: object, name: str, finite: bool = True) -> Tensor:
     """Check that ``x`` is a non-empty, finite, floating tensor of shape ``(B, ...)``.
+
+    ``finite=False`` skips the NaN/Inf scan, for callers that detect NaN/Inf later at
+    no extra cost (a squared-distance cost matrix is finite only if both inputs are).
 
     Raises:
         TypeError: ``x`` is not a floating-point tensor.
@@ -30,18 +33,19 @@ def check_batch(x: object, name: str) -> Tensor:
         )
     if x.shape[0] == 0:
         raise ValueError(f"{name}: expected a non-empty batch, got shape {tuple(x.shape)}")
-    if not bool(torch.isfinite(x).all()):
+    if finite and not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name}: contains NaN or Inf")
     return x
 
 
-def check_pair(x0: object, x1: object, same_batch: bool = False) -> tuple[Tensor, Tensor]:
+def check_pair(x0: object, x1: object, same_batch: bool = False, finite: bool = True) -> tuple[Tensor, Tensor]:
     """Check a source batch ``x0: (B0, ...)`` and a target batch ``x1: (B1, ...)``.
 
-    The trailing shapes must match; ``same_batch=True`` also requires ``B0 == B1``.
+    The trailing shapes must match; ``same_batch=True`` also requires ``B0 == B1``;
+    ``finite`` as in :func:`check_batch`.
     """
-    x0 = check_batch(x0, "x0")
-    x1 = check_batch(x1, "x1")
+    x0 = check_batch(x0, "x0", finite)
+    x1 = check_batch(x1, "x1", finite)
     if x0.shape[1:] != x1.shape[1:]:
         raise ValueError(
             f"x0 and x1: expected the same sample shape, got x0 {tuple(x0.shape)} and x1 {tuple(x1.shape)}"

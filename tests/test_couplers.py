@@ -333,12 +333,20 @@ def test_bad_inputs_are_named(name: str) -> None:
     bad[2, 1] = float("nan")
     with pytest.raises(ValueError, match="x1: contains NaN or Inf"):
         coupler(_batch(0, 4), bad)
+    with pytest.raises(ValueError, match="x0: contains NaN or Inf"):  # OT couplers find it through the cost
+        coupler(bad.fill_(float("inf")), _batch(1, 4))
     with pytest.raises(ValueError, match="at least 2 dimensions"):
         coupler(torch.zeros(4, dtype=torch.float64), _batch(1, 4))
     with pytest.raises(TypeError, match="x0"):
         coupler(np.zeros((4, 2)), _batch(1, 4))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"y1: expected shape \(4,\)"):
         coupler(_batch(0, 4), _batch(1, 4), y1=torch.zeros(5))
+
+
+def test_overflowing_cost_is_named() -> None:
+    huge = _batch(0, 4) * 1e200  # finite inputs whose squared distances overflow float64
+    with pytest.raises(ValueError, match="cost: contains NaN or Inf"):
+        ExactCoupler()(huge, _batch(1, 4))
 
 
 def test_custom_cost_errors() -> None:

@@ -43,6 +43,10 @@ class Coupler(ABC):
     #: Whether equal batches always come back as a permutation (every sample used once on both sides).
     one_to_one: bool = False
 
+    def finite_checked_later(self) -> bool:
+        """Whether :meth:`pair` itself rejects NaN/Inf inputs, so ``__call__`` can skip scanning them."""
+        return False
+
     def __call__(
         self,
         x0: Tensor,
@@ -69,7 +73,7 @@ class Coupler(ABC):
         Raises:
             ValueError: mismatched sample shapes, empty batches, NaN/Inf, labels of the wrong length.
         """
-        x0, x1 = check_pair(x0, x1)
+        x0, x1 = check_pair(x0, x1, finite=not self.finite_checked_later())
         y0 = check_labels(y0, x0.shape[0], "y0")
         y1 = check_labels(y1, x1.shape[0], "y1")
         return self.pair(x0, x1, y0, y1, generator)

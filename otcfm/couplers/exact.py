@@ -69,13 +69,23 @@ def exact_plan(
         RuntimeError: the solver stopped before optimality (iteration limit) or
             found the problem infeasible; the message names the cause.
     """
-    import ot  # imported where used, to keep `import otcfm` fast
+    cost = _check_cost(cost)
+    n0, n1 = cost.shape
+    return _emd(cost, _check_weights(a, n0, "a"), _check_weights(b, n1, "b"), num_iter_max)
 
+
+def _check_cost(cost: np.ndarray) -> np.ndarray:
     cost = np.ascontiguousarray(cost, dtype=np.float64)
     if cost.ndim != 2 or not np.isfinite(cost).all():
         raise ValueError("cost: expected a finite 2-D matrix")
+    return cost
+
+
+def _emd(cost: np.ndarray, a: np.ndarray, b: np.ndarray, num_iter_max: int | None) -> np.ndarray:
+    """:func:`exact_plan` on a validated float64 C-contiguous cost and weights."""
+    import ot
+
     n0, n1 = cost.shape
-    a, b = _check_weights(a, n0, "a"), _check_weights(b, n1, "b")
     if num_iter_max is None:
         num_iter_max = max(100_000, 10 * n0 * n1)
     with warnings.catch_warnings():
@@ -136,14 +146,16 @@ def linear_assignment(cost: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     Returns:
         ``(rows, cols)``, each of length ``min(B0, B1)``, rows sorted.
     """
+    return _assignment(_check_cost(cost))
+
+
+def _assignment(cost: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`linear_assignment` of a validated float64 cost (left unchanged)."""
     from scipy.optimize import linear_sum_assignment
 
-    cost = np.array(cost, dtype=np.float64)  # a copy: reduced in place below
-    if cost.ndim != 2 or not np.isfinite(cost).all():
-        raise ValueError("cost: expected a finite 2-D matrix")
     n = cost.shape[0]
     if n == cost.shape[1] and n:
-        cost -= cost.min(axis=1, keepdims=True)
+        cost = cost - cost.min(axis=1, keepdims=True)  # a new array: the caller's is not touched
         cost -= cost.min(axis=0, keepdims=True)
         epsilon = 1e-3 * float(cost.mean())
         if n >= AUCTION_MIN_BATCH and epsilon > 0:  # a zero cost (all points equal) needs no warm start
@@ -212,13 +224,18 @@ class ExactCoupler(OTCoupler):
     ) -> Pairing:
         cost, device = self.cost_matrix(x0, x1, y0, y1, generator), x0.device
         n0, n1 = cost.shape
-        matrix = cost.cpu().numpy()
+        matrix = np.ascontiguousarray(cost.cpu().numpy())  # validated (finite float64) by cost_matrix
         if self.choose_solver(n0, n1, x0[0].numel()) == "lsa":
             if n0 != n1:
                 raise ValueError(f"solver: 'lsa' needs equal batch sizes, got {n0} and {n1}; use 'emd' or 'hungarian'")
-            rows, cols = linear_assignment(matrix)
+            rows, cols = _assignment(matrix)
             return Pairing(torch.as_tensor(rows, device=device), torch.as_tensor(cols, device=device))
-        plan = exact_plan(matrix, num_iter_max=self.num_iter_max)
+        plan = _emd(matrix, np.full(n0, 1.0 / n0), np.full(n1, 1.0 / n1), self.num_iter_max)
+        if n0 == n1 and not self.replace:
+            cols = plan.argmax(axis=1)
+            rows = np.arange(n0)
+            if np.bincount(cols, minlength=n1).max() == 1 and (plan[rows, cols] * n0 >= 1 - 1e-9).all():
+                return Pairing(torch.as_tensor(rows, device=device), torch.as_tensor(cols, device=device))
         return pairs_from_plan(torch.from_numpy(plan), generator, device, self.replace)
 
     def __repr__(self) -> str:

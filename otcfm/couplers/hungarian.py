@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from otcfm.couplers.base import Pairing
 from otcfm.couplers.cost import squared_euclidean_cost
-from otcfm.couplers.exact import linear_assignment
+from otcfm.couplers.exact import _assignment
 from otcfm.couplers.plan import CostFn, OTCoupler
 
 __all__ = ["HungarianCoupler"]
@@ -35,5 +36,5 @@ class HungarianCoupler(OTCoupler):
         self, x0: Tensor, x1: Tensor, y0: Tensor | None, y1: Tensor | None, generator: torch.Generator | None
     ) -> Pairing:
         cost, device = self.cost_matrix(x0, x1, y0, y1, generator), x0.device
-        rows, cols = linear_assignment(cost.cpu().numpy())
+        rows, cols = _assignment(np.ascontiguousarray(cost.cpu().numpy()))  # validated by cost_matrix
         return Pairing(torch.as_tensor(rows, device=device), torch.as_tensor(cols, device=device))

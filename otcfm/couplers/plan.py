@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from otcfm import _random
+from otcfm._checks import check_pair
 from otcfm.couplers.base import Coupler, Pairing
 from otcfm.couplers.cost import condition_cost, squared_euclidean_cost
 
@@ -86,6 +87,10 @@ class OTCoupler(Coupler):
         self.label_weight = label_weight
         self.replace = bool(replace)
 
+    def finite_checked_later(self) -> bool:
+        """The default squared-Euclidean cost is finite only if both batches are: its check covers theirs."""
+        return self.cost is squared_euclidean_cost
+
     def cost_matrix(
         self, x0: Tensor, x1: Tensor, y0: Tensor | None, y1: Tensor | None, generator: torch.Generator | None
     ) -> Tensor:
@@ -100,5 +105,6 @@ class OTCoupler(Coupler):
             raise ValueError(f"cost: expected a ({x0.shape[0]}, {x1.shape[0]}) tensor, got {shape}")
         cost = cost.detach().to(torch.float64)
         if not bool(torch.isfinite(cost).all()):
+            check_pair(x0, x1)  # names x0 or x1 when the NaN/Inf came from an input
             raise ValueError("cost: contains NaN or Inf")
         return cost
