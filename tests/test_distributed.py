@@ -7,9 +7,9 @@ single-process computation of the same thing.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,16 +28,10 @@ B = 48
 CONFIG = TrainConfig(steps=1, batch_size=32, hidden=32, depth=2, global_coupling=True, seed=3)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run(rank: int, port: int, job: Callable[[int, Path], None], out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _run(rank: int, job: Callable[[int, Path], None], out: str, store: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    # a file rendezvous: no TCP port to pick, so parallel test runs cannot race for one
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     try:
         job(rank, Path(out))
     finally:
@@ -45,7 +39,8 @@ def _run(rank: int, port: int, job: Callable[[int, Path], None], out: str) -> No
 
 
 def _spawn(job: Callable[[int, Path], None], out: Path) -> None:
-    mp.spawn(_run, args=(_free_port(), job, str(out)), nprocs=2, join=True)
+    with tempfile.TemporaryDirectory() as rendezvous:
+        mp.spawn(_run, args=(job, str(out), f"{rendezvous}/store"), nprocs=2, join=True)
 
 
 def _batches() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -137,8 +132,8 @@ def test_sharded_pair_generation_writes_the_single_process_pair_set(tmp_path: Pa
 
 
 def test_cli_train_under_torchrun(tmp_path: Path) -> None:
-    port = str(_free_port())
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
+    # --standalone: torchrun's own rendezvous on a free port it picks, no port chosen here that could be taken
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     command += ["-m", "otcfm.cli", "train", "--steps", "20", "--hidden", "32", "--global-coupling"]
     command += ["--out", str(tmp_path), "--eval-n", "200", "--eval-draws", "1", "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
