@@ -70,6 +70,15 @@ def test_couplers_benchmark_quick(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert "kept" in text and "<!-- couplers:start -->" in text and "python benchmarks/couplers.py --quick" in text
 
 
+def test_exact2d_benchmark_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    docs = tmp_path / "benchmarks.md"
+    assert _load("exact2d").main(["--quick", "--docs", str(docs)]) == 0
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if "| 64 |" in line]
+    assert len(rows) == 14 and any("sparse column generation" in row[3] for row in rows)
+    assert all(row[6].strip() == "0.00%" for row in rows)  # every method, the sparse one included, is exact
+    assert "<!-- exact2d:start -->" in docs.read_text()
+
+
 def test_variance_benchmark_quick_and_resume(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     module = _load("variance")
     assert module.main(["--quick", "--out", str(tmp_path)]) == 0
