@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         dims, sizes = [2, 64, 784], [64, 256, 1024, 2048]
         reps, eps_list, sk_n, sk_iter, steps, tdims = (
-            {64: 7, 256: 7, 1024: 3, 2048: 3},
+            {64: 21, 256: 21, 1024: 3, 2048: 3},
             [1e-2, 1e-3],
             256,
             2000,
