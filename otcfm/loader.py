@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from otcfm.couplers import Coupler, get_coupler
 from otcfm.data import Sampler, draw
 
-__all__ = ["CoupledBatches", "coupled_loader"]
+__all__ = ["CoupledBatches", "CoupledLoader", "coupled_loader"]
 
 
 class CoupledBatches(IterableDataset):
@@ -54,6 +54,37 @@ class CoupledBatches(IterableDataset):
             yield x0[i], x1[j]
 
 
+class _Transfers(IterableDataset):
+    """``per_transfer`` consecutive batches of a :class:`CoupledBatches` stream, stacked: ``(x0s, x1s)``, each
+    ``(per_transfer, batch_size, ...)``. A worker hands tensors over through shared memory at a fixed cost per
+    tensor, paid by the receiving training process, so fewer, larger hand-overs cost it less."""
+
+    def __init__(self, batches: CoupledBatches, per_transfer: int) -> None:
+        super().__init__()
+        self.batches, self.per_transfer = batches, per_transfer
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        stream = iter(self.batches)
+        while True:
+            x0s, x1s = zip(*(next(stream) for _ in range(self.per_transfer)), strict=True)
+            yield torch.stack(x0s), torch.stack(x1s)
+
+
+class CoupledLoader:
+    """An endless iterable of coupled batches ``(x0, x1)``; made by :func:`coupled_loader`.
+
+    Attributes:
+        loader: the underlying ``DataLoader``; it yields stacks of ``batches_per_transfer`` batches.
+    """
+
+    def __init__(self, loader: DataLoader) -> None:
+        self.loader = loader
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        for x0s, x1s in self.loader:
+            yield from zip(x0s, x1s, strict=True)
+
+
 def _one_thread(worker_id: int) -> None:
     torch.set_num_threads(1)  # a worker's OT solver is single-threaded; leave the cores to training
 
@@ -66,8 +97,9 @@ def coupled_loader(
     seed: int = 0,
     num_workers: int = 1,
     prefetch_factor: int = 4,
-) -> DataLoader:
-    """A ``DataLoader`` of coupled batches, computed in ``num_workers`` background processes.
+    batches_per_transfer: int = 8,
+) -> CoupledLoader:
+    """Coupled batches, computed ahead of time in ``num_workers`` background ``DataLoader`` processes.
 
     Example::
 
@@ -76,16 +108,24 @@ def coupled_loader(
         for step, (x0, x1) in zip(range(2000), loader):
             loss = fm.loss(model, x0, x1)
 
+    The batches are the stream of :class:`CoupledBatches` (worker ``w`` seeded by ``seed``
+    and ``w``); a worker hands them over ``batches_per_transfer`` at a time, because the
+    training process pays a fixed cost per tensor it receives from a worker
+    (``benchmarks/couplers.py`` measures training throughput with the worker).
+
     Args:
         source, target, coupler, batch_size, seed: see :class:`CoupledBatches`.
         num_workers: background processes (0 couples in the main process).
-        prefetch_factor: batches each worker keeps ready.
+        prefetch_factor: hand-overs each worker keeps ready.
+        batches_per_transfer: batches stacked into one hand-over.
 
     Returns:
-        an endless ``DataLoader`` yielding ``(x0, x1)``, each ``(batch_size, ...)``, already paired.
+        an endless :class:`CoupledLoader` yielding ``(x0, x1)``, each ``(batch_size, ...)``, already paired.
     """
     if not isinstance(num_workers, int) or num_workers < 0:
         raise ValueError(f"num_workers: expected an integer >= 0, got {num_workers!r}")
-    dataset = CoupledBatches(source, target, coupler, batch_size, seed)
+    if not isinstance(batches_per_transfer, int) or batches_per_transfer < 1:
+        raise ValueError(f"batches_per_transfer: expected a positive integer, got {batches_per_transfer!r}")
+    dataset = _Transfers(CoupledBatches(source, target, coupler, batch_size, seed), batches_per_transfer)
     extra = {"prefetch_factor": prefetch_factor, "worker_init_fn": _one_thread} if num_workers > 0 else {}
-    return DataLoader(dataset, batch_size=None, num_workers=num_workers, **extra)
+    return CoupledLoader(DataLoader(dataset, batch_size=None, num_workers=num_workers, **extra))

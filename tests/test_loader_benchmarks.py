@@ -33,6 +33,16 @@ def test_coupled_loader_with_a_worker_is_reproducible() -> None:
         assert torch.equal(a0, b0) and torch.equal(a1, b1)
 
 
+def test_stacked_hand_overs_keep_the_stream() -> None:
+    """Handing batches over 3 at a time yields the same batches, in order, as one at a time."""
+    stream = iter(CoupledBatches("gaussian", "moons", "exact", batch_size=8, seed=2))
+    loader = coupled_loader("gaussian", "moons", "exact", 8, seed=2, num_workers=0, batches_per_transfer=3)
+    for (x0, x1), (y0, y1) in zip(itertools.islice(loader, 7), stream, strict=False):
+        assert torch.equal(x0, y0) and torch.equal(x1, y1)
+    with pytest.raises(ValueError, match="batches_per_transfer"):
+        coupled_loader("gaussian", "moons", batches_per_transfer=0)
+
+
 def test_training_on_coupled_batches() -> None:
     model = otcfm.models.MLP(2, hidden=16, depth=1)
     fm = otcfm.FlowMatcher(coupler="paired")
