@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import re
@@ -79,6 +80,12 @@ def read_jsonl(path: Path) -> list[dict]:
             except json.JSONDecodeError:
                 continue
     return rows
+
+
+def add_docs_options(parser: argparse.ArgumentParser) -> None:
+    """``--docs PATH`` (the Markdown file a benchmark writes its section into) and ``--no-write`` (print only)."""
+    parser.add_argument("--docs", type=Path, default=DOCS, help="Markdown file to write the section into")
+    parser.add_argument("--no-write", action="store_true", help="print only; do not touch the docs")
 
 
 def write_section(name: str, body: str, path: Path = DOCS) -> Path:

@@ -24,7 +24,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DOCS, machine, markdown_table, median_ms, write_section  # noqa: E402
+from _common import add_docs_options, machine, markdown_table, median_ms, write_section  # noqa: E402
 
 import otcfm  # noqa: E402
 from otcfm.couplers import ExactCoupler, IndependentCoupler, SinkhornCoupler, sinkhorn_plan  # noqa: E402
@@ -225,8 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for tests")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--docs", type=Path, default=DOCS, help="Markdown file to write the section into")
-    parser.add_argument("--no-write", action="store_true", help="print only")
+    add_docs_options(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # single-threaded main process: the background worker gets the other core
     if args.quick:

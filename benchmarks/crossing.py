@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DOCS, machine, markdown_table, pyplot, save_figure, write_section  # noqa: E402
+from _common import add_docs_options, machine, markdown_table, pyplot, save_figure, write_section  # noqa: E402
 
 import otcfm  # noqa: E402
 from otcfm.metrics import crossing_rate, flow_statistics, swap_fraction, w2_by_steps  # noqa: E402
@@ -52,8 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-n", type=int, default=2000)
     parser.add_argument("--out", type=Path, default=Path("runs/crossing"))
-    parser.add_argument("--docs", type=Path, default=DOCS)
-    parser.add_argument("--no-write", action="store_true")
+    add_docs_options(parser)
     args = parser.parse_args(argv)
     if args.quick:
         args.batch_sizes, args.train_steps, args.eval_n = [32], 20, 200

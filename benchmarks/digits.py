@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DOCS, machine, markdown_table, pyplot, read_jsonl, save_figure, write_section  # noqa: E402
+from _common import add_docs_options, machine, markdown_table, pyplot, read_jsonl, save_figure, write_section  # noqa: E402
 
 import otcfm  # noqa: E402
 from otcfm import checkpoint, reflow  # noqa: E402
@@ -105,8 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-n", type=int, default=1000, help="generated images per evaluation")
     parser.add_argument("--out", type=Path, default=Path("runs/digits"))
     parser.add_argument("--cache", type=Path, help="directory of the cached classifier (default: the user cache)")
-    parser.add_argument("--docs", type=Path, default=DOCS)
-    parser.add_argument("--no-write", action="store_true")
+    add_docs_options(parser)
     args = parser.parse_args(argv)
     if args.quick:
         args.seeds, args.steps, args.batch_size, args.pairs, args.eval_n = 1, 20, 32, 256, 200

@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DOCS, machine, markdown_table, median_ms, write_section  # noqa: E402
+from _common import add_docs_options, machine, markdown_table, median_ms, write_section  # noqa: E402
 
 import otcfm  # noqa: E402
 from otcfm import distributed  # noqa: E402
@@ -85,8 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--docs", type=Path, default=DOCS)
-    parser.add_argument("--no-write", action="store_true")
+    add_docs_options(parser)
     args = parser.parse_args(argv)
     if args.quick:
         args.batch_size, args.steps, args.repeats = 32, 10, 3

@@ -33,7 +33,7 @@ from scipy.optimize import linear_sum_assignment
 from scipy.sparse import coo_array
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DOCS, machine, markdown_table, median_ms, write_section  # noqa: E402
+from _common import add_docs_options, machine, markdown_table, median_ms, write_section  # noqa: E402
 
 import otcfm  # noqa: E402
 from otcfm.couplers import squared_euclidean_cost  # noqa: E402
@@ -155,8 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for tests")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--docs", type=Path, default=DOCS, help="Markdown file to write the section into")
-    parser.add_argument("--no-write", action="store_true", help="print only")
+    add_docs_options(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     sizes, repeats = ([64], 1) if args.quick else ([256, 1024, 2048], 3)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DOCS, machine, markdown_table, pyplot, save_figure, write_section  # noqa: E402
+from _common import add_docs_options, machine, markdown_table, pyplot, save_figure, write_section  # noqa: E402
 
 import otcfm  # noqa: E402
 from otcfm import reflow  # noqa: E402
@@ -108,8 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("runs/reflow"))
     parser.add_argument("--resume", action="store_true")
-    parser.add_argument("--docs", type=Path, default=DOCS)
-    parser.add_argument("--no-write", action="store_true")
+    add_docs_options(parser)
     args = parser.parse_args(argv)
     if args.quick:
         args.tasks, args.couplers, args.train_steps, args.pairs, args.eval_n = args.tasks[:1], ["exact"], 10, 64, 100

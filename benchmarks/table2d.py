@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DOCS, machine, markdown_table, read_jsonl, write_section  # noqa: E402
+from _common import add_docs_options, machine, markdown_table, read_jsonl, write_section  # noqa: E402
 
 import otcfm  # noqa: E402
 from otcfm import checkpoint, reflow  # noqa: E402
@@ -180,8 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="processes, one torch thread each")
     parser.add_argument("--out", type=Path, default=Path("runs/table2d"))
     parser.add_argument("--fresh", action="store_true", help="discard OUT/results.jsonl instead of resuming it")
-    parser.add_argument("--docs", type=Path, default=DOCS)
-    parser.add_argument("--no-write", action="store_true")
+    add_docs_options(parser)
     args = parser.parse_args(argv)
     name = "quick" if args.quick else "paper" if args.paper else "default"
     tasks = ["N->8gaussians", "moons->8gaussians"] if args.quick else list(TASKS)

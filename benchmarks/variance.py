@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DOCS, machine, markdown_table, pyplot, save_figure, write_section  # noqa: E402
+from _common import add_docs_options, machine, markdown_table, pyplot, save_figure, write_section  # noqa: E402
 
 import otcfm  # noqa: E402
 from otcfm.metrics import gradient_variance, target_variance  # noqa: E402
@@ -108,8 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grad-batches", type=int, default=32)
     parser.add_argument("--out", type=Path, default=Path("runs/variance"))
     parser.add_argument("--resume", action="store_true", help="keep finished configurations of OUT/variance.json")
-    parser.add_argument("--docs", type=Path, default=DOCS, help="Markdown file for the results section")
-    parser.add_argument("--no-write", action="store_true", help="do not touch the docs")
+    add_docs_options(parser)
     args = parser.parse_args(argv)
     if args.quick:
         args.tasks, args.batch_sizes, args.train_steps, args.grad_batches = args.tasks[:1], [32], 20, 3
