@@ -239,8 +239,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     commands = {"train": _train, "sample": _sample, "reflow": _reflow, "distill": _reflow}
     launched = distributed.init_from_env()  # under torchrun: one process group for the whole command
+    code = None
     try:
-        return commands[args.command](args)
+        code = commands[args.command](args)
+        return code
     except KeyboardInterrupt:
         print("interrupted; finished steps are saved, rerun with --resume to continue", file=sys.stderr)
         return 130
@@ -248,8 +250,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"otcfm: error: {error}", file=sys.stderr)
         return 2
     finally:
-        if launched:
-            distributed.shutdown()
+        if launched:  # ranks that finished wait for each other (rank 0 evaluates after the others return)
+            distributed.shutdown(wait_for_all=code is not None)
 
 
 if __name__ == "__main__":

@@ -71,9 +71,15 @@ def init_from_env() -> bool:
     return True
 
 
-def shutdown() -> None:
-    """Destroy the default process group if one is initialised (the end of :func:`init_from_env`)."""
+def shutdown(wait_for_all: bool = True) -> None:
+    """Destroy the default process group if one is initialised (the end of :func:`init_from_env`).
+
+    ``wait_for_all``: a barrier first, so every rank tears the group down at the same point, as PyTorch
+    expects of ``destroy_process_group``; pass False on an error path, where other ranks may never arrive.
+    """
     if _active():
+        if wait_for_all:
+            barrier()
         dist.destroy_process_group()
 
 
