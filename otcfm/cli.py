@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import sys
 import time
@@ -12,100 +13,212 @@ from typing import Any
 
 import torch
 
-from otcfm import distributed, metrics, reflow
+from otcfm import __version__, distributed, metrics, reflow
+from otcfm import checkpoint as ckpt
 from otcfm.couplers import COUPLERS
-from otcfm.data import DATASETS, sample
+from otcfm.data import DATASETS
+from otcfm.data.sources import DataSource, as_source
+from otcfm.engine import CHECKPOINT_NAME
 from otcfm.paths import PATHS
 from otcfm.solvers import METHODS, integrate
 from otcfm.timesteps import TIME_SAMPLERS
-from otcfm.training import CHECKPOINT_NAME, TrainConfig, load_model, train, write_checkpoint
+from otcfm.training import TrainConfig, build_model, load_model, train
 
 __all__ = ["main"]
 
 EVAL_STEPS = (1, 2, 4, 8, 100)
+#: Named datasets that take a ``dim`` option (``--dim``).
+DIM_DATASETS = ("gaussian", "mixture")
+
+
+def _key_value(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` with VALUE read as JSON when it parses (``0.01``, ``true``, ``[1, 2]``), else as a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (value > 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Help with every option's default, and descriptions kept as written."""
+
+
+def _add_common(parser: argparse.ArgumentParser, steps_flag: str, steps_default: int) -> None:
+    """Options every training command shares (the engine's: optimisation, device, output, evaluation)."""
+    parser.add_argument(steps_flag, type=_positive_int, default=steps_default, help="training steps (total)")
+    parser.add_argument("--batch-size", type=_positive_int, default=256, help="samples per batch and side")
+    parser.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam learning rate")
+    parser.add_argument("--ema-decay", type=float, default=0.0, help="EMA of the weights, in [0, 1); 0: none")
+    parser.add_argument("--grad-clip", type=_positive_float, default=None, help="clip the gradient norm")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast forward")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when available)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every draw and of the initial weights")
+    parser.add_argument("--checkpoint-every", type=_positive_int, default=500, help="steps between checkpoints")
+    parser.add_argument("--resume", action="store_true", help="continue the run in OUT")
+    parser.add_argument("--overwrite", action="store_true", help="replace a run already in OUT")
+    parser.add_argument("--eval-n", type=_positive_int, default=2000, help="samples per draw in the W2 table")
+    parser.add_argument("--eval-draws", type=_positive_int, default=3, help="draws averaged in the W2 table")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="'package.module:factory' building the model (train: default the MLP; reflow/distill/sample: "
+        "needed for a checkpoint of such a model, since otcfm never imports code named in a file)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="otcfm", description="Flow matching with minibatch OT couplings.")
+    parser = argparse.ArgumentParser(
+        prog="otcfm", description="Flow matching with minibatch OT couplings and Reflow.", formatter_class=_Formatter
+    )
+    parser.add_argument("--version", action="version", version=f"otcfm {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     defaults = TrainConfig()
+    names = ", ".join(sorted(DATASETS))
 
-    tr = commands.add_parser("train", help="train a 2-D flow, save checkpoint + PNG, print W2 vs Euler steps")
-    tr.add_argument("--source", default=defaults.source, choices=sorted(DATASETS))
-    tr.add_argument("--target", default=defaults.target, choices=sorted(DATASETS))
-    tr.add_argument("--coupler", default=defaults.coupler, choices=sorted(COUPLERS))
-    tr.add_argument("--path", default=defaults.path, choices=sorted(PATHS))
+    tr = commands.add_parser(
+        "train",
+        help="train a flow; save checkpoint, PNG and the W2 table",
+        formatter_class=_Formatter,
+        description="Train a flow from SOURCE to TARGET (a dataset name or a .npy/.pt file of shape (N, ...)), "
+        "save OUT/checkpoint.pt, OUT/samples.png and OUT/w2.json, and print W2 against the number of Euler steps.",
+    )
+    tr.add_argument(
+        "--source",
+        default=defaults.source,
+        help=f"x0: {names}, a .npy/.pt file, or auto (8gaussians for 2-D "
+        "targets, else a standard Gaussian of the target's shape)",
+    )
+    tr.add_argument("--target", default=defaults.target, help=f"x1: {names}, or a .npy/.pt file")
+    tr.add_argument("--dim", type=_positive_int, default=None, help="dimension of gaussian / mixture data")
+    tr.add_argument("--coupler", default=defaults.coupler, choices=sorted(COUPLERS), help="who is paired with whom")
+    tr.add_argument(
+        "--coupler-option",
+        type=_key_value,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a coupler option, repeatable: epsilon=0.01, solver=lsa, replace=true, label_weight=10",
+    )
+    tr.add_argument("--path", default=defaults.path, choices=sorted(PATHS), help="probability path")
     tr.add_argument("--sigma", type=float, default=defaults.sigma, help="the path's noise parameter")
-    tr.add_argument("--time-sampler", default=defaults.time_sampler, choices=sorted(TIME_SAMPLERS))
-    tr.add_argument("--steps", type=int, default=defaults.steps)
-    tr.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    tr.add_argument("--lr", type=float, default=defaults.lr)
-    tr.add_argument("--hidden", type=int, default=defaults.hidden)
-    tr.add_argument("--depth", type=int, default=defaults.depth)
-    tr.add_argument("--ema-decay", type=float, default=defaults.ema_decay)
-    tr.add_argument("--seed", type=int, default=defaults.seed)
-    tr.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
+    tr.add_argument(
+        "--path-option",
+        type=_key_value,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a path option, repeatable: beta_max=20",
+    )
+    tr.add_argument(
+        "--time-sampler", default=defaults.time_sampler, choices=sorted(TIME_SAMPLERS), help="distribution of t"
+    )
+    tr.add_argument(
+        "--time-sampler-option",
+        type=_key_value,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a time-sampler option, repeatable: std=0.5, a=2",
+    )
+    tr.add_argument(
+        "--model-option",
+        type=_key_value,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a keyword of the --model factory, repeatable",
+    )
+    tr.add_argument("--hidden", type=_positive_int, default=defaults.hidden, help="MLP width")
+    tr.add_argument("--depth", type=_positive_int, default=defaults.depth, help="MLP hidden layers")
     tr.add_argument(
         "--global-coupling",
         action="store_true",
         help="under torchrun: couple the batches of all ranks as one OT problem (default: each rank its own)",
     )
-    tr.add_argument("--out", default="runs/train", help="output directory (default: runs/train)")
-    tr.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    tr.add_argument("--eval-n", type=int, default=2000, help="samples per draw for the W2 table (default 2000)")
-    tr.add_argument("--eval-draws", type=int, default=3, help="held-out draws averaged in the W2 table (default 3)")
-    tr.add_argument("--no-progress", action="store_true")
+    tr.add_argument("--out", default="runs/train", help="output directory")
+    _add_common(tr, "--steps", defaults.steps)
 
     for name, helptext in (
         ("reflow", "generate pairs with a trained run, train the 2-rectified flow on them"),
         ("distill", "generate pairs with a trained run, distill a one-step generator"),
     ):
-        rf = commands.add_parser(name, help=helptext)
+        rf = commands.add_parser(name, help=helptext, description=helptext, formatter_class=_Formatter)
         rf.add_argument("--teacher", required=True, help="run directory or checkpoint.pt of the teacher")
-        rf.add_argument("--pairs", type=int, default=20_000, help="number of (noise, sample) pairs")
+        rf.add_argument("--pairs", type=_positive_int, default=20_000, help="number of (noise, sample) pairs")
         rf.add_argument("--out", required=True, help="output directory (pairs in OUT/pairs, resumable)")
-        rf.add_argument("--solver-steps", type=int, default=100, help="teacher ODE steps per pair")
-        rf.add_argument("--method", default="rk4", choices=METHODS)
-        rf.add_argument("--train-steps", type=int, default=2000)
-        rf.add_argument("--batch-size", type=int, default=256)
-        rf.add_argument("--lr", type=float, default=1e-3)
-        rf.add_argument("--seed", type=int, default=0)
-        rf.add_argument("--eval-n", type=int, default=2000)
-        rf.add_argument("--eval-draws", type=int, default=3)
-        rf.add_argument("--no-progress", action="store_true")
+        rf.add_argument("--solver-steps", type=_positive_int, default=100, help="teacher ODE steps per pair")
+        rf.add_argument("--method", default="rk4", choices=METHODS, help="teacher ODE solver")
+        _add_common(rf, "--train-steps", 2000)
         if name == "reflow":
-            rf.add_argument("--time-sampler", default="uniform", choices=sorted(TIME_SAMPLERS))
+            rf.add_argument(
+                "--time-sampler", default="uniform", choices=sorted(TIME_SAMPLERS), help="distribution of t"
+            )
         else:
-            rf.add_argument("--loss", default="l2", choices=["l2", "pseudo_huber"])
+            rf.add_argument("--loss", default="l2", choices=["l2", "pseudo_huber"], help="distillation loss")
 
-    sa = commands.add_parser("sample", help="sample from a checkpoint")
+    sa = commands.add_parser("sample", help="sample from a checkpoint", formatter_class=_Formatter)
     sa.add_argument("--checkpoint", required=True, help="checkpoint.pt or its run directory")
-    sa.add_argument("--n", type=int, default=2000)
-    sa.add_argument("--steps", type=int, default=100)
-    sa.add_argument("--method", default="euler", choices=METHODS)
-    sa.add_argument("--seed", type=int, default=0)
-    sa.add_argument("--out", required=True, help="output .pt file of the (n, d) samples")
+    sa.add_argument("--n", type=_positive_int, default=2000, help="number of samples")
+    sa.add_argument("--steps", type=_positive_int, default=100, help="solver steps")
+    sa.add_argument("--method", default="euler", choices=METHODS, help="ODE solver")
+    sa.add_argument("--seed", type=int, default=0, help="seed of the source draw")
+    sa.add_argument("--model", default=None, help="'package.module:factory' for a checkpoint of such a model")
+    sa.add_argument("--out", required=True, help="output .pt file of the (n, ...) samples")
     sa.add_argument("--png", help="also save a PNG of trajectories and samples")
     return parser
 
 
+def _data(config: TrainConfig) -> tuple[DataSource, DataSource]:
+    """The config's source and target (names or files, as recorded by ``otcfm train``)."""
+    target = as_source(config.target, "target", config.target_options)
+    return as_source(config.source, "source", config.source_options, like=target), target
+
+
 def _evaluate(
-    model: torch.nn.Module, config: TrainConfig, n: int, draws: int, out: Path, stage: str = ""
+    model: torch.nn.Module, config: TrainConfig, n: int, draws: int, out: Path, stage: str = "", plot_steps: int = 100
 ) -> dict[str, Any]:
-    """W2 vs Euler steps over `draws` held-out draws (mean and std), a reference floor, and the PNG."""
+    """W2 vs Euler steps over `draws` held-out draws (mean and std), a reference floor, and the PNG.
+
+    For a finite dataset (a file) the reference samples are drawn from the training data itself.
+    """
+    source, target = _data(config)
     held_out = torch.Generator().manual_seed(config.seed + 1_000_003)
     per_draw: dict[int, list[float]] = {k: [] for k in EVAL_STEPS}
     floors = []
     for _ in range(draws):
-        x0 = sample(config.source, n, held_out)
-        reference = sample(config.target, n, held_out)
-        floors.append(metrics.w2(sample(config.target, n, held_out), reference))
+        x0 = source(n, held_out)
+        reference = target(n, held_out)
+        floors.append(metrics.w2(target(n, held_out), reference))
         for k, value in metrics.w2_by_steps(model, x0, reference, EVAL_STEPS, "euler").items():
             per_draw[k].append(value)
-    trajectory = integrate(model, x0, 100, "euler", return_trajectory=True)
+    trajectory = integrate(model, x0, plot_steps, "euler", return_trajectory=True)
     from otcfm.plotting import plot_flow
 
-    title = f"{config.source} -> {config.target}, coupler={config.coupler}, path={config.path}{stage}"
+    title = f"{config.source} -> {config.target}, {_describe(config, stage)}"
     png = plot_flow(trajectory, reference, out / "samples.png", title=title)
     return {
         "n": n,
@@ -117,15 +230,24 @@ def _evaluate(
     }
 
 
+def _describe(config: TrainConfig, stage: str) -> str:
+    """``coupler=..., path=...`` of a run, or what a Reflow stage trained on."""
+    if stage == "reflow":
+        return f"2-rectified flow on the pairs of a coupler={config.coupler} teacher"
+    if stage == "distill":
+        return f"one-step generator distilled from a coupler={config.coupler} teacher"
+    return f"coupler={config.coupler}, path={config.path}"
+
+
 def _mean_std(values: list[float]) -> dict[str, float]:
     tensor = torch.tensor(values, dtype=torch.float64)
     std = float(tensor.std()) if len(values) > 1 else 0.0
     return {"mean": float(tensor.mean()), "std": std}
 
 
-def _print_table(result: dict[str, Any], config: TrainConfig) -> None:
+def _print_table(result: dict[str, Any], config: TrainConfig, stage: str = "") -> None:
     print(
-        f"W2 vs Euler steps: {config.source} -> {config.target}, coupler={config.coupler}, path={config.path}, "
+        f"W2 vs Euler steps: {config.source} -> {config.target}, {_describe(config, stage)}, "
         f"n={result['n']} held-out samples, mean +- std over {result['draws']} draws"
     )
     print("| Euler steps | W2 |")
@@ -136,63 +258,126 @@ def _print_table(result: dict[str, Any], config: TrainConfig) -> None:
     print(f"(W2 between two independent target samples of the same size: {floor['mean']:.3f} +- {floor['std']:.3f})")
 
 
+def _check_out(out: str, resume: bool, overwrite: bool) -> Path:
+    """OUT must name a directory; an existing run there needs --resume or --overwrite (checked before work)."""
+    if not out.strip():
+        raise ValueError("--out: expected a directory, got ''")
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--out: {out!r} exists and is not a directory")
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite: choose one")
+    if (path / CHECKPOINT_NAME).is_file() and not (resume or overwrite):
+        raise ValueError(
+            f"--out: {out!r} already holds a run; add --resume to continue it or --overwrite to replace it"
+        )
+    return path
+
+
 def _train(args: argparse.Namespace) -> int:
+    dim = {"dim": args.dim} if args.dim is not None else {}
     config = TrainConfig(
         source=args.source,
         target=args.target,
+        source_options=dim if args.source in DIM_DATASETS else {},
+        target_options=dim if args.target in DIM_DATASETS else {},
         coupler=args.coupler,
+        coupler_options=dict(args.coupler_option),
         path=args.path,
         sigma=args.sigma,
+        path_options=dict(args.path_option),
         time_sampler=args.time_sampler,
+        time_sampler_options=dict(args.time_sampler_option),
+        model=args.model or "mlp",
+        model_options=dict(args.model_option),
+        hidden=args.hidden,
+        depth=args.depth,
         steps=args.steps,
         batch_size=args.batch_size,
         lr=args.lr,
-        hidden=args.hidden,
-        depth=args.depth,
         ema_decay=args.ema_decay,
+        grad_clip=args.grad_clip,
+        precision=args.precision,
         seed=args.seed,
         checkpoint_every=args.checkpoint_every,
         global_coupling=args.global_coupling,
     )
-    out = Path(args.out)
+    if args.dim is not None and not ({args.source, args.target} & set(DIM_DATASETS)):
+        raise ValueError(f"--dim: applies to {' and '.join(DIM_DATASETS)} data; neither --source nor --target is")
+    out = _check_out(args.out, args.resume, args.overwrite)
     started = time.perf_counter()
-    result = train(config, out=out, resume=args.resume, progress=not args.no_progress)
+    result = train(
+        config, out=out, resume=args.resume, overwrite=args.overwrite, device=args.device, progress=not args.no_progress
+    )
     seconds = time.perf_counter() - started
     if distributed.world()[0] > 0:
         return 0  # rank 0 evaluates and reports
-    print(f"trained {config.steps} steps in {seconds:.1f} s; checkpoint: {out / 'checkpoint.pt'}")
-    evaluation = _evaluate(result.sampling_model, config, args.eval_n, args.eval_draws, out)
+    done = len(result.losses) - result.start_step
+    resumed = f" (resumed at step {result.start_step})" if result.start_step else ""
+    print(
+        f"trained {done} steps{resumed} in {seconds:.1f} s ({len(result.losses)} in all); "
+        f"checkpoint: {out / CHECKPOINT_NAME}"
+    )
+    evaluation = _evaluate(result.sampling_model.cpu(), result.config, args.eval_n, args.eval_draws, out)
     evaluation["train_seconds"] = seconds
     (out / "w2.json").write_text(json.dumps(evaluation, indent=2))
-    _print_table(evaluation, config)
+    _print_table(evaluation, result.config)
     print(f"figure: {evaluation['png']}")
     return 0
 
 
+def _load(checkpoint: str, factory: str | None, argument: str) -> tuple[torch.nn.Module, TrainConfig]:
+    """A checkpoint's model and config; a model built by a factory is rebuilt only from ``--model``."""
+    path = Path(checkpoint)
+    state = ckpt.load(path / CHECKPOINT_NAME if path.is_dir() else path)
+    saved = state.get("config") if isinstance(state, dict) else None
+    model = None
+    if isinstance(saved, dict) and saved.get("model", "mlp") != "mlp":
+        recorded = saved["model"]
+        if factory is None:
+            raise ValueError(
+                f"{argument}: the model of {checkpoint!r} was built by {recorded!r}; pass --model with the factory "
+                "that builds it (otcfm never imports code named in a file)"
+            )
+        config = TrainConfig(model=factory, model_options=saved.get("model_options", {}), seed=saved.get("seed", 0))
+        model = build_model(config)
+    model, config = load_model(path, model=model)
+    if config is None:
+        raise ValueError(f"{argument}: {checkpoint!r} records no training config (source and target unknown)")
+    return model, config
+
+
 def _sample(args: argparse.Namespace) -> int:
-    model, config = load_model(args.checkpoint)
-    x0 = sample(config.source, args.n, torch.Generator().manual_seed(args.seed))
-    trajectory = integrate(model, x0, args.steps, args.method, return_trajectory=True)
     out = Path(args.out)
+    for name, value in (("--out", out), ("--png", Path(args.png) if args.png else None)):
+        if value is not None and (value.is_dir() or (value.parent.exists() and not value.parent.is_dir())):
+            raise ValueError(f"{name}: cannot write a file at {str(value)!r}")
+    model, config = _load(args.checkpoint, args.model, "--checkpoint")
+    source, target = _data(config)
+    x0 = source(args.n, torch.Generator().manual_seed(args.seed))
+    trajectory = integrate(model, x0, args.steps, args.method, return_trajectory=True)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.png:
+        Path(args.png).parent.mkdir(parents=True, exist_ok=True)
     torch.save(trajectory[-1], out)
     print(f"saved {args.n} samples ({args.method}, {args.steps} steps) to {out}")
     if args.png:
         from otcfm.plotting import plot_flow
 
-        reference = sample(config.target, args.n, torch.Generator().manual_seed(args.seed + 1))
+        reference = target(args.n, torch.Generator().manual_seed(args.seed + 1))
         print(f"figure: {plot_flow(trajectory, reference, args.png)}")
     return 0
 
 
 def _reflow(args: argparse.Namespace) -> int:
     """``otcfm reflow`` and ``otcfm distill``: pairs from the teacher, then the student's training."""
-    teacher, config = load_model(args.teacher)
-    out = Path(args.out)
+    out = _check_out(args.out, args.resume, args.overwrite)
+    teacher, config = _load(args.teacher, args.model, "--teacher")
+    source, _ = _data(config)
     started = time.perf_counter()
     pairs = reflow.generate_pairs(
         teacher,
-        config.source,
+        source,
         args.pairs,
         args.solver_steps,
         args.method,
@@ -201,12 +386,24 @@ def _reflow(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     student = copy.deepcopy(teacher)
+    run = reflow.RunOptions(
+        out=out,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        ema_decay=args.ema_decay,
+        grad_clip=args.grad_clip,
+        precision=args.precision,
+        device=args.device,
+        checkpoint_every=args.checkpoint_every,
+        record={"config": dataclasses.asdict(config)},
+    )
     common = {
         "steps": args.train_steps,
         "batch_size": args.batch_size,
         "lr": args.lr,
         "seed": args.seed,
         "progress": not args.no_progress,
+        "run": run,
     }
     if args.command == "reflow":
         reflow.train_on_pairs(pairs, student, time_sampler=args.time_sampler, **common)
@@ -214,22 +411,17 @@ def _reflow(args: argparse.Namespace) -> int:
         reflow.distill(student, pairs, loss=args.loss, **common)
     seconds = time.perf_counter() - started
     if distributed.world()[0] > 0:
-        return 0  # rank 0 writes the checkpoint, evaluates and reports
-    write_checkpoint(
-        out / CHECKPOINT_NAME,
-        config,
-        student,
-        step=args.train_steps,
-        reflow={"stage": args.command, "pairs": pairs.meta},
-    )
+        return 0  # rank 0 evaluates and reports
+    student = student.cpu()
     print(
         f"{args.command}: {args.pairs} pairs and {args.train_steps} steps in {seconds:.1f} s; "
         f"checkpoint: {out / CHECKPOINT_NAME}"
     )
-    evaluation = _evaluate(student, config, args.eval_n, args.eval_draws, out, f" ({args.command})")
+    plot_steps = 1 if args.command == "distill" else 100  # a one-step model is drawn as what it is
+    evaluation = _evaluate(student, config, args.eval_n, args.eval_draws, out, args.command, plot_steps)
     evaluation["seconds"] = seconds
     (out / "w2.json").write_text(json.dumps(evaluation, indent=2))
-    _print_table(evaluation, config)
+    _print_table(evaluation, config, args.command)
     print(f"figure: {evaluation['png']}")
     return 0
 

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-__all__ = ["MLP", "TimeEmbedding"]
+__all__ = ["MLP", "TimeEmbedding", "model_spec", "rebuild_model"]
 
 
 class TimeEmbedding(nn.Module):
@@ -65,6 +65,14 @@ class MLP(nn.Module):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {value!r}")
         self.dim = dim
+        self.spec = {
+            "kind": "mlp",
+            "dim": dim,
+            "hidden": hidden,
+            "depth": depth,
+            "time_dim": time_dim,
+            "activation": activation.__name__,
+        }
         self.time_embedding = TimeEmbedding(time_dim)
         layers: list[nn.Module] = []
         width = dim + time_dim
@@ -85,3 +93,40 @@ class MLP(nn.Module):
             raise ValueError(f"t: expected shape ({x.shape[0]},), got {tuple(t.shape)}")
         h = torch.cat([flat, self.time_embedding(t.to(flat.dtype))], dim=1)
         return self.net(h).reshape(x.shape)
+
+
+#: Largest MLP a checkpoint may ask for (values, not bytes); a larger spec is refused before anything is allocated.
+MAX_PARAMETERS = 2_000_000_000
+
+
+def model_spec(model: nn.Module) -> dict[str, object]:
+    """What a checkpoint records to rebuild ``model``: the MLP's constructor arguments, or the class of a user's
+    model (``{"kind": "user", "class": "package.module.Net"}``), which :func:`rebuild_model` cannot rebuild."""
+    spec = getattr(model, "spec", None)
+    if isinstance(model, MLP) and isinstance(spec, dict):
+        return dict(spec)
+    cls = type(model)
+    return {"kind": "user", "class": f"{cls.__module__}.{cls.__qualname__}"}
+
+
+def rebuild_model(spec: dict[str, object]) -> MLP:
+    """The MLP described by a :func:`model_spec`, freshly initialised (load the weights next).
+
+    Raises:
+        ValueError: a user model (rebuild it yourself and pass it as ``model=``), or a spec outside sane limits.
+    """
+    if spec.get("kind") != "mlp":
+        raise ValueError(
+            f"model: the checkpoint holds a user model of class {spec.get('class')!r}; build one the same way and "
+            "pass it as model= (its weights are then loaded into it)"
+        )
+    dim, hidden, depth, time_dim = (spec.get(k) for k in ("dim", "hidden", "depth", "time_dim"))
+    if not all(isinstance(v, int) and v >= 1 for v in (dim, hidden, depth, time_dim)):
+        raise ValueError(f"model: invalid MLP spec {spec}")
+    size = (dim + time_dim) * hidden + (depth - 1) * hidden * hidden + hidden * dim  # type: ignore[operator]
+    if size > MAX_PARAMETERS:
+        raise ValueError(f"model: the MLP spec {spec} asks for {size:,} parameters, more than {MAX_PARAMETERS:,}")
+    activation = getattr(nn, str(spec.get("activation", "SiLU")), None)
+    if not (isinstance(activation, type) and issubclass(activation, nn.Module)):
+        raise ValueError(f"model: unknown activation {spec.get('activation')!r} in the MLP spec")
+    return MLP(dim, hidden=hidden, depth=depth, time_dim=time_dim, activation=activation)  # type: ignore[arg-type]

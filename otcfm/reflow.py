@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from otcfm import checkpoint as ckpt
 from otcfm import distributed
 from otcfm.data import Sampler, draw
+from otcfm.engine import Precision, Schedule, fit, resolve_device
 from otcfm.flow import FlowMatcher
 from otcfm.solvers import Method, integrate
 from otcfm.timesteps import TimeSampler
@@ -36,6 +37,7 @@ from otcfm.timesteps import TimeSampler
 __all__ = [
     "OnlinePairs",
     "PairSet",
+    "RunOptions",
     "distill",
     "generate_pairs",
     "load_pairs",
@@ -213,6 +215,35 @@ class OnlinePairs:
         return x0, integrate(self.teacher, x0, self.steps, self.method)
 
 
+@dataclass(frozen=True)
+class RunOptions:
+    """Where and how :func:`train_on_pairs` and :func:`distill` run (the engine :func:`otcfm.engine.fit`).
+
+    Attributes:
+        out: directory of ``checkpoint.pt`` (None: no checkpoints).
+        resume: continue the run in ``out``.
+        overwrite: replace a run in ``out`` (otherwise an existing run there is an error).
+        ema_decay: EMA of the weights (0: none); the returned model then holds the EMA weights.
+        grad_clip: gradient-norm clipping (None: none).
+        precision: ``"fp32"`` or ``"bf16"``.
+        device: ``"cpu"``, ``"cuda"``, ``"auto"``; None keeps the model where it is.
+        checkpoint_every: steps between checkpoints.
+        callback: ``callback(step, loss)`` after every step.
+        record: extra entries of the checkpoint (the CLI stores the teacher's config there).
+    """
+
+    out: str | Path | None = None
+    resume: bool = False
+    overwrite: bool = False
+    ema_decay: float = 0.0
+    grad_clip: float | None = None
+    precision: Precision = "fp32"
+    device: torch.device | str | None = None
+    checkpoint_every: int = 500
+    callback: Callable[[int, float], None] | None = None
+    record: dict[str, Any] = field(default_factory=dict)
+
+
 def train_on_pairs(
     pairs: PairSet | PairSource,
     model: nn.Module,
@@ -222,6 +253,7 @@ def train_on_pairs(
     time_sampler: str | TimeSampler = "uniform",
     seed: int = 0,
     progress: bool = True,
+    run: RunOptions | None = None,
 ) -> nn.Module:
     """Train ``model`` (in place) by flow matching on pairs whose pairing is kept (a k-rectified flow).
 
@@ -232,16 +264,19 @@ def train_on_pairs(
         time_sampler: ``"uniform"``, ``"logit_normal"``, ``"u_shaped"`` or a callable.
         seed: seed of the draws.
         progress: show a progress bar.
+        run: checkpoints, resume, EMA, device, precision (:class:`RunOptions`); none of them when None.
 
     Returns:
         ``model``, trained, in eval mode.
     """
     fm = FlowMatcher(coupler="paired", path="linear", time_sampler=time_sampler)
+    _check_training(steps, batch_size, lr)
+    settings = {"stage": "reflow", "time_sampler": repr(fm.time_sampler)}
 
     def loss(net: nn.Module, x0: Tensor, x1: Tensor, generator: torch.Generator) -> Tensor:
         return fm.loss(net, x0, x1, generator)
 
-    return _fit(model, pairs, loss, steps, batch_size, lr, seed, progress, "reflow")
+    return _fit(model, pairs, loss, steps, batch_size, lr, seed, progress, "reflow", run, settings)
 
 
 def distill(
@@ -253,6 +288,7 @@ def distill(
     loss: Literal["l2", "pseudo_huber"] = "l2",
     seed: int = 0,
     progress: bool = True,
+    run: RunOptions | None = None,
 ) -> nn.Module:
     r"""Distill a one-step generator: train ``model`` (in place) so that ``x0 + v(x0, 0) ≈ x1``.
 
@@ -267,22 +303,34 @@ def distill(
         loss: ``"l2"`` or ``"pseudo_huber"``.
         seed: seed of the draws.
         progress: show a progress bar.
+        run: checkpoints, resume, EMA, device, precision (:class:`RunOptions`); none of them when None.
 
     Returns:
         ``model``, trained, in eval mode.
     """
     if loss not in ("l2", "pseudo_huber"):
         raise ValueError(f"loss: unknown value {loss!r}; expected one of 'l2', 'pseudo_huber'")
+    _check_training(steps, batch_size, lr)
 
     def one_step_loss(net: nn.Module, x0: Tensor, x1: Tensor, generator: torch.Generator) -> Tensor:
         t = torch.zeros(x0.shape[0], dtype=x0.dtype, device=x0.device)
-        diff = (x0 + net(x0, t) - x1).reshape(x0.shape[0], -1)
+        v = net(x0, t)
+        if not isinstance(v, Tensor) or v.shape != x0.shape:
+            got = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
+            raise ValueError(f"model: expected output of shape {tuple(x0.shape)}, got {got}")
+        diff = (x0 + v - x1).reshape(x0.shape[0], -1)
         if loss == "l2":
             return (diff**2).sum(1).mean()
         c = 0.00054 * math.sqrt(diff.shape[1])
         return (torch.sqrt((diff**2).sum(1) + c**2) - c).mean()
 
-    return _fit(model, pairs, one_step_loss, steps, batch_size, lr, seed, progress, "distill")
+    return _fit(model, pairs, one_step_loss, steps, batch_size, lr, seed, progress, "distill", run, {"loss": loss})
+
+
+def _check_training(steps: int, batch_size: int, lr: float) -> None:
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
+    Schedule(steps=steps, lr=lr)  # validates steps and lr
 
 
 def _fit(
@@ -295,26 +343,57 @@ def _fit(
     seed: int,
     progress: bool,
     desc: str,
+    run: RunOptions | None,
+    settings: dict[str, Any],
 ) -> nn.Module:
-    """Adam on ``loss(net, x0, x1, generator)`` over pairs drawn from ``pairs``; ``model`` is trained in place.
+    """Adam on ``loss(net, x0, x1, generator)`` over pairs drawn from ``pairs``, through the training engine;
+    ``model`` is trained in place (and given the EMA weights when ``run.ema_decay > 0``)."""
+    run = run or RunOptions()
+    if not callable(pairs):
+        raise TypeError(f"pairs: expected a PairSet or a callable f(n, generator) -> (x0, x1), got {pairs!r}")
+    device = run.device if run.device is not None else next(iter(model.parameters()), torch.empty(0)).device
+    schedule = Schedule(
+        steps=steps,
+        lr=lr,
+        seed=seed,
+        ema_decay=run.ema_decay,
+        grad_clip=run.grad_clip,
+        precision=run.precision,
+        checkpoint_every=run.checkpoint_every,
+    )
+    identity = {
+        "stage": desc,
+        **settings,
+        "pairs": pairs.meta if isinstance(pairs, PairSet) else repr(pairs),
+        "batch_size": batch_size,
+        "lr": lr,
+        "seed": seed,
+        "ema_decay": run.ema_decay,
+        "grad_clip": run.grad_clip,
+        "precision": run.precision,
+    }
+    target_device = resolve_device(device)
 
-    ``net`` is ``model``, or its DDP wrapper under torchrun, where rank ``r`` draws from a generator seeded
-    with ``stream_seed(seed, r)`` (rank 0: ``seed``) and the gradients are averaged over ranks.
-    """
-    rank = distributed.world()[0]
-    generator = torch.Generator().manual_seed(seed if rank == 0 else distributed.stream_seed(seed, rank))
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    device = next(iter(model.parameters())).device
-    net = distributed.wrap(model, device)
-    from tqdm.auto import trange
-
-    model.train()
-    for _ in trange(steps, desc=desc, unit="step", disable=not progress or rank > 0):
+    def step_loss(net: nn.Module, step: int, generator: torch.Generator) -> Tensor:
         x0, x1 = pairs(batch_size, generator)
-        value = loss(net, x0.to(device), x1.to(device), generator)
-        optimizer.zero_grad(set_to_none=True)
-        value.backward()
-        optimizer.step()
+        return loss(net, x0.to(target_device), x1.to(target_device), generator)
+
+    fitted = fit(
+        model,
+        step_loss,
+        schedule,
+        run=identity,
+        out=run.out,
+        resume=run.resume,
+        overwrite=run.overwrite,
+        device=target_device,
+        progress=progress,
+        callback=run.callback,
+        desc=desc,
+        record={"config": None, **run.record, "reflow": identity},
+    )
+    if fitted.ema is not None:
+        model.load_state_dict(fitted.ema.state_dict())
     return model.eval()
 
 

@@ -1,26 +1,24 @@
-"""The training loop used by the CLI and the benchmarks: ``otcfm.train(...)``.
+"""``otcfm.train(...)``: flow matching on any data with any model, through the one training engine.
 
-One ``torch.Generator`` seeded from ``config.seed`` drives every draw (data,
-coupling, times, noise) and the model's initialisation, so a run is a
-function of its config. Checkpoints are written atomically every
-``checkpoint_every`` steps and on Ctrl-C; ``resume=True`` continues from the
-last one to the same parameters an uninterrupted run reaches.
+A run is described by a :class:`TrainConfig` (names and keyword options of the data, coupler, path, time
+sampler and model, plus the optimisation settings) and, optionally, objects that have no name: a tensor, array,
+``Dataset`` or sampler function as ``source``/``target``, an ``nn.Module`` as ``model``, coupler / path / time
+sampler instances. The config records each object by a description (``"tensor(1000, 5)"``), and a checkpoint
+records the data's content fingerprints, so ``resume=True`` refuses other data or settings.
 
-Under ``torchrun`` (an initialised ``torch.distributed`` group) the same call
-trains with DDP: every rank draws ``batch_size`` pairs, gradients are averaged
-over ranks, and rank 0 writes the checkpoints. Rank 0 draws from the run's
-generator (a one-process run is the one-rank case); rank ``r > 0`` draws step
-``s`` from a generator seeded with ``stream_seed(seed, r, s)``, so resuming on
-any number of ranks needs no per-rank state, and resuming on the same number
-continues bit for bit.
+One ``torch.Generator`` seeded from ``config.seed`` drives every draw (data, coupling, times, noise); the
+built-in MLP is initialised from the same seed, so a run is a function of its config. Training itself
+(checkpoints, resume, EMA, DDP under ``torchrun``, progress, device, bf16, clipping) is
+:func:`otcfm.engine.fit`; see its module docstring for the checkpoint format and the per-rank seeds.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
+import importlib
+import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,72 +27,128 @@ from torch import nn
 
 from otcfm import checkpoint as ckpt
 from otcfm import distributed
-from otcfm.data import sample
+from otcfm.couplers import COUPLERS, Coupler, get_coupler
+from otcfm.data.sources import DataSource, as_source
+from otcfm.engine import CHECKPOINT_NAME, FORMAT_VERSION, Precision, Schedule, check_schedule, fit, resolve_device
 from otcfm.flow import FlowMatcher
-from otcfm.models import MLP
+from otcfm.models import MLP, model_spec, rebuild_model
+from otcfm.paths import PATHS
+from otcfm.paths import Path as ProbabilityPath
+from otcfm.timesteps import TIME_SAMPLERS
 
-__all__ = ["TrainConfig", "TrainResult", "build_model", "load_model", "train", "write_checkpoint"]
+__all__ = ["CHECKPOINT_NAME", "TrainConfig", "TrainResult", "build_model", "load_model", "train", "write_checkpoint"]
 
-CHECKPOINT_NAME = "checkpoint.pt"
-FORMAT_VERSION = 1
+_OBJECT_FIELDS = ("source", "target", "coupler", "path", "time_sampler")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything that determines a training run.
+    """Everything that determines a training run (JSON-like values only, so a checkpoint can record it).
 
     Attributes:
-        source: dataset name of ``x0`` (see ``otcfm.data.DATASETS``).
-        target: dataset name of ``x1``.
-        coupler: coupler name.
-        path: path name.
+        source: ``x0``: a dataset name (``otcfm.data.DATASETS``), a ``.npy``/``.pt`` file, or ``"auto"``:
+            ``"8gaussians"`` when the target has 2 features, else a standard Gaussian of the target's sample
+            shape. (Objects such as tensors are passed to :func:`train` and recorded here by a description.)
+        target: ``x1``: a dataset name or a file, as ``source``.
+        source_options, target_options: keyword options of a named dataset (``{"dim": 32}`` for ``"mixture"``).
+        coupler: coupler name (``otcfm.couplers.COUPLERS``).
+        coupler_options: its keyword options (``{"epsilon": 0.01}`` for ``"sinkhorn"``).
+        path: path name (``otcfm.paths.PATHS``).
         sigma: the path's noise parameter (None: the path's default).
-        time_sampler: ``"uniform"`` or ``"logit_normal"``.
+        path_options: other keyword options of the path (``{"beta_max": 20}`` for ``"diffusion"``).
+        time_sampler: ``"uniform"``, ``"logit_normal"`` or ``"u_shaped"``.
+        time_sampler_options: its keyword options (``{"std": 0.5}``).
+        model: ``"mlp"`` (the built-in MLP of width ``hidden`` and ``depth`` hidden layers), or
+            ``"package.module:factory"``, called as ``factory(**model_options)``.
+        model_options: keyword options of a model factory.
+        hidden: MLP width.
+        depth: MLP hidden layers.
         steps: optimisation steps.
         batch_size: samples per batch on each side (per rank under torchrun).
         lr: Adam learning rate.
-        hidden: MLP width.
-        depth: MLP hidden layers.
         ema_decay: decay of an exponential moving average of the weights (0 disables it).
+        grad_clip: clip the gradient norm to this value (None: no clipping).
+        precision: ``"fp32"`` or ``"bf16"`` (autocast of the model's forward pass).
         seed: seed of the run's generator.
         checkpoint_every: steps between checkpoints (when an output directory is given).
         global_coupling: under torchrun, couple the batches of all ranks as one OT problem
             (:func:`otcfm.distributed.global_pairs`) instead of each rank its own; no effect in one process.
     """
 
-    source: str = "8gaussians"
+    source: str = "auto"
     target: str = "moons"
+    source_options: dict[str, Any] = field(default_factory=dict)
+    target_options: dict[str, Any] = field(default_factory=dict)
     coupler: str = "exact"
+    coupler_options: dict[str, Any] = field(default_factory=dict)
     path: str = "linear"
     sigma: float | None = None
+    path_options: dict[str, Any] = field(default_factory=dict)
     time_sampler: str = "uniform"
+    time_sampler_options: dict[str, Any] = field(default_factory=dict)
+    model: str = "mlp"
+    model_options: dict[str, Any] = field(default_factory=dict)
+    hidden: int = 256
+    depth: int = 3
     steps: int = 2000
     batch_size: int = 256
     lr: float = 1e-3
-    hidden: int = 256
-    depth: int = 3
     ema_decay: float = 0.0
+    grad_clip: float | None = None
+    precision: Precision = "fp32"
     seed: int = 0
     checkpoint_every: int = 500
     global_coupling: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "hidden", "depth", "checkpoint_every"):
+        check_schedule(self)
+        for name in ("batch_size", "hidden", "depth"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {value!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr: expected > 0, got {self.lr}")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay: expected a value in [0, 1), got {self.ema_decay}")
+        for name in ("source", "target", "coupler", "path", "time_sampler", "model"):
+            if not isinstance(getattr(self, name), str):
+                raise TypeError(
+                    f"{name}: TrainConfig holds names; pass a {type(getattr(self, name)).__name__} to "
+                    f"otcfm.train({name}=...) instead"
+                )
+        for name in (
+            "source_options",
+            "target_options",
+            "coupler_options",
+            "path_options",
+            "time_sampler_options",
+            "model_options",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+                raise TypeError(f"{name}: expected a dict of keyword options, got {value!r}")
+            try:
+                json.dumps(value)
+            except (TypeError, ValueError) as error:
+                raise TypeError(
+                    f"{name}: expected JSON-like values (numbers, strings, lists), got {value!r}"
+                ) from error
 
     def flow_matcher(self) -> FlowMatcher:
-        """The :class:`FlowMatcher` this config describes."""
-        return FlowMatcher(coupler=self.coupler, path=self.path, sigma=self.sigma, time_sampler=self.time_sampler)
+        """The :class:`FlowMatcher` this config describes (names and options)."""
+        return _flow_matcher(self, {})
+
+    def schedule(self) -> Schedule:
+        """The engine's optimisation settings of this config."""
+        return Schedule(
+            steps=self.steps,
+            lr=self.lr,
+            seed=self.seed,
+            ema_decay=self.ema_decay,
+            grad_clip=self.grad_clip,
+            precision=self.precision,
+            checkpoint_every=self.checkpoint_every,
+        )
 
     def data_dim(self) -> int:
         """Number of features of one sample of ``target``."""
-        return sample(self.target, 1).shape[1]
+        return as_source(self.target, "target", self.target_options).features
 
 
 @dataclass
@@ -105,13 +159,16 @@ class TrainResult:
         model: the trained model (raw weights).
         ema: the moving-average copy, or None when ``ema_decay == 0``.
         losses: the loss of every step (the mean over ranks under torchrun), resumed runs included.
-        config: the run's config.
+        config: the run's config (``source``/``target`` resolved; objects recorded by their description).
+        start_step: steps already done when this call began (0 unless resumed); this call ran
+            ``len(losses) - start_step`` steps.
     """
 
     model: nn.Module
     ema: nn.Module | None
     losses: list[float]
     config: TrainConfig
+    start_step: int = 0
 
     @property
     def sampling_model(self) -> nn.Module:
@@ -119,11 +176,100 @@ class TrainResult:
         return self.ema if self.ema is not None else self.model
 
 
-def build_model(config: TrainConfig) -> MLP:
-    """The MLP of ``config``, initialised from ``config.seed`` without touching torch's global RNG."""
+def _option_error(name: str, options: dict[str, Any], error: Exception) -> ValueError:
+    return ValueError(f"{name}: invalid options {options} ({error})")
+
+
+def _flow_matcher(config: TrainConfig, objects: dict[str, Any]) -> FlowMatcher:
+    coupler: str | Coupler = objects.get("coupler", config.coupler)
+    if isinstance(coupler, str) and config.coupler_options:
+        if coupler not in COUPLERS:
+            get_coupler(coupler)  # raises the error listing the valid names
+        try:
+            coupler = get_coupler(coupler, **config.coupler_options)
+        except TypeError as error:
+            raise _option_error("coupler_options", config.coupler_options, error) from error
+    path: str | ProbabilityPath = objects.get("path", config.path)
+    sigma = config.sigma
+    if isinstance(path, str) and config.path_options:
+        if path not in PATHS:
+            raise ValueError(f"path: unknown value {path!r}; expected one of {', '.join(map(repr, sorted(PATHS)))}")
+        cls, keyword = PATHS[path]
+        options = dict(config.path_options)
+        if sigma is not None and keyword is not None:
+            options[keyword] = sigma
+        try:
+            path, sigma = cls(**options), None
+        except TypeError as error:
+            raise _option_error("path_options", config.path_options, error) from error
+    time_sampler = objects.get("time_sampler", config.time_sampler)
+    if isinstance(time_sampler, str) and config.time_sampler_options:
+        if time_sampler not in TIME_SAMPLERS:
+            valid = ", ".join(map(repr, sorted(TIME_SAMPLERS)))
+            raise ValueError(f"time_sampler: unknown value {time_sampler!r}; expected one of {valid}")
+        try:
+            time_sampler = TIME_SAMPLERS[time_sampler](**config.time_sampler_options)
+        except TypeError as error:
+            raise _option_error("time_sampler_options", config.time_sampler_options, error) from error
+    return FlowMatcher(coupler=coupler, path=path, sigma=sigma, time_sampler=time_sampler)
+
+
+def _data(config: TrainConfig, objects: dict[str, Any]) -> tuple[DataSource, DataSource]:
+    target = as_source(objects.get("target", config.target), "target", config.target_options)
+    source_data = objects.get("source", config.source)
+    if isinstance(source_data, str) and source_data == "auto":
+        source_data = "8gaussians" if target.shape == (2,) else "gaussian"
+    source = as_source(source_data, "source", config.source_options, like=target)
+    if source.shape != target.shape:
+        raise ValueError(
+            f"source and target: expected the same sample shape, got source {source.shape} ({source.spec}) and "
+            f"target {target.shape} ({target.spec}); e.g. source='gaussian' takes the target's shape"
+        )
+    return source, target
+
+
+def _import_factory(spec: str) -> Callable[..., nn.Module]:
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise ValueError(f"model: expected 'mlp' or 'package.module:factory', got {spec!r}")
+    try:
+        factory = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(f"model: cannot import {spec!r} ({error})") from error
+    if not callable(factory):
+        raise TypeError(f"model: {spec!r} is not callable")
+    return factory
+
+
+def build_model(config: TrainConfig, features: int | None = None) -> nn.Module:
+    """The model of ``config``, initialised from ``config.seed`` without touching torch's global RNG.
+
+    Args:
+        config: ``model="mlp"`` builds :class:`otcfm.models.MLP` for ``features`` inputs (the target's when
+            None); ``"package.module:factory"`` calls ``factory(**config.model_options)``.
+        features: values per sample (``C*H*W`` for images).
+    """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        return MLP(config.data_dim(), hidden=config.hidden, depth=config.depth)
+        if config.model == "mlp":
+            return MLP(features or config.data_dim(), hidden=config.hidden, depth=config.depth)
+        model = _import_factory(config.model)(**config.model_options)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: {config.model!r} returned a {type(model).__name__}, expected an nn.Module")
+    return model
+
+
+def _split_objects(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Move values that are not names (tensors, samplers, instances) out of the config overrides."""
+    objects, names = {}, dict(overrides)
+    for key in _OBJECT_FIELDS:
+        if key in names and not isinstance(names[key], str):
+            value = names.pop(key)
+            if isinstance(value, Path):
+                names[key] = str(value)
+            else:
+                objects[key] = value
+    return objects, names
 
 
 def train(
@@ -131,23 +277,36 @@ def train(
     *,
     out: str | Path | None = None,
     resume: bool = False,
-    model: nn.Module | None = None,
+    overwrite: bool = False,
+    model: nn.Module | str | None = None,
     device: torch.device | str | None = None,
     progress: bool = True,
     callback: Callable[[int, float], None] | None = None,
     **overrides: Any,
 ) -> TrainResult:
-    """Train a velocity model with flow matching (with DDP when launched by torchrun; see the module docstring).
+    """Train a velocity model with flow matching (with DDP when launched by torchrun).
+
+    Example::
+
+        otcfm.train(target=np.load("data.npy"), model=MyNet(), steps=5000, out="runs/mine")
+        otcfm.train(target="mixture", target_options={"dim": 32}, coupler="sinkhorn",
+                    coupler_options={"epsilon": 0.01})
 
     Args:
-        config: the run's settings; defaults when None. Keyword ``overrides``
-            replace fields (``train(steps=500, coupler="independent")``).
+        config: the run's settings; defaults when None. Keyword ``overrides`` replace fields
+            (``train(steps=500, coupler="independent")``); ``source``, ``target``, ``coupler``, ``path`` and
+            ``time_sampler`` also take objects: data as a tensor / array ``(N, ...)``, a ``Dataset`` or a sampler
+            ``f(n, generator)``, and coupler / path / time-sampler instances.
         out: directory for ``checkpoint.pt``; no checkpoints when None.
-        resume: continue from ``out/checkpoint.pt`` if it exists (its config
-            must match, except ``steps``, which may be raised).
-        model: a velocity model ``model(x, t)``; the config's MLP when None.
-        device: where to train; by default the CPU, or ``cuda:LOCAL_RANK`` under torchrun with CUDA.
-            Data is drawn on the CPU.
+        resume: continue from ``out/checkpoint.pt`` if it exists (its config and data must match, except
+            ``steps``, which may be raised).
+        overwrite: replace a run already in ``out``; without it (or ``resume``) an existing run is an error.
+        model: an ``nn.Module`` called as ``model(x, t)`` with ``x: (B, *sample_shape)``, ``t: (B,)``, or a
+            ``"package.module:factory"`` name; by default the config's MLP (which flattens images). A user
+            model's class is recorded; :func:`load_model` needs an instance of it to load the weights into.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"``/None: CUDA when available. Data are drawn on
+            the CPU from the run's generator and moved once per step; the coupler converts to its solver's
+            device where it needs to (POT and scipy: the CPU).
         progress: show a progress bar.
         callback: called as ``callback(step, loss)`` after every step.
 
@@ -155,133 +314,78 @@ def train(
         a :class:`TrainResult`.
 
     Raises:
-        ValueError: invalid settings, or a checkpoint made with another config.
+        ValueError: invalid settings or data, an existing run in ``out`` without ``resume``/``overwrite``, or a
+            checkpoint made with another config or other data.
         KeyboardInterrupt: re-raised after the last finished step was saved.
     """
-    config = dataclasses.replace(config or TrainConfig(), **overrides)
-    if resume and out is None:
-        raise ValueError("resume: needs out, the directory holding checkpoint.pt")
-    rank, world_size = distributed.world()
-    device = torch.device(device) if device is not None else distributed.default_device()
-    fm = config.flow_matcher()
+    objects, names = _split_objects(overrides)
+    if isinstance(model, str):
+        names["model"] = model
+        model = None
+    if model is not None and not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module or 'package.module:factory', got {type(model).__name__}")
+    if config is not None and not isinstance(config, TrainConfig):
+        raise TypeError(f"config: expected a TrainConfig, got {type(config).__name__}")
+    try:
+        config = dataclasses.replace(config or TrainConfig(), **names)
+    except TypeError as error:  # an unknown keyword
+        raise TypeError(f"train: {error}; valid settings are the fields of TrainConfig") from error
+    source, target = _data(config, objects)
+    described = {k: repr(v) for k, v in objects.items() if k in ("coupler", "path", "time_sampler")}
+    if model is not None:
+        described["model"] = f"object:{type(model).__module__}.{type(model).__qualname__}"
+    config = dataclasses.replace(config, source=source.spec, target=target.spec, **described)
+    fm = _flow_matcher(config, objects)
+    _, world_size = distributed.world()
     global_coupling = config.global_coupling and world_size > 1
     paired = FlowMatcher(coupler="paired", path=fm.path, time_sampler=fm.time_sampler) if global_coupling else fm
-    model = (model if model is not None else build_model(config)).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False) if config.ema_decay > 0 else None
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    generator = torch.Generator().manual_seed(config.seed)
-    losses: list[float] = []
-    path = Path(out) / CHECKPOINT_NAME if out is not None else None
+    net_model = model if model is not None else build_model(config, target.features)
+    device_ = resolve_device(device)
 
-    if resume and path is not None and path.is_file():
-        state = ckpt.load(path)
-        if state.get("optimizer") is None or state.get("generator") is None:
-            raise ValueError(f"resume: {path} holds weights without training state (e.g. from otcfm reflow/distill)")
-        _check_same_run(state["config"], config)
-        model.load_state_dict(state["model"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        losses = list(state["losses"])
-        if len(losses) > config.steps:
-            raise ValueError(f"steps: the checkpoint already holds {len(losses)} steps, more than steps={config.steps}")
-    net = distributed.wrap(model, device)  # DDP averages the gradients over ranks
-
-    def save(generator_state: torch.Tensor) -> None:
-        if path is not None and rank == 0:
-            write_checkpoint(
-                path,
-                config,
-                model,
-                ema=ema,
-                step=len(losses),
-                optimizer=optimizer.state_dict(),
-                generator=generator_state,
-                losses=losses,
-                world_size=world_size,
-            )
-
-    def step_loss(step: int) -> torch.Tensor:
-        if rank > 0:
-            generator.manual_seed(distributed.stream_seed(config.seed, rank, step))
-        x0 = sample(config.source, config.batch_size, generator, device)
-        x1 = sample(config.target, config.batch_size, generator, device)
+    def step_loss(net: nn.Module, step: int, generator: torch.Generator) -> torch.Tensor:
+        x0 = source(config.batch_size, generator).to(device_)
+        x1 = target(config.batch_size, generator).to(device_)
         if not global_coupling:
             return fm.loss(net, x0, x1, generator)
         shared = torch.Generator().manual_seed(distributed.stream_seed(config.seed, "coupling", step))
         x0, x1, _, _ = distributed.global_pairs(fm.coupler, x0, x1, generator=shared)
         return paired.loss(net, x0, x1, generator)
 
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=config.steps, initial=len(losses), disable=not progress or rank > 0, desc="train", unit="step")
-    model.train()
-    try:
-        while len(losses) < config.steps:
-            start_state = generator.get_state()
-            updating = False
-            try:
-                loss = step_loss(len(losses))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                updating = True  # from here until the step is recorded, the state is mid-update
-                optimizer.step()
-                if ema is not None:
-                    _ema_update(ema, model, config.ema_decay)
-                losses.append(distributed.mean_over_ranks(loss.detach()).item())
-                updating = False
-            except KeyboardInterrupt:
-                if not updating:  # the unfinished step left no trace: save the finished ones
-                    save(start_state)
-                raise
-            step = len(losses)
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
-            if step % config.checkpoint_every == 0 or step == config.steps:
-                save(generator.get_state())
-            if callback is not None:
-                try:
-                    callback(step, losses[-1])
-                except KeyboardInterrupt:
-                    save(generator.get_state())
-                    raise
-    finally:
-        bar.close()
-    model.eval()
-    return TrainResult(model, ema, losses, config)
-
-
-def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    with torch.no_grad():
-        for target, source in zip(ema.state_dict().values(), model.state_dict().values(), strict=True):
-            if target.is_floating_point():
-                target.mul_(decay).add_(source, alpha=1 - decay)
-            else:
-                target.copy_(source)
-
-
-def _check_same_run(saved: dict[str, Any], config: TrainConfig) -> None:
-    current, defaults = dataclasses.asdict(config), dataclasses.asdict(TrainConfig())
-    # a field added after the checkpoint was written had its default then
-    differing = [k for k in current if k != "steps" and saved.get(k, defaults[k]) != current[k]]
-    if differing:
-        details = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {current[k]!r}" for k in differing)
-        raise ValueError(f"resume: the checkpoint was made with another config ({details})")
+    run = {
+        "stage": "train",
+        **dataclasses.asdict(config),
+        "source_fingerprint": source.fingerprint,
+        "target_fingerprint": target.fingerprint,
+    }
+    fitted = fit(
+        net_model,
+        step_loss,
+        config.schedule(),
+        run=run,
+        out=out,
+        resume=resume,
+        overwrite=overwrite,
+        device=device_,
+        progress=progress,
+        callback=callback,
+        record={"config": dataclasses.asdict(config)},
+        run_defaults={"stage": "train", **dataclasses.asdict(TrainConfig(source="8gaussians"))},
+    )
+    return TrainResult(fitted.model, fitted.ema, fitted.losses, config, fitted.start_step)
 
 
 def write_checkpoint(
-    path: str | Path, config: TrainConfig, model: nn.Module, ema: nn.Module | None = None, **state: Any
+    path: str | Path, config: TrainConfig | None, model: nn.Module, ema: nn.Module | None = None, **state: Any
 ) -> Path:
-    """Write the checkpoint format :func:`load_model` reads, atomically.
+    """Write a weights-only checkpoint that :func:`load_model` reads, atomically (no training state).
 
-    ``state`` adds entries: the training loop stores ``step``, ``optimizer``, ``generator`` and ``losses``
-    (what ``resume`` needs); Reflow stores how its student was made.
+    ``state`` adds entries (e.g. how a Reflow student was made).
     """
     return ckpt.atomic_save(
         {
             "format": FORMAT_VERSION,
-            "config": dataclasses.asdict(config),
+            "config": dataclasses.asdict(config) if config is not None else None,
+            "model_spec": model_spec(model),
             "model": model.state_dict(),
             "ema": ema.state_dict() if ema is not None else None,
             **state,
@@ -290,24 +394,56 @@ def write_checkpoint(
     )
 
 
-def load_model(path: str | Path, use_ema: bool = True) -> tuple[nn.Module, TrainConfig]:
-    """Rebuild the MLP of a checkpoint written by :func:`train`.
+def _config_from(saved: Any, path: Path) -> TrainConfig | None:
+    if saved is None:
+        return None
+    if not isinstance(saved, dict):
+        raise ValueError(f"checkpoint: {path} holds a config of type {type(saved).__name__}, expected a dict")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    try:
+        return TrainConfig(**{k: v for k, v in saved.items() if k in known})
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"checkpoint: {path} holds an invalid config ({error})") from error
+
+
+def load_model(
+    path: str | Path, use_ema: bool = True, model: nn.Module | None = None
+) -> tuple[nn.Module, TrainConfig | None]:
+    """The trained model of a checkpoint written by :func:`train`, ``reflow`` or ``distill``.
 
     Args:
         path: ``checkpoint.pt`` or the directory holding it.
         use_ema: load the EMA weights when the run kept them.
+        model: an instance to load the weights into; required for a user's own model (the checkpoint names
+            its class), optional for the built-in MLP, which is rebuilt from the checkpoint's spec.
 
     Returns:
-        ``(model in eval mode on the CPU, config)``.
+        ``(model in eval mode on the CPU, config)``; config is None for a checkpoint written without one
+        (``reflow.train_on_pairs(..., out=...)`` from Python).
+
+    Raises:
+        FileNotFoundError: no checkpoint there.
+        ValueError: not an otcfm checkpoint, a user model without ``model=``, or weights of other shapes.
     """
     path = Path(path)
     if path.is_dir():
         path = path / CHECKPOINT_NAME
     state = ckpt.load(path)
-    if state.get("format") != FORMAT_VERSION:
-        raise ValueError(f"checkpoint: {path} is not an otcfm training checkpoint (format {state.get('format')!r})")
-    config = TrainConfig(**state["config"])
-    model = build_model(config)
-    weights = state["ema"] if use_ema and state["ema"] is not None else state["model"]
-    model.load_state_dict(weights)
-    return model.eval(), config
+    if not isinstance(state, dict) or state.get("format") not in (1, FORMAT_VERSION):
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"checkpoint: {path} is not an otcfm training checkpoint (format {found!r})")
+    config = _config_from(state.get("config"), path)
+    if model is None:
+        spec = state.get("model_spec")
+        if spec is not None:
+            model = rebuild_model(spec)
+        elif config is not None:  # format 1: an MLP described by the config
+            model = build_model(config)
+        else:
+            raise ValueError(f"checkpoint: {path} does not describe its model; pass model=")
+    weights = state["ema"] if use_ema and state.get("ema") is not None else state.get("model")
+    try:
+        model.load_state_dict(weights)
+    except (RuntimeError, TypeError, AttributeError) as error:
+        raise ValueError(f"checkpoint: the weights in {path} do not fit the model ({error})") from error
+    return model.cpu().eval(), config

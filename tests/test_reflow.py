@@ -166,5 +166,11 @@ def test_cli_reflow_and_distill(tmp_path: Path, capsys: pytest.CaptureFixture[st
         model, _ = otcfm.load_model(out)
         assert model(torch.zeros(2, 2), torch.zeros(2)).shape == (2, 2)
     assert "| 1 |" in capsys.readouterr().out
-    with pytest.raises(ValueError, match="without training state"):
+    with pytest.raises(ValueError, match="stage: checkpoint 'reflow' vs now 'train'"):
         otcfm.train(SMALL, out=tmp_path / "reflow", resume=True, progress=False)
+    # an existing run is refused before any work, and resumes with --resume (pairs and steps)
+    assert main(["reflow", *common, "--out", str(tmp_path / "reflow")]) == 2
+    assert "--resume" in capsys.readouterr().err
+    more = [a if a != "3" else "5" for a in common]
+    assert main(["reflow", *more, "--out", str(tmp_path / "reflow"), "--resume"]) == 0
+    assert otcfm.checkpoint.load(tmp_path / "reflow" / "checkpoint.pt")["step"] == 5

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 from pathlib import Path
 
@@ -91,7 +92,7 @@ def test_resume_can_extend_a_finished_run(tmp_path: Path) -> None:
 def test_load_model_matches_the_trained_one(tmp_path: Path) -> None:
     result = train(SMALL, out=tmp_path, progress=False)
     model, config = load_model(tmp_path)
-    assert config == SMALL
+    assert config == result.config == dataclasses.replace(SMALL, source="8gaussians")
     x, t = torch.randn(4, 2), torch.rand(4)
     torch.testing.assert_close(model(x, t), result.sampling_model(x, t))
     raw, _ = load_model(tmp_path / "checkpoint.pt", use_ema=False)

@@ -1,0 +1,250 @@
+"""Training data from whatever a user has: a dataset name, a tensor or array, a file, a Dataset, a sampler.
+
+:func:`as_source` turns each of these into a :class:`DataSource`, one interface for the training engine::
+
+    source(n, generator) -> (n, *shape) float32 tensor on the CPU
+
+- a name in :data:`otcfm.data.DATASETS`, with its keyword options (``"mixture"`` with ``dim=32``);
+  ``"gaussian"`` without ``dim`` takes the sample shape of the other side (``like=``), images included;
+- a tensor or numpy array ``(N, ...)``, a ``.npy`` file (read without pickle) or a ``.pt`` file holding one
+  tensor (read with ``weights_only=True``): rows drawn uniformly with replacement;
+- a map-style ``torch.utils.data.Dataset`` whose items are tensors or tuples whose first entry is one
+  (``(x, label)``): items drawn uniformly with replacement;
+- a sampler function ``f(n, generator) -> (n, ...)``.
+
+Finite datasets are converted to float32 once (integer pixels included) and checked for NaN/Inf once, when
+the source is made; sample shapes are kept (``(N, C, H, W)`` images stay images). Every draw comes from the
+caller's CPU ``torch.Generator``, so a training run that saves the generator resumes bit for bit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset, TensorDataset
+
+__all__ = ["FILE_SUFFIXES", "DataLike", "DataSource", "as_source"]
+
+#: File types :func:`as_source` reads.
+FILE_SUFFIXES = (".npy", ".pt", ".pth")
+
+#: Anything :func:`as_source` accepts.
+DataLike = str | os.PathLike | Tensor | np.ndarray | Dataset | Callable[[int, torch.Generator], Tensor]
+
+
+class DataSource:
+    """A distribution to draw training samples from.
+
+    Attributes:
+        shape: the shape of one sample, e.g. ``(2,)`` or ``(1, 8, 8)``.
+        spec: what a run's config records: the dataset name, the file path, or a description such as
+            ``"tensor(1000, 5)"`` / ``"callable:mod.fn"`` for objects that cannot be named.
+        fingerprint: identifies the content where it can be hashed (SHA-256 of a tensor's or file's values,
+            first 16 hex digits), else the name and options; a resumed run checks it.
+    """
+
+    def __init__(
+        self, draw: Callable[[int, torch.Generator | None], Tensor], shape: tuple[int, ...], spec: str, fingerprint: str
+    ) -> None:
+        self._draw, self.shape, self.spec, self.fingerprint = draw, shape, spec, fingerprint
+
+    @property
+    def features(self) -> int:
+        """Number of values in one sample (``prod(shape)``)."""
+        return math.prod(self.shape)
+
+    def __call__(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """``n`` samples, ``(n, *shape)``, float32 on the CPU."""
+        return self._draw(n, generator)
+
+    def __repr__(self) -> str:
+        return f"DataSource({self.spec!r}, shape={self.shape})"
+
+
+def as_source(
+    data: DataLike,
+    argument: str = "data",
+    options: dict[str, Any] | None = None,
+    like: DataSource | None = None,
+) -> DataSource:
+    """Wrap ``data`` as a :class:`DataSource` (see the module docstring for what is accepted).
+
+    Args:
+        data: a dataset name, a path to a ``.npy`` / ``.pt`` file, a tensor or array ``(N, ...)``, a
+            ``Dataset``, or a sampler ``f(n, generator) -> (n, ...)``.
+        argument: the caller's name for ``data`` (``"target"``, ``"--target"``), used in error messages.
+        options: keyword options of a named dataset (``{"dim": 32}``); only for names.
+        like: the other side of the problem; ``"gaussian"`` without ``dim`` then draws samples of its shape.
+
+    Returns:
+        the :class:`DataSource`.
+
+    Raises:
+        ValueError: unknown name, empty data, 1-D data, NaN/Inf, options for data that is not a name.
+        TypeError: an unsupported type or dtype, or a sampler returning something else than ``(n, ...)``.
+        FileNotFoundError: a file path that does not exist.
+    """
+    options = dict(options or {})
+    if isinstance(data, os.PathLike) or (isinstance(data, str) and _looks_like_file(data)):
+        _no_options(options, argument)
+        return _from_file(Path(data), argument)
+    if isinstance(data, str):
+        return _from_name(data, argument, options, like)
+    _no_options(options, argument)
+    if isinstance(data, (Tensor, np.ndarray)):
+        return _from_tensor(_as_float_tensor(data, argument), argument, f"tensor{tuple(data.shape)}")
+    if isinstance(data, TensorDataset):
+        return _from_tensor(
+            _as_float_tensor(data.tensors[0], argument), argument, f"dataset:TensorDataset[{len(data)}]"
+        )
+    if isinstance(data, Dataset):
+        return _from_dataset(data, argument)
+    if callable(data):
+        return _from_sampler(data, argument)
+    raise TypeError(
+        f"{argument}: expected a dataset name, a .npy/.pt file, a tensor or array (N, ...), a Dataset or a "
+        f"sampler f(n, generator), got {type(data).__name__}"
+    )
+
+
+def _looks_like_file(text: str) -> bool:
+    return text.endswith(FILE_SUFFIXES) or os.sep in text
+
+
+def _no_options(options: dict[str, Any], argument: str) -> None:
+    if options:
+        raise ValueError(f"{argument}: options {sorted(options)} apply to a dataset name only")
+
+
+def _hash(tensor: Tensor) -> str:
+    data = tensor.detach().cpu().contiguous()
+    digest = hashlib.sha256(f"{tuple(data.shape)}:{data.dtype}".encode())
+    digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return digest.hexdigest()[:16]
+
+
+def _from_name(name: str, argument: str, options: dict[str, Any], like: DataSource | None) -> DataSource:
+    from otcfm.data import DATASETS, sample
+
+    if name not in DATASETS:
+        valid = ", ".join(repr(c) for c in sorted(DATASETS))
+        raise ValueError(
+            f"{argument}: unknown dataset {name!r}; expected one of {valid}, or a path to a "
+            f"{'/'.join(FILE_SUFFIXES)} file"
+        )
+    fingerprint = f"{name}:{json.dumps(options, sort_keys=True)}"
+    if name == "gaussian" and "dim" not in options and like is not None and like.shape != (2,):
+        shape = like.shape
+
+        def draw_like(n: int, generator: torch.Generator | None) -> Tensor:
+            return sample("gaussian", n, generator, dim=math.prod(shape)).reshape(n, *shape)
+
+        return DataSource(draw_like, shape, name, f"{fingerprint}:shape={shape}")
+
+    def draw_named(n: int, generator: torch.Generator | None) -> Tensor:
+        return sample(name, n, generator, **options)
+
+    try:
+        probe = draw_named(1, torch.Generator().manual_seed(0))
+    except TypeError as error:  # an option the sampler does not take
+        raise ValueError(f"{argument}: invalid options {options} for dataset {name!r} ({error})") from error
+    return DataSource(draw_named, tuple(probe.shape[1:]), name, fingerprint)
+
+
+def _from_file(path: Path, argument: str) -> DataSource:
+    if path.suffix not in FILE_SUFFIXES:
+        raise ValueError(f"{argument}: cannot read {str(path)!r}; expected a {'/'.join(FILE_SUFFIXES)} file")
+    if not path.is_file():
+        raise FileNotFoundError(f"{argument}: no file at {str(path)!r}")
+    try:
+        if path.suffix == ".npy":
+            raw: Any = np.load(path, allow_pickle=False)
+        else:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # corrupt or foreign file: one clear message naming it
+        raise ValueError(f"{argument}: {str(path)!r} is not a readable {path.suffix} array ({error})") from error
+    if not isinstance(raw, (Tensor, np.ndarray)):
+        raise TypeError(f"{argument}: {str(path)!r} holds a {type(raw).__name__}; expected one tensor (N, ...)")
+    tensor = _as_float_tensor(raw, f"{argument} ({path})")
+    return _from_tensor(tensor, f"{argument} ({path})", str(path))
+
+
+def _as_float_tensor(data: Tensor | np.ndarray, argument: str) -> Tensor:
+    if isinstance(data, np.ndarray):
+        if data.dtype.kind not in "fiu":
+            raise TypeError(f"{argument}: expected a numeric array, got dtype {data.dtype}")
+        data = torch.from_numpy(np.ascontiguousarray(data))
+    if data.dtype == torch.bool or data.is_complex():
+        raise TypeError(f"{argument}: expected real numbers, got dtype {data.dtype}")
+    return data.detach().to(device="cpu", dtype=torch.float32)
+
+
+def _from_tensor(data: Tensor, argument: str, spec: str) -> DataSource:
+    if data.ndim < 2:
+        raise ValueError(
+            f"{argument}: expected shape (N, ...) with one row per sample, got {tuple(data.shape)}; "
+            "reshape 1-D data to (N, 1)"
+        )
+    if data.shape[0] == 0:
+        raise ValueError(f"{argument}: expected at least one sample, got shape {tuple(data.shape)}")
+    if not bool(torch.isfinite(data).all()):
+        raise ValueError(f"{argument}: contains NaN or Inf")
+
+    def draw_rows(n: int, generator: torch.Generator | None) -> Tensor:
+        return data[torch.randint(data.shape[0], (n,), generator=generator)]
+
+    return DataSource(draw_rows, tuple(data.shape[1:]), spec, _hash(data))
+
+
+def _first_tensor(item: Any, argument: str) -> Tensor:
+    value = item[0] if isinstance(item, (tuple, list)) else item
+    if not isinstance(value, (Tensor, np.ndarray)):
+        raise TypeError(f"{argument}: dataset items must be tensors or (tensor, ...) tuples, got {type(item).__name__}")
+    return _as_float_tensor(value, argument)
+
+
+def _from_dataset(dataset: Dataset, argument: str) -> DataSource:
+    try:
+        size = len(dataset)  # type: ignore[arg-type]
+    except TypeError as error:
+        raise TypeError(
+            f"{argument}: expected a map-style Dataset with __len__, got {type(dataset).__name__}"
+        ) from error
+    if size == 0:
+        raise ValueError(f"{argument}: the dataset is empty")
+    shape = tuple(_first_tensor(dataset[0], argument).shape)
+
+    def draw_items(n: int, generator: torch.Generator | None) -> Tensor:
+        index = torch.randint(size, (n,), generator=generator).tolist()
+        batch = torch.stack([_first_tensor(dataset[k], argument) for k in index])
+        if batch.shape[1:] != shape:
+            raise ValueError(f"{argument}: dataset items of different shapes, {shape} and {tuple(batch.shape[1:])}")
+        return batch
+
+    spec = f"dataset:{type(dataset).__qualname__}[{size}]"
+    return DataSource(draw_items, shape, spec, spec)
+
+
+def _from_sampler(sampler: Callable[[int, torch.Generator], Tensor], argument: str) -> DataSource:
+    name = f"callable:{getattr(sampler, '__module__', '?')}.{getattr(sampler, '__qualname__', type(sampler).__name__)}"
+
+    def checked(n: int, generator: torch.Generator | None) -> Tensor:
+        x = sampler(n, generator)
+        if not isinstance(x, Tensor) or x.ndim < 2 or x.shape[0] != n:
+            got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise TypeError(f"{argument}: the sampler must return a tensor of shape ({n}, ...), got {got}")
+        if not x.is_floating_point():
+            raise TypeError(f"{argument}: the sampler must return floating-point samples, got {x.dtype}")
+        return x.to(torch.float32)
+
+    probe = checked(2, torch.Generator().manual_seed(0))  # its own generator: the run's stream is untouched
+    return DataSource(checked, tuple(probe.shape[1:]), name, name)

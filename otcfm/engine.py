@@ -1,0 +1,308 @@
+"""The one training engine behind ``otcfm.train``, ``reflow.train_on_pairs``, ``reflow.distill`` and the CLI.
+
+:func:`fit` runs Adam on ``step_loss(net, step, generator)`` with everything a long run needs: a progress bar,
+optional EMA of the weights, gradient clipping, bf16 autocast of the model's forward pass, DDP under
+``torchrun``, atomic checkpoints every ``checkpoint_every`` steps and on Ctrl-C, and ``resume=True`` to continue
+to the same parameters an uninterrupted run reaches (bit for bit on the same number of ranks).
+
+Randomness: one CPU ``torch.Generator`` seeded with ``schedule.seed`` feeds ``step_loss`` on rank 0 (a
+one-process run is the one-rank case) and is saved in every checkpoint; rank ``r > 0`` draws step ``s`` from a
+generator seeded with ``stream_seed(seed, r, s)``, so resuming on any number of ranks needs no per-rank state.
+
+Checkpoint files (``out/checkpoint.pt``) hold the model's weights and :func:`otcfm.models.model_spec`, the EMA
+weights, the optimiser and generator states, every step's loss, ``run`` (the settings a resume must match) and
+whatever the caller adds (``record``).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from otcfm import checkpoint as ckpt
+from otcfm import distributed
+from otcfm.models import model_spec
+
+__all__ = ["CHECKPOINT_NAME", "FORMAT_VERSION", "Fitted", "Schedule", "StepLoss", "fit", "resolve_device"]
+
+CHECKPOINT_NAME = "checkpoint.pt"
+FORMAT_VERSION = 2
+
+#: ``step_loss(net, step, generator) -> scalar loss``: ``net`` is the model (or its DDP / autocast wrapper).
+StepLoss = Callable[[nn.Module, int, torch.Generator], Tensor]
+Precision = Literal["fp32", "bf16"]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How the engine optimises.
+
+    Attributes:
+        steps: total optimisation steps (a resumed run continues up to this count).
+        lr: Adam learning rate, finite and > 0.
+        seed: seed of the run's generator.
+        ema_decay: decay of an exponential moving average of the weights, in ``[0, 1)`` (0: none).
+        grad_clip: clip the gradient norm to this value (None: no clipping).
+        precision: ``"fp32"`` or ``"bf16"`` (autocast of the model's forward pass; the coupling, the loss and
+            the weights stay in float32).
+        checkpoint_every: steps between checkpoints (when there is an output directory).
+    """
+
+    steps: int
+    lr: float = 1e-3
+    seed: int = 0
+    ema_decay: float = 0.0
+    grad_clip: float | None = None
+    precision: Precision = "fp32"
+    checkpoint_every: int = 500
+
+    def __post_init__(self) -> None:
+        check_schedule(self)
+
+
+def check_schedule(s: Any) -> None:
+    """Validate the optimisation fields shared by :class:`Schedule` and ``TrainConfig``."""
+    for name in ("steps", "checkpoint_every"):
+        value = getattr(s, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+    if not isinstance(s.seed, int) or isinstance(s.seed, bool) or s.seed < 0:
+        raise ValueError(f"seed: expected an integer >= 0, got {s.seed!r}")
+    if not _finite_number(s.lr) or s.lr <= 0:
+        raise ValueError(f"lr: expected a finite number > 0, got {s.lr!r}")
+    if not _finite_number(s.ema_decay) or not 0.0 <= s.ema_decay < 1.0:
+        raise ValueError(f"ema_decay: expected a number in [0, 1), got {s.ema_decay!r}")
+    if s.grad_clip is not None and (not _finite_number(s.grad_clip) or s.grad_clip <= 0):
+        raise ValueError(f"grad_clip: expected a finite number > 0 or None, got {s.grad_clip!r}")
+    if s.precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision: unknown value {s.precision!r}; expected one of 'bf16', 'fp32'")
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass
+class Fitted:
+    """Outcome of :func:`fit`.
+
+    Attributes:
+        model: the trained model (raw weights, eval mode).
+        ema: the moving-average copy, or None when ``ema_decay == 0``.
+        losses: the loss of every step (the mean over ranks under torchrun), earlier runs included.
+        start_step: the steps already done when this call began (0 unless resumed).
+    """
+
+    model: nn.Module
+    ema: nn.Module | None
+    losses: list[float]
+    start_step: int
+
+
+def resolve_device(device: torch.device | str | None) -> torch.device:
+    """``None`` or ``"auto"``: ``cuda:LOCAL_RANK`` under torchrun with CUDA, else ``cuda`` if available, else CPU."""
+    if device is None or device == "auto":
+        if torch.cuda.is_available():
+            return distributed.default_device() if distributed.world()[1] > 1 else torch.device("cuda")
+        return torch.device("cpu")
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device: expected 'cpu', 'cuda', 'cuda:N' or 'auto', got {device!r}") from error
+
+
+class _Autocast(nn.Module):
+    """Runs ``net`` under bf16 autocast and returns float32, so the loss is computed in float32."""
+
+    def __init__(self, net: nn.Module, device_type: str) -> None:
+        super().__init__()
+        self.net, self.device_type = net, device_type
+
+    def forward(self, *args: Any) -> Tensor:
+        with torch.autocast(self.device_type, dtype=torch.bfloat16):
+            return self.net(*args).float()
+
+
+def fit(
+    model: nn.Module,
+    step_loss: StepLoss,
+    schedule: Schedule,
+    *,
+    run: dict[str, Any],
+    out: str | Path | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    callback: Callable[[int, float], None] | None = None,
+    desc: str = "train",
+    record: dict[str, Any] | None = None,
+    run_defaults: dict[str, Any] | None = None,
+) -> Fitted:
+    """Train ``model`` in place on ``step_loss``; see the module docstring.
+
+    Args:
+        model: the network; moved to ``device``.
+        step_loss: ``(net, step, generator) -> loss`` for step ``step`` (0-based).
+        schedule: steps, learning rate, seed, EMA, clipping, precision, checkpoint period.
+        run: JSON-like settings that identify the run; a resume must find the same (``steps`` excepted).
+        out: directory of ``checkpoint.pt``; no checkpoints when None.
+        resume: continue from ``out/checkpoint.pt`` when it exists.
+        overwrite: replace a run already in ``out`` (otherwise an existing run there is an error).
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"``/None (see :func:`resolve_device`).
+        progress: show a progress bar.
+        callback: ``callback(step, loss)`` after every step (``step`` counts finished steps).
+        desc: the progress bar's label.
+        record: extra entries written into every checkpoint.
+        run_defaults: values of ``run`` keys that older checkpoints did not record.
+
+    Returns:
+        a :class:`Fitted`.
+
+    Raises:
+        ValueError: ``resume`` without ``out``, an existing run without ``resume``/``overwrite``, a checkpoint of
+            another run or with more steps than ``schedule.steps``.
+        KeyboardInterrupt: re-raised after the last finished step was saved.
+    """
+    if not isinstance(schedule, Schedule):
+        raise TypeError(f"schedule: expected a Schedule, got {type(schedule).__name__}")
+    path = Path(out) / CHECKPOINT_NAME if out is not None else None
+    if resume and path is None:
+        raise ValueError("resume: needs out, the directory holding checkpoint.pt")
+    if path is not None and str(out) == "":
+        raise ValueError("out: expected a directory, got ''")
+    if path is not None and path.is_file() and not resume and not overwrite:
+        raise ValueError(
+            f"out: {path.parent} already holds a run ({CHECKPOINT_NAME}); resume it (resume=True, --resume) or "
+            "replace it (overwrite=True, --overwrite)"
+        )
+    rank, world_size = distributed.world()
+    device = resolve_device(device)
+    model = model.to(device)
+    ema = copy.deepcopy(model).requires_grad_(False) if schedule.ema_decay > 0 else None
+    optimizer = torch.optim.Adam(model.parameters(), lr=schedule.lr)
+    generator = torch.Generator().manual_seed(schedule.seed)
+    losses: list[float] = []
+    if resume and path is not None and path.is_file():
+        state = ckpt.load(path)
+        if state.get("optimizer") is None or state.get("generator") is None:
+            raise ValueError(f"resume: {path} holds weights without training state")
+        _check_same_run(state, run, run_defaults or {}, path)
+        model.load_state_dict(state["model"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        losses = list(state["losses"])
+        if len(losses) > schedule.steps:
+            raise ValueError(
+                f"steps: the checkpoint already holds {len(losses)} steps, more than steps={schedule.steps}"
+            )
+    start_step = len(losses)
+    net = distributed.wrap(model, device)  # DDP averages the gradients over ranks
+    if schedule.precision == "bf16":
+        net = _Autocast(net, device.type)
+    pending: list[Tensor] = []  # losses not yet read back (one host sync per flush, not per step)
+
+    def flush() -> None:
+        if pending:
+            losses.extend(torch.stack(pending).tolist())
+            pending.clear()
+
+    def save(generator_state: Tensor) -> None:
+        flush()
+        if path is not None and rank == 0:
+            ckpt.atomic_save(
+                {
+                    "format": FORMAT_VERSION,
+                    **(record or {}),
+                    "run": run,
+                    "model_spec": model_spec(model),
+                    "model": model.state_dict(),
+                    "ema": ema.state_dict() if ema is not None else None,
+                    "step": len(losses),
+                    "optimizer": optimizer.state_dict(),
+                    "generator": generator_state,
+                    "losses": losses,
+                    "world_size": world_size,
+                },
+                path,
+            )
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=schedule.steps, initial=start_step, disable=not progress or rank > 0, desc=desc, unit="step")
+    model.train()
+    try:
+        while len(losses) + len(pending) < schedule.steps:
+            done = len(losses) + len(pending)
+            start_state = generator.get_state()
+            updating = False
+            try:
+                if rank > 0:
+                    generator.manual_seed(distributed.stream_seed(schedule.seed, rank, done))
+                loss = step_loss(net, done, generator)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                updating = True  # from here until the step is recorded, the state is mid-update
+                if schedule.grad_clip is not None:
+                    nn.utils.clip_grad_norm_(model.parameters(), schedule.grad_clip)
+                optimizer.step()
+                if ema is not None:
+                    _ema_update(ema, model, schedule.ema_decay)
+                pending.append(distributed.mean_over_ranks(loss.detach()).float())
+                updating = False
+            except KeyboardInterrupt:
+                if not updating:  # the unfinished step left no trace: save the finished ones
+                    save(start_state)
+                raise
+            done += 1
+            bar.update(1)
+            if done % schedule.checkpoint_every == 0 or done == schedule.steps:
+                save(generator.get_state())
+            if callback is not None or done % 50 == 0:
+                flush()
+                bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
+            if callback is not None:
+                try:
+                    callback(done, losses[-1])
+                except KeyboardInterrupt:
+                    save(generator.get_state())
+                    raise
+        flush()
+    finally:
+        bar.close()
+    model.eval()
+    return Fitted(model, ema, losses, start_step)
+
+
+def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    with torch.no_grad():
+        for target, source in zip(ema.state_dict().values(), model.state_dict().values(), strict=True):
+            if target.is_floating_point():
+                target.mul_(decay).add_(source, alpha=1 - decay)
+            else:
+                target.copy_(source)
+
+
+def _check_same_run(state: dict[str, Any], run: dict[str, Any], defaults: dict[str, Any], path: Path) -> None:
+    saved = state.get("run", state.get("config"))  # format 1 recorded the TrainConfig only
+    if not isinstance(saved, dict):
+        raise ValueError(f"resume: {path} records no settings to compare with")
+    missing = object()
+    differing = []
+    for key, value in run.items():
+        if key == "steps":
+            continue
+        before = saved.get(key, defaults.get(key, missing))
+        if before is not missing and before != value:
+            differing.append(f"{key}: checkpoint {before!r} vs now {value!r}")
+    if differing:
+        raise ValueError(f"resume: the checkpoint was made with another config ({', '.join(differing)})")
