@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmark scripts: timing, tables, writing a section of docs/benchmarks.md."""
+"""Helpers shared by the benchmark scripts: timing, tables, figures, and -- only when a script is run with
+``--docs`` -- writing its section of docs/benchmarks.md and its figures into docs/figures/."""
 
 from __future__ import annotations
 
@@ -6,7 +7,10 @@ import argparse
 import json
 import platform
 import re
+import shlex
+import shutil
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from datetime import date
@@ -41,9 +45,15 @@ def pyplot():  # noqa: ANN201
 
 
 def save_figure(fig: Any, path: Path, dpi: int = 100) -> Path:
-    """Lay out, write and close a matplotlib figure; returns ``path``."""
-    fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
+    """Lay out, write and close a matplotlib figure; returns ``path``.
+
+    A figure without a layout engine of its own gets ``tight_layout``; the image is then cropped to everything
+    drawn (``bbox_inches="tight"``), so a suptitle, legends outside the axes and the bottom tick labels are never
+    cut off.
+    """
+    if fig.get_layout_engine() is None:
+        fig.tight_layout()
+    fig.savefig(path, dpi=dpi, bbox_inches="tight", pad_inches=0.1)
     pyplot().close(fig)
     return path
 
@@ -83,9 +93,64 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def add_docs_options(parser: argparse.ArgumentParser) -> None:
-    """``--docs PATH`` (the Markdown file a benchmark writes its section into) and ``--no-write`` (print only)."""
-    parser.add_argument("--docs", type=Path, default=DOCS, help="Markdown file to write the section into")
-    parser.add_argument("--no-write", action="store_true", help="print only; do not touch the docs")
+    """Add ``--docs [PATH]``: write the benchmark's section into the Markdown file PATH (``docs/benchmarks.md``
+    when no PATH is given) and its figures into ``figures/`` beside it.
+
+    Without ``--docs`` a benchmark only prints and writes under its own output directory; nothing under docs/ is
+    touched. After parsing, ``args.docs`` is the Markdown file to write (a ``Path``) when ``--docs`` was given,
+    and ``None`` otherwise: ask ``args.docs is not None``. ``--no-write``, the opt-out of old command lines, is
+    still accepted; it is now the default, sets ``args.docs`` to ``None`` and cannot be combined with ``--docs``.
+    """
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "--docs",
+        nargs="?",
+        type=Path,
+        const=DOCS,
+        default=None,
+        metavar="PATH",
+        help="also write this benchmark's section into the Markdown file PATH (docs/benchmarks.md when PATH is "
+        "left out) and its figures into figures/ beside PATH; without it the benchmark only prints and writes under "
+        "its own output directory (--out, where it has one)",
+    )
+    group.add_argument(
+        "--no-write",
+        dest="docs",
+        action="store_const",
+        const=None,
+        default=argparse.SUPPRESS,  # so that argparse sees it given, and refuses it beside --docs
+        help="do not touch the docs: the default now, accepted for old command lines",
+    )
+
+
+def rerun_command(script: str, argv: Sequence[str] | None) -> str:
+    """The command line that reruns a benchmark with the same settings, for the "Command:" line of its section.
+
+    ``python benchmarks/<script's file name>`` followed by the arguments it was given (``sys.argv[1:]`` when
+    ``argv`` is None), shell-quoted, without ``--docs [PATH]``, ``--no-write`` and ``--resume``: options that
+    change where results go, not what is measured. docs/benchmarks.md says once that a section is written by
+    its command run with ``--docs``.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    kept, k = [], 0
+    while k < len(args):
+        arg = args[k]
+        if arg == "--docs":
+            k += 2 if k + 1 < len(args) and not args[k + 1].startswith("-") else 1
+            continue
+        if not (arg.startswith("--docs=") or arg in ("--no-write", "--resume")):
+            kept.append(arg)
+        k += 1
+    return shlex.join(["python", f"benchmarks/{Path(script).name}", *kept])
+
+
+def publish_figure(png: Path, docs: Path) -> Path:
+    """Copy a figure written under a benchmark's output directory to ``figures/<same name>`` beside the Markdown
+    file ``docs`` (so docs/figures/ for docs/benchmarks.md); returns the copy's path."""
+    target = docs.parent / "figures" / png.name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(png, target)
+    return target
 
 
 def write_section(name: str, body: str, path: Path = DOCS) -> Path:

@@ -1,6 +1,7 @@
 """The checkerboard study of Lipman et al. (2023): the OT (CondOT) path against the diffusion (VP) path.
 
     python benchmarks/checkerboard.py            # about 4 minutes on 2 CPU cores
+    python benchmarks/checkerboard.py --docs     # the same, then its section of docs/benchmarks.md and the figure
     python benchmarks/checkerboard.py --quick    # seconds; for tests
 
 Standard normal -> checkerboard, the same model (MLP 4x256), steps, batch and seed for each flow:
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -25,7 +25,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_docs_options, machine, markdown_table, pyplot, save_figure, write_section  # noqa: E402
+from _common import (  # noqa: E402
+    add_docs_options,
+    machine,
+    markdown_table,
+    publish_figure,
+    pyplot,
+    rerun_command,
+    save_figure,
+    write_section,
+)
 
 import otcfm  # noqa: E402
 from otcfm.metrics import w2  # noqa: E402
@@ -109,13 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     nll_table = markdown_table(header, [[n, *(f"{r['nll'][k]:.3f}" for k in STEPS)] for n, r in results.items()])
     print(f"\nW2 vs Euler steps\n{w2_table}\n\nNLL (nats) vs Euler steps\n{nll_table}")
     print(f"\nW2 between two checkerboard samples of {args.eval_n}: {floor:.3f}; {seconds:.0f} s; figure: {png}")
-    if not args.quick and not args.no_write:
-        target = args.docs.parent / "figures" / "checkerboard.png"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(png, target)
+    if args.docs is not None:
+        publish_figure(png, args.docs)
         body = f"""## The checkerboard study: OT path vs diffusion path
 
-Command: `python benchmarks/checkerboard.py` ({seconds:.0f} s). Measured {machine()}. Standard normal ->
+Command: `{rerun_command(__file__, argv)}` ({seconds:.0f} s). Measured {machine()}. Standard normal ->
 checkerboard; each flow: MLP 4x256, {args.steps} Adam steps at batch {args.batch_size}, seed {args.seed}. OT path:
 Lipman et al.'s Gaussian path (sigma_min 1e-4); diffusion path: variance preserving (beta 0.1 to 20); both with
 independent pairs, the third row adds exact minibatch OT pairs. {args.eval_n} held-out samples; W2 of two

@@ -1,6 +1,7 @@
 """Coupling benchmark: time, optimality and unique pairs of otcfm's couplers vs POT, scipy and TorchCFM.
 
-    python benchmarks/couplers.py            # full run (a few minutes on 2 cores), writes docs/benchmarks.md
+    python benchmarks/couplers.py            # full run (a few minutes on 2 cores); prints only
+    python benchmarks/couplers.py --docs     # the same, then its section of docs/benchmarks.md
     python benchmarks/couplers.py --quick    # seconds; for tests
 
 TorchCFM is a peer, not a dependency: `pip install --no-deps torchcfm==1.0.7` in the benchmark
@@ -24,7 +25,14 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_docs_options, machine, markdown_table, median_ms, write_section  # noqa: E402
+from _common import (  # noqa: E402
+    add_docs_options,
+    machine,
+    markdown_table,
+    median_ms,
+    rerun_command,
+    write_section,
+)
 
 import otcfm  # noqa: E402
 from otcfm.couplers import ExactCoupler, IndependentCoupler, SinkhornCoupler, sinkhorn_plan  # noqa: E402
@@ -242,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
             [2, 64, 784],
         )
         step_repeats = 3
-    command = "python benchmarks/couplers.py" + (" --quick" if args.quick else "")
+    command = rerun_command(__file__, argv)
     started = time.perf_counter()
     print("coupling time, optimality gap and unique pairs ...", flush=True)
     coupling = coupling_table(dims, sizes, reps, args.seed)
@@ -280,7 +288,7 @@ Steps per second of a flow-matching training step (Adam, MLP depth 3), coupling 
 
 {throughput}
 """
-    if not args.no_write:
+    if args.docs is not None:
         print(f"written to {write_section('couplers', body, args.docs)}")
     return 0
 

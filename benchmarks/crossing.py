@@ -1,14 +1,14 @@
 """Path crossing and straightness by coupler: the segments figure, crossing rate and swap fraction vs batch size,
 straightness and NPE of trained flows, and W2 at 1, 2, 4, 8 and 100 Euler steps.
 
-    python benchmarks/crossing.py            # about a minute on 2 CPU cores
+    python benchmarks/crossing.py            # about a minute on 2 CPU cores; prints, writes under --out
+    python benchmarks/crossing.py --docs     # the same, then its section of docs/benchmarks.md and the figure
     python benchmarks/crossing.py --quick    # seconds; for tests
 """
 
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -16,7 +16,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_docs_options, machine, markdown_table, pyplot, save_figure, write_section  # noqa: E402
+from _common import (  # noqa: E402
+    add_docs_options,
+    machine,
+    markdown_table,
+    publish_figure,
+    pyplot,
+    rerun_command,
+    save_figure,
+    write_section,
+)
 
 import otcfm  # noqa: E402
 from otcfm.metrics import crossing_rate, flow_statistics, swap_fraction, w2_by_steps  # noqa: E402
@@ -87,13 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     png = segments_figure(args.couplers, args.source, args.target, 64, args.seed, args.out / "segments.png")
     seconds = time.perf_counter() - started
     print(f"\n{seconds:.0f} s; figure: {png}")
-    if not args.quick and not args.no_write:
-        figure = args.docs.parent / "figures" / "segments.png"
-        figure.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(png, figure)
+    if args.docs is not None:
+        publish_figure(png, args.docs)
         body = f"""## Path crossing and straightness by coupler
 
-Command: `python benchmarks/crossing.py` ({seconds:.0f} s). Measured {machine()}. Task {args.source} -> {args.target}.
+Command: `{rerun_command(__file__, argv)}` ({seconds:.0f} s). Measured {machine()}. Task {args.source} -> {args.target}.
 
 Coupled segments of one batch (crossing rate and swap fraction: fraction of pairs of couples whose segments
 cross, and whose swap would lower the squared cost):

@@ -2,6 +2,7 @@
 and a Reflow + distillation one-step generator. Needs the ``digits`` extra (scikit-learn).
 
     python benchmarks/digits.py            # about 16 minutes on 2 CPU cores (3 seeds)
+    python benchmarks/digits.py --docs     # the same, then its section of docs/benchmarks.md and the figure
     python benchmarks/digits.py --quick    # seconds; for tests
 
 Quality: the Frechet distance (FD) between features of generated and held-out test images, the features being
@@ -26,7 +27,17 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_docs_options, machine, markdown_table, pyplot, read_jsonl, save_figure, write_section  # noqa: E402
+from _common import (  # noqa: E402
+    add_docs_options,
+    machine,
+    markdown_table,
+    publish_figure,
+    pyplot,
+    read_jsonl,
+    rerun_command,
+    save_figure,
+    write_section,
+)
 
 import otcfm  # noqa: E402
 from otcfm import checkpoint, reflow  # noqa: E402
@@ -166,13 +177,11 @@ def main(argv: list[str] | None = None) -> int:
         tables[metric] = markdown_table(["method", *(f"@{k}" for k in STEPS)], table)
         print(f"\n{metric.upper()} vs Euler steps (mean +- std over {args.seeds} seeds)\n{tables[metric]}")
     print(f"\nfloor (train split vs test split): FD {floor['fd']:.2f}, W2 {floor['w2']:.3f}; {seconds:.0f} s")
-    if not args.quick and not args.no_write:
-        figure = args.docs.parent / "figures" / "digits.png"
-        figure.parent.mkdir(parents=True, exist_ok=True)
-        figure.write_bytes(png.read_bytes())
+    if args.docs is not None:
+        publish_figure(png, args.docs)
         body = f"""## Real data: scikit-learn digits
 
-Command: `python benchmarks/digits.py` ({seconds:.0f} s; needs `pip install -e ".[digits]"`). Measured {machine()}.
+Command: `{rerun_command(__file__, argv)}` ({seconds:.0f} s; needs `pip install -e ".[digits]"`). Measured {machine()}.
 Noise N(0, I) -> digits (8x8, pixels scaled to [-1, 1]; train split 1437 images, test split 360). Every flow: MLP
 3x512, linear path (sigma 0), {args.steps} Adam steps at batch {args.batch_size}; 2-RF: {args.pairs} rk4 pairs of the
 exact-OT flow, {args.steps} steps; distilled: the 2-RF model distilled into one step on the same pairs. Mean +- std

@@ -5,7 +5,8 @@ times the coupling of one step (local: each rank its own batch; global: gather +
 broadcast, see ``otcfm.distributed.global_pairs``) and the all-gather alone, then trains with ``otcfm.train``
 and reports steps and samples per second.
 
-    python benchmarks/distributed.py            # about a minute on 2 CPU cores
+    python benchmarks/distributed.py            # about a minute on 2 CPU cores; prints only
+    python benchmarks/distributed.py --docs     # the same, then its section of docs/benchmarks.md
     python benchmarks/distributed.py --quick    # seconds; for tests
 """
 
@@ -26,7 +27,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_docs_options, machine, markdown_table, median_ms, write_section  # noqa: E402
+from _common import (  # noqa: E402
+    add_docs_options,
+    machine,
+    markdown_table,
+    median_ms,
+    rerun_command,
+    write_section,
+)
 
 import otcfm  # noqa: E402
 from otcfm import distributed  # noqa: E402
@@ -143,10 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     print(variance)
     seconds = time.perf_counter() - started
     print(f"\n{seconds:.0f} s")
-    if not args.quick and not args.no_write:
+    if args.docs is not None:
         body = f"""## Distributed training (DDP, gloo on CPU)
 
-Command: `python benchmarks/distributed.py` ({seconds:.0f} s). Measured {machine()}; every process runs with one
+Command: `{rerun_command(__file__, argv)}` ({seconds:.0f} s). Measured {machine()}; every process runs with one
 torch thread, so 2 processes use the 2 cores. Task {args.source} -> {args.target}, coupler `{args.coupler}`, per-rank
 batch {args.batch_size}, MLP 3x256, {args.steps} training steps (`otcfm.train`, checkpoints off). Coupling ms: median
 of {args.repeats} couplings of one step on rank 0 (global: all-gather + OT on rank 0 + broadcast); all-gather ms:

@@ -1,6 +1,7 @@
 """Exact OT in 2-D: could anything available here beat POT's dense network simplex? Measured alternatives.
 
-    python benchmarks/exact2d.py            # about two minutes on 2 cores, writes docs/benchmarks.md
+    python benchmarks/exact2d.py            # about two minutes on 2 cores; prints only
+    python benchmarks/exact2d.py --docs     # the same, then its section of docs/benchmarks.md
     python benchmarks/exact2d.py --quick    # seconds; for tests
 
 otcfm's exact coupler uses POT's network simplex (`ot.emd`) for equal batches of fewer than 16 features and more
@@ -33,7 +34,14 @@ from scipy.optimize import linear_sum_assignment
 from scipy.sparse import coo_array
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_docs_options, machine, markdown_table, median_ms, write_section  # noqa: E402
+from _common import (  # noqa: E402
+    add_docs_options,
+    machine,
+    markdown_table,
+    median_ms,
+    rerun_command,
+    write_section,
+)
 
 import otcfm  # noqa: E402
 from otcfm.couplers import squared_euclidean_cost  # noqa: E402
@@ -163,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [row for n in sizes for row in measure(n, repeats, args.seed)]
     table = markdown_table(["task", "N", "method", "median ms", "/ ot.emd", "gap"], rows)
     print(table)
-    command = "python benchmarks/exact2d.py" + (" --quick" if args.quick else "")
+    command = rerun_command(__file__, argv)
     body = f"""### Exact OT in 2-D: the alternatives to POT's network simplex, measured
 
 Command: `{command}` ({time.perf_counter() - started:.0f} s). Measured {machine()}; one torch thread; median of
@@ -175,7 +183,7 @@ full cost). "gap": total cost over the optimum, minus 1 (|gap| < 1e-12 shown as 
 
 {table}
 """
-    if not args.no_write:
+    if args.docs is not None:
         print(f"written to {write_section('exact2d', body, args.docs)}")
     return 0
 

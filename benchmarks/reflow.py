@@ -1,6 +1,7 @@
 """Reflow benchmark: I-CFM and OT-CFM teachers, their 2-rectified flows, and distilled one-step generators.
 
     python benchmarks/reflow.py            # about 8 minutes on 2 CPU cores (3 teachers x 2 tasks)
+    python benchmarks/reflow.py --docs     # the same, then its section of docs/benchmarks.md and the figure
     python benchmarks/reflow.py --quick    # seconds; for tests
 
 For each task and teacher coupler: W2 (n held-out samples) at 1, 2, 4, 8 and 100 Euler steps and with the
@@ -14,7 +15,6 @@ import argparse
 import copy
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -22,7 +22,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_docs_options, machine, markdown_table, pyplot, save_figure, write_section  # noqa: E402
+from _common import (  # noqa: E402
+    add_docs_options,
+    machine,
+    markdown_table,
+    publish_figure,
+    pyplot,
+    rerun_command,
+    save_figure,
+    write_section,
+)
 
 import otcfm  # noqa: E402
 from otcfm import reflow  # noqa: E402
@@ -155,12 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     print(timing)
     png = figure(results, args.tasks, args.couplers, args.out / "reflow.png")
     print(f"\n{seconds:.0f} s; raw numbers: {path}; figure: {png}")
-    if not args.quick and not args.no_write:
-        (args.docs.parent / "figures").mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(png, args.docs.parent / "figures" / "reflow.png")
+    if args.docs is not None:
+        publish_figure(png, args.docs)
         body = f"""## Reflow: 2-rectified flows and one-step distillation
 
-Command: `python benchmarks/reflow.py` ({seconds:.0f} s). Measured {machine()}. Teachers: {args.train_steps} Adam
+Command: `{rerun_command(__file__, argv)}` ({seconds:.0f} s). Measured {machine()}. Teachers: {args.train_steps} Adam
 steps, batch 256, MLP 3x256, linear path, sigma 0 (I-CFM: independent coupling, OT-CFM: exact, Sinkhorn-CFM:
 entropic OT at epsilon 0.05 x mean cost). 2-rectified:
 {args.pairs} pairs from the teacher (rk4, 100 steps), {args.train_steps} steps warm-started from the teacher.

@@ -4,6 +4,8 @@
     python benchmarks/table2d.py --paper    # the paper's budget (batch 512, 20,000 steps): hours on a CPU
     python benchmarks/table2d.py --quick    # seconds; for tests
 
+Any of these with --docs also writes its section of docs/benchmarks.md; without it only OUT is written.
+
 Tasks: N -> 8gaussians, moons -> 8gaussians, N -> moons, N -> scurve (N: standard normal). Methods:
 I-CFM (independent pairs, linear path, sigma 0.1), OT-CFM (exact OT), Sinkhorn-CFM (entropic OT, epsilon 0.05 x
 mean cost), SB-CFM (Brownian-bridge path, sigma 1, entropic OT at epsilon 2 sigma^2), FM (Lipman et al.'s Gaussian
@@ -37,7 +39,14 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_docs_options, machine, markdown_table, read_jsonl, write_section  # noqa: E402
+from _common import (  # noqa: E402
+    add_docs_options,
+    machine,
+    markdown_table,
+    read_jsonl,
+    rerun_command,
+    write_section,
+)
 
 import otcfm  # noqa: E402
 from otcfm import checkpoint, reflow  # noqa: E402
@@ -217,8 +226,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{metric.upper()} (mean +- std over {seeds} seeds)\n{table}")
     train_seconds = sum(r.get("seconds", 0.0) for r in rows)
     print(f"\n{seconds:.0f} s wall for {len(jobs)} jobs this run; {train_seconds:.0f} s of work in all rows")
-    if not args.quick and not args.no_write:
-        command = "python benchmarks/table2d.py" + (" --paper" if args.paper else "")
+    if args.docs is not None:
+        command = rerun_command(__file__, argv)
         body = f"""## The 2-D table of the OT-CFM paper
 
 Command: `{command}` ({seconds:.0f} s wall on {args.workers} processes for the jobs of this run;

@@ -1,12 +1,14 @@
 """Headline benchmark: what a coupling does to the regression target and to the gradient.
 
     python benchmarks/variance.py            # defaults: about 2-3 minutes on 2 CPU cores
+    python benchmarks/variance.py --docs     # the same, then its section of docs/benchmarks.md and the figure
     python benchmarks/variance.py --quick    # seconds; for tests
 
 For each task x coupler x batch size: the target variance (irreducible CFM loss; the same for every model),
 and the trace of the minibatch gradient covariance at initialisation and after a short training run.
 Prints a table with ratios to independent coupling, saves a log-scale PNG, and writes the raw numbers to
 OUT/variance.json and OUT/variance.csv after every configuration; --resume skips configurations already there.
+Nothing outside OUT is written unless --docs is given.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import copy
 import csv
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -24,7 +25,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_docs_options, machine, markdown_table, pyplot, save_figure, write_section  # noqa: E402
+from _common import (  # noqa: E402
+    add_docs_options,
+    machine,
+    markdown_table,
+    publish_figure,
+    pyplot,
+    rerun_command,
+    save_figure,
+    write_section,
+)
 
 import otcfm  # noqa: E402
 from otcfm.metrics import gradient_variance, target_variance  # noqa: E402
@@ -193,11 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     png = plot(results, args.tasks, args.couplers, args.out / "variance.png")
     print(text)
     print(f"\n{seconds:.0f} s; raw numbers: {args.out / 'variance.json'}, {args.out / 'variance.csv'}; plot: {png}")
-    if not args.quick and not args.no_write:
-        figure = args.docs.parent / "figures" / "variance.png"
-        figure.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(png, figure)
-        command = "python benchmarks/variance.py" + " ".join(a for a in (argv or []) if a != "--resume")
+    if args.docs is not None:
+        publish_figure(png, args.docs)
+        command = rerun_command(__file__, argv)
         body = f"""## Target and gradient variance by coupler and batch size
 
 Command: `{command}` ({seconds:.0f} s). Measured {machine()}. Seeds: {args.seeds}. Linear path, sigma = 0,
