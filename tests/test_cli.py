@@ -61,7 +61,55 @@ def test_bad_arguments_exit_with_usage() -> None:
 
 
 def test_import_stays_light() -> None:
-    """`import otcfm` loads neither POT, scipy, matplotlib nor torchdyn."""
-    code = "import sys, otcfm; print(sorted(m for m in ('ot', 'scipy', 'matplotlib', 'torchdyn') if m in sys.modules))"
+    """`import otcfm` loads neither POT, scipy, matplotlib nor torchdyn; otcfm.reflow / loader / distributed load
+    on first access, and still without them."""
+    heavy = "sorted(m for m in ('ot', 'scipy', 'matplotlib', 'torchdyn') if m in sys.modules)"
+    code = (
+        f"import sys, otcfm; print({heavy}); "
+        "print(callable(otcfm.reflow.generate_pairs), callable(otcfm.loader.coupled_loader), "
+        f"callable(otcfm.distributed.world)); print({heavy})"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"
+    assert out.split("\n")[:3] == ["[]", "True True True", "[]"]
+    import otcfm
+
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        otcfm.nope  # noqa: B018
+
+
+def test_help_shows_every_default_and_version(capsys: pytest.CaptureFixture[str]) -> None:
+    for command in ("train", "reflow", "distill", "sample"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = capsys.readouterr().out
+        options = [line.split()[0] for line in text.splitlines() if line.startswith("  --")]
+        assert options, text
+        for line in text.split("\n  --")[1:]:
+            option = line.split()[0]
+            if option not in (
+                "help",
+                "resume",
+                "overwrite",
+                "no-progress",
+                "global-coupling",
+                "teacher",
+                "out",
+                "checkpoint",
+            ):
+                assert "(default:" in line, f"{command} --{option} shows no default"
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.startswith("otcfm 0.")
+
+
+def test_cli_options_reach_the_run(tmp_path: Path) -> None:
+    args = ["train", "--coupler", "sinkhorn", "--coupler-option", "epsilon=0.2", "--time-sampler", "logit_normal"]
+    args += ["--time-sampler-option", "std=0.5", "--out", str(tmp_path), *SMALL]
+    assert main(args) == 0
+    config = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["config"]
+    assert config["coupler_options"] == {"epsilon": 0.2} and config["time_sampler_options"] == {"std": 0.5}
+    with pytest.raises(SystemExit) as info:  # argparse: usage and a one-line error
+        main(["train", "--coupler-option", "epsilon", "--out", str(tmp_path / "x"), *SMALL])
+    assert info.value.code == 2
+    assert main(["train", "--out", "", *SMALL]) == 2
+    assert main(["train", "--dim", "3", "--out", str(tmp_path / "y"), *SMALL]) == 2

@@ -1,0 +1,214 @@
+"""A user's own data and model through the one training engine: otcfm.train, the CLI, resume, Reflow."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import Dataset, TensorDataset
+
+import otcfm
+from otcfm import checkpoint
+from otcfm.cli import main
+from otcfm.data.sources import as_source
+
+QUICK = {"steps": 12, "batch_size": 32, "checkpoint_every": 5, "seed": 1}
+
+
+class Net(torch.nn.Module):
+    """A user's velocity model: x (B, 5), t (B,) -> (B, 5)."""
+
+    def __init__(self, width: int = 32) -> None:
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Linear(6, width), torch.nn.Tanh(), torch.nn.Linear(width, 5))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.body(torch.cat([x, t[:, None]], dim=1))
+
+
+def _net(seed: int = 0) -> Net:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return Net()
+
+
+@pytest.fixture(scope="module")
+def npy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """500 samples of a 5-dimensional two-cluster distribution, as a user's .npy file."""
+    rng = np.random.default_rng(0)
+    data = rng.normal(size=(500, 5)) + 3 * rng.choice([-1.0, 1.0], size=(500, 1))
+    path = tmp_path_factory.mktemp("data") / "data.npy"
+    np.save(path, data)
+    return path
+
+
+def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+
+
+def test_own_model_and_npy_file_resume_bit_exact(npy: Path, tmp_path: Path) -> None:
+    full = otcfm.train(model=_net(), target=str(npy), out=tmp_path / "full", progress=False, **QUICK)
+    assert full.config.source == "gaussian" and full.config.target == str(npy)  # auto: a Gaussian of the data's shape
+    assert full.config.model == f"object:{Net.__module__}.Net"
+
+    def stop(step: int, loss: float) -> None:
+        if step == 7:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        otcfm.train(model=_net(), target=npy, out=tmp_path / "cut", progress=False, callback=stop, **QUICK)
+    resumed = otcfm.train(model=Net(), target=npy, out=tmp_path / "cut", resume=True, progress=False, **QUICK)
+    assert resumed.start_step == 7 and resumed.losses == full.losses and _same(resumed.model, full.model)
+
+    model, config = otcfm.load_model(tmp_path / "cut", model=Net())
+    assert _same(model, full.model) and config == full.config
+    with pytest.raises(ValueError, match=f"user model of class '{Net.__module__}.Net'"):
+        otcfm.load_model(tmp_path / "cut")
+    with pytest.raises(ValueError, match="do not fit the model"):
+        otcfm.load_model(tmp_path / "cut", model=Net(width=8))
+    # the same rows under another name are the same data; other rows are refused on resume
+    other = tmp_path / "other.npy"
+    np.save(other, np.load(npy)[::-1].copy())
+    with pytest.raises(ValueError, match="target_fingerprint"):
+        otcfm.train(model=Net(), target=str(other), out=tmp_path / "cut", resume=True, progress=False, **QUICK)
+
+
+def test_cli_on_a_file_resume_reflow_distill(npy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    small = ["--batch-size", "32", "--hidden", "16", "--depth", "1", "--no-progress", "--eval-n", "100"]
+    small += ["--eval-draws", "1", "--checkpoint-every", "4"]
+    run, longer = str(tmp_path / "run"), str(tmp_path / "longer")
+    assert main(["train", "--target", str(npy), "--steps", "10", "--out", longer, *small]) == 0
+    assert main(["train", "--target", str(npy), "--steps", "6", "--out", run, *small]) == 0
+    assert main(["train", "--target", str(npy), "--steps", "6", "--out", run, *small]) == 2  # refused: a run
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["train", "--target", str(npy), "--steps", "10", "--out", run, "--resume", *small]) == 0
+    assert "trained 4 steps (resumed at step 6)" in capsys.readouterr().out
+    a, b = checkpoint.load(Path(run) / "checkpoint.pt"), checkpoint.load(Path(longer) / "checkpoint.pt")
+    assert a["losses"] == b["losses"] and all(torch.equal(a["model"][k], v) for k, v in b["model"].items())
+
+    common = ["--teacher", run, "--pairs", "64", "--solver-steps", "2", "--train-steps", "3", *small[6:]]
+    for command in ("reflow", "distill"):
+        out = tmp_path / command
+        assert main([command, *common, "--out", str(out)]) == 0
+        model, config = otcfm.load_model(out)
+        assert model(torch.zeros(3, 5), torch.zeros(3)).shape == (3, 5) and config.target == str(npy)
+    assert "one-step generator distilled from a coupler=exact teacher" in capsys.readouterr().out
+    assert main(["sample", "--checkpoint", str(tmp_path / "distill"), "--n", "8", "--out", str(tmp_path / "x.pt")]) == 0
+    assert torch.load(tmp_path / "x.pt").shape == (8, 5)
+
+
+@pytest.mark.parametrize(
+    ("target", "extra", "shape"),
+    [("mixture", ["--dim", "32"], (32,)), ("digits", [], (1, 8, 8))],
+)
+def test_cli_high_dimensional_targets_train_and_sample(
+    tmp_path: Path, target: str, extra: list[str], shape: tuple[int, ...]
+) -> None:
+    if target == "digits":
+        pytest.importorskip("sklearn")
+    out = tmp_path / target
+    args = ["train", "--target", target, *extra, "--steps", "3", "--batch-size", "16", "--hidden", "16"]
+    assert main([*args, "--eval-n", "50", "--eval-draws", "1", "--no-progress", "--out", str(out)]) == 0
+    samples = tmp_path / "x.pt"
+    assert main(["sample", "--checkpoint", str(out), "--n", "5", "--steps", "2", "--out", str(samples)]) == 0
+    assert torch.load(samples).shape == (5, *shape)
+
+
+class _Pairs(Dataset):
+    def __init__(self, data: torch.Tensor) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, k: int) -> tuple[torch.Tensor, int]:
+        return self.data[k], 0
+
+
+def test_every_kind_of_data_draws_the_same_rows() -> None:
+    """A tensor, an array, a TensorDataset and a Dataset of (x, label) items are the same source."""
+    data = torch.randn(40, 3, generator=torch.Generator().manual_seed(0))
+    draws = []
+    for kind in (data, data.numpy(), TensorDataset(data), _Pairs(data)):
+        source = as_source(kind, "target")
+        assert source.shape == (3,)
+        draws.append(source(7, torch.Generator().manual_seed(5)))
+    assert all(torch.equal(draws[0], d) for d in draws[1:])
+    images = as_source(torch.zeros(4, 1, 8, 8), "target")
+    assert images.shape == (1, 8, 8) and as_source("gaussian", "source", like=images)(2).shape == (2, 1, 8, 8)
+
+
+def test_sampler_function_options_and_instances() -> None:
+    def sampler(n: int, generator: torch.Generator | None) -> torch.Tensor:
+        return torch.randn(n, 3, generator=generator) + 5
+
+    coupler = otcfm.couplers.SinkhornCoupler(epsilon=0.2)
+    result = otcfm.train(target=sampler, coupler=coupler, steps=3, batch_size=16, hidden=8, progress=False)
+    assert result.config.target.startswith("callable:") and result.config.coupler == repr(coupler)
+    options = otcfm.train(
+        target="mixture",
+        target_options={"dim": 4},
+        coupler="sinkhorn",
+        coupler_options={"epsilon": 0.2},
+        time_sampler="logit_normal",
+        time_sampler_options={"std": 0.5},
+        steps=2,
+        batch_size=8,
+        hidden=8,
+        progress=False,
+        grad_clip=1.0,
+    )
+    assert options.config.source == "gaussian" and options.model.dim == 4
+
+
+def test_model_factory_by_name(tmp_path: Path) -> None:
+    """``model="package.module:factory"`` is built from its options; load_model rebuilds an MLP from its spec."""
+    config = otcfm.TrainConfig(model="otcfm.models:MLP", model_options={"dim": 2, "hidden": 8, "depth": 1}, steps=2)
+    result = otcfm.train(config, batch_size=8, out=tmp_path, progress=False)
+    model, _ = otcfm.load_model(tmp_path)
+    assert _same(model, result.model) and model.spec["hidden"] == 8
+    with pytest.raises(ValueError, match="model: cannot import"):
+        otcfm.train(config, model="otcfm.models:Nope", progress=False)
+
+
+def test_bf16_autocast_trains() -> None:
+    result = otcfm.train(steps=3, batch_size=16, hidden=8, precision="bf16", progress=False)
+    assert len(result.losses) == 3 and all(np.isfinite(result.losses))
+    assert next(result.model.parameters()).dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"source": "gauss"}, ValueError, "source: unknown dataset 'gauss'"),
+        ({"target": torch.tensor([[1.0, float("nan")]])}, ValueError, "target: contains NaN"),
+        ({"target": torch.zeros(10)}, ValueError, r"target: expected shape \(N, \.\.\.\)"),
+        ({"target": torch.zeros(0, 2)}, ValueError, "target: expected at least one sample"),
+        ({"target": "missing.npy"}, FileNotFoundError, "target: no file"),
+        ({"target": torch.zeros(5, 2), "target_options": {"dim": 2}}, ValueError, "apply to a dataset name"),
+        ({"source": "moons", "target": torch.zeros(5, 3)}, ValueError, "source and target: expected the same"),
+        ({"target": "mixture", "target_options": {"size": 2}}, ValueError, "invalid options"),
+        ({"coupler_options": {"epsilon": 0.1}}, ValueError, "coupler_options: invalid options"),
+        ({"lr": float("inf")}, ValueError, "lr: expected a finite number"),
+        ({"grad_clip": 0.0}, ValueError, "grad_clip"),
+        ({"precision": "fp16"}, ValueError, "precision: unknown value 'fp16'"),
+        ({"model": 3}, TypeError, "model: expected an nn.Module"),
+        ({"stepz": 3}, TypeError, "valid settings are the fields of TrainConfig"),
+        ({"target": object()}, TypeError, "target: expected a dataset name"),
+    ],
+)
+def test_bad_settings_are_named(kwargs: dict, error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match):
+        otcfm.train(steps=1, batch_size=4, hidden=4, progress=False, **kwargs)
+
+
+def test_existing_run_needs_resume_or_overwrite(tmp_path: Path) -> None:
+    config = otcfm.TrainConfig(steps=2, batch_size=8, hidden=8)
+    first = otcfm.train(config, out=tmp_path, progress=False)
+    with pytest.raises(ValueError, match="already holds a run"):
+        otcfm.train(config, out=tmp_path, progress=False)
+    again = otcfm.train(dataclasses.replace(config, seed=5), out=tmp_path, overwrite=True, progress=False)
+    assert again.losses != first.losses and checkpoint.load(tmp_path / "checkpoint.pt")["run"]["seed"] == 5
