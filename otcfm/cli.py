@@ -6,10 +6,11 @@ import argparse
 import copy
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -66,6 +67,13 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
     """Help with every option's default, and descriptions kept as written."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (``otcfm train: error: ...``) and exit with code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _add_common(parser: argparse.ArgumentParser, steps_flag: str, steps_default: int) -> None:
     """Options every training command shares (the engine's: optimisation, device, output, evaluation)."""
     parser.add_argument(steps_flag, type=_positive_int, default=steps_default, help="training steps (total)")
@@ -91,11 +99,11 @@ def _add_common(parser: argparse.ArgumentParser, steps_flag: str, steps_default:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="otcfm", description="Flow matching with minibatch OT couplings and Reflow.", formatter_class=_Formatter
     )
     parser.add_argument("--version", action="version", version=f"otcfm {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     defaults = TrainConfig()
     names = ", ".join(sorted(DATASETS))
 
@@ -271,6 +279,12 @@ def _check_out(out: str, resume: bool, overwrite: bool) -> Path:
         raise ValueError(
             f"--out: {out!r} already holds a run; add --resume to continue it or --overwrite to replace it"
         )
+    try:
+        path.mkdir(parents=True, exist_ok=True)  # fail now, not after training
+    except OSError as error:
+        raise ValueError(f"--out: cannot create the directory {out!r} ({error.strerror or error})") from error
+    if not os.access(path, os.W_OK):
+        raise ValueError(f"--out: the directory {out!r} is not writable")
     return path
 
 
@@ -426,8 +440,13 @@ def _reflow(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Errors that mean "the user asked for something that cannot be done": one line, exit code 2. Anything else is
+#: a bug in otcfm or a dependency and keeps its traceback, which a bug report needs.
+USER_ERRORS = (ValueError, TypeError, OSError, MemoryError)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; returns the exit code."""
+    """Run the command line; returns the exit code (0 success, 2 user error, 130 interrupted)."""
     args = _parser().parse_args(argv)
     commands = {"train": _train, "sample": _sample, "reflow": _reflow, "distill": _reflow}
     launched = distributed.init_from_env()  # under torchrun: one process group for the whole command
@@ -436,10 +455,11 @@ def main(argv: list[str] | None = None) -> int:
         code = commands[args.command](args)
         return code
     except KeyboardInterrupt:
-        print("interrupted; finished steps are saved, rerun with --resume to continue", file=sys.stderr)
+        print("otcfm: interrupted; finished steps are saved, rerun with --resume to continue", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError) as error:
-        print(f"otcfm: error: {error}", file=sys.stderr)
+    except USER_ERRORS as error:
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"otcfm: error: {message}", file=sys.stderr)
         return 2
     finally:
         if launched:  # ranks that finished wait for each other (rank 0 evaluates after the others return)

@@ -16,6 +16,7 @@ whatever the caller adds (``record``).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from collections.abc import Callable
@@ -29,6 +30,7 @@ from torch import Tensor, nn
 from otcfm import checkpoint as ckpt
 from otcfm import distributed
 from otcfm.models import model_spec
+from otcfm.runlock import run_lock
 
 __all__ = ["CHECKPOINT_NAME", "FORMAT_VERSION", "Fitted", "Schedule", "StepLoss", "fit", "resolve_device"]
 
@@ -183,6 +185,32 @@ def fit(
             f"out: {path.parent} already holds a run ({CHECKPOINT_NAME}); resume it (resume=True, --resume) or "
             "replace it (overwrite=True, --overwrite)"
         )
+    rank = distributed.world()[0]
+    with contextlib.ExitStack() as stack:
+        if path is not None and rank == 0:
+            stack.enter_context(run_lock(path.parent))  # one writer per run directory
+            ckpt.remove_stale_temporaries(path.parent, CHECKPOINT_NAME)  # left by a killed writer
+            if overwrite and not resume and path.is_file():
+                path.unlink()
+        return _run(
+            model, step_loss, schedule, run, path, resume, device, progress, callback, desc, record, run_defaults or {}
+        )
+
+
+def _run(
+    model: nn.Module,
+    step_loss: StepLoss,
+    schedule: Schedule,
+    run: dict[str, Any],
+    path: Path | None,
+    resume: bool,
+    device: torch.device | str | None,
+    progress: bool,
+    callback: Callable[[int, float], None] | None,
+    desc: str,
+    record: dict[str, Any] | None,
+    run_defaults: dict[str, Any],
+) -> Fitted:
     rank, world_size = distributed.world()
     device = resolve_device(device)
     model = model.to(device)
@@ -194,7 +222,7 @@ def fit(
         state = ckpt.load(path)
         if state.get("optimizer") is None or state.get("generator") is None:
             raise ValueError(f"resume: {path} holds weights without training state")
-        _check_same_run(state, run, run_defaults or {}, path)
+        _check_same_run(state, run, run_defaults, path)
         model.load_state_dict(state["model"])
         if ema is not None:
             ema.load_state_dict(state["ema"])

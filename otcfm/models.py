@@ -109,12 +109,30 @@ def model_spec(model: nn.Module) -> dict[str, object]:
     return {"kind": "user", "class": f"{cls.__module__}.{cls.__qualname__}"}
 
 
-def rebuild_model(spec: dict[str, object]) -> MLP:
+def _expected_shapes(dim: int, hidden: int, depth: int, time_dim: int) -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {"time_embedding.freqs": ((time_dim - 1) // 2,)}
+    width = dim + time_dim
+    for k in range(depth + 1):
+        out = hidden if k < depth else dim
+        shapes[f"net.{2 * k}.weight"], shapes[f"net.{2 * k}.bias"] = (out, width), (out,)
+        width = out
+    return shapes
+
+
+def rebuild_model(spec: dict[str, object], weights: dict[str, object] | None = None) -> MLP:
     """The MLP described by a :func:`model_spec`, freshly initialised (load the weights next).
 
+    Args:
+        spec: the checkpoint's model spec.
+        weights: the state dict to be loaded; when given, its names and shapes are checked against the spec
+            before anything is allocated, so a tampered or mismatched file fails at once.
+
     Raises:
-        ValueError: a user model (rebuild it yourself and pass it as ``model=``), or a spec outside sane limits.
+        ValueError: a user model (rebuild it yourself and pass it as ``model=``), a spec outside sane limits, or
+            weights that do not match the spec.
     """
+    if not isinstance(spec, dict):
+        raise ValueError(f"model: expected a model spec dict, got {type(spec).__name__}")
     if spec.get("kind") != "mlp":
         raise ValueError(
             f"model: the checkpoint holds a user model of class {spec.get('class')!r}; build one the same way and "
@@ -126,6 +144,14 @@ def rebuild_model(spec: dict[str, object]) -> MLP:
     size = (dim + time_dim) * hidden + (depth - 1) * hidden * hidden + hidden * dim  # type: ignore[operator]
     if size > MAX_PARAMETERS:
         raise ValueError(f"model: the MLP spec {spec} asks for {size:,} parameters, more than {MAX_PARAMETERS:,}")
+    if weights is not None:
+        if not isinstance(weights, dict):
+            raise ValueError(f"model: expected a state dict, got {type(weights).__name__}")
+        expected = _expected_shapes(dim, hidden, depth, time_dim)  # type: ignore[arg-type]
+        found = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else None for k, v in weights.items()}
+        if found != expected:
+            wrong = sorted(set(expected) ^ set(found)) or [k for k in expected if expected[k] != found[k]]
+            raise ValueError(f"model: the weights do not match the MLP spec {spec} (first mismatch: {wrong[0]})")
     activation = getattr(nn, str(spec.get("activation", "SiLU")), None)
     if not (isinstance(activation, type) and issubclass(activation, nn.Module)):
         raise ValueError(f"model: unknown activation {spec.get('activation')!r} in the MLP spec")

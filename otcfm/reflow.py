@@ -28,10 +28,12 @@ from torch import Tensor, nn
 
 from otcfm import checkpoint as ckpt
 from otcfm import distributed
+from otcfm._checks import check_choice
 from otcfm.data import Sampler, draw
+from otcfm.data.sources import DataSource, as_source
 from otcfm.engine import Precision, Schedule, fit, resolve_device
 from otcfm.flow import FlowMatcher
-from otcfm.solvers import Method, integrate
+from otcfm.solvers import METHODS, Method, check_velocity, integrate
 from otcfm.timesteps import TimeSampler
 
 __all__ = [
@@ -83,8 +85,8 @@ def teacher_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def _chunk_noise(source: Sampler, seed: int, chunk: int, size: int) -> Tensor:
-    return draw(source, size, torch.Generator().manual_seed(seed * 1_000_003 + chunk))
+def _chunk_noise(source: DataSource, seed: int, chunk: int, size: int) -> Tensor:
+    return source(size, torch.Generator().manual_seed(seed * 1_000_003 + chunk))
 
 
 def generate_pairs(
@@ -117,12 +119,21 @@ def generate_pairs(
     Raises:
         ValueError: ``out`` holds pairs from another teacher or other settings.
     """
-    if not isinstance(n, int) or n < 1 or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"n, batch_size: expected positive integers, got {n!r}, {batch_size!r}")
+    if not isinstance(teacher, nn.Module):
+        raise TypeError(f"teacher: expected an nn.Module called as teacher(x, t), got {type(teacher).__name__}")
+    for name, value in (("n", n), ("steps", steps), ("batch_size", batch_size)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed: expected an integer >= 0, got {seed!r}")
+    check_choice(method, METHODS, "method")
+    noise = as_source(source, "source")
+    device = next(iter(teacher.parameters()), torch.empty(0)).device
+    check_velocity(teacher, noise(2, torch.Generator().manual_seed(0)).to(device), "teacher")  # before any file
     meta = {
         "format": PAIR_FORMAT,
         "teacher": teacher_fingerprint(teacher),
-        "source": source if isinstance(source, str) else f"callable:{getattr(source, '__qualname__', '?')}",
+        "source": noise.spec,
         "n": n,
         "steps": steps,
         "method": method,
@@ -142,14 +153,13 @@ def generate_pairs(
     chunks = math.ceil(n / batch_size)
     from tqdm.auto import tqdm
 
-    device = next(iter(teacher.parameters()), torch.empty(0)).device
     in_memory: list[tuple[Tensor, Tensor]] = []
     for k in tqdm(range(rank, chunks, world_size), desc="pairs", unit="chunk", disable=not progress or rank > 0):
         path = directory / f"chunk-{k:05d}.pt" if directory is not None else None
         if path is not None and path.is_file():
             continue  # finished before an interruption
         size = min(batch_size, n - k * batch_size)
-        x0 = _chunk_noise(source, seed, k, size)
+        x0 = _chunk_noise(noise, seed, k, size)
         x1 = integrate(teacher, x0.to(device), steps, method).cpu()
         if path is None:
             in_memory.append((x0, x1))
@@ -164,7 +174,7 @@ def generate_pairs(
 def _check_or_write_meta(directory: Path, meta: dict[str, Any]) -> None:
     path = directory / "meta.json"
     if path.is_file():
-        saved = json.loads(path.read_text())
+        saved = _read_meta(path)
         differing = [k for k in meta if saved.get(k) != meta[k]]
         if differing:
             details = ", ".join(f"{k}: file {saved.get(k)!r} vs now {meta[k]!r}" for k in differing)
@@ -176,24 +186,51 @@ def _check_or_write_meta(directory: Path, meta: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
+def _read_meta(path: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"pairs: {path} is not a readable pair-set description ({error})") from error
+    required = ("format", "n", "batch_size")
+    if not isinstance(meta, dict) or not all(isinstance(meta.get(k), int) and meta[k] >= 1 for k in required):
+        raise ValueError(f"pairs: {path} is not an otcfm pair-set description (needs positive {', '.join(required)})")
+    if meta["format"] != PAIR_FORMAT:
+        raise ValueError(f"pairs: {path} has format {meta['format']}; this otcfm reads format {PAIR_FORMAT}")
+    return meta
+
+
 def load_pairs(path: str | Path) -> PairSet:
-    """Load a complete pair set written by :func:`generate_pairs`.
+    """Load a complete pair set written by :func:`generate_pairs`, checking every chunk (checksum and size).
 
     Raises:
         FileNotFoundError: no ``meta.json`` there.
-        ValueError: chunks are missing (resume with :func:`generate_pairs` and the same settings).
+        ValueError: chunks are missing (resume with :func:`generate_pairs` and the same settings), or a chunk is
+            corrupt, foreign or of the wrong size (the message names the file).
     """
     directory = Path(path)
     meta_path = directory / "meta.json"
     if not meta_path.is_file():
         raise FileNotFoundError(f"path: no pair set (meta.json) in {directory}")
-    meta = json.loads(meta_path.read_text())
-    chunks = math.ceil(meta["n"] / meta["batch_size"])
+    meta = _read_meta(meta_path)
+    n, size = meta["n"], meta["batch_size"]
+    chunks = math.ceil(n / size)
     missing = [k for k in range(chunks) if not (directory / f"chunk-{k:05d}.pt").is_file()]
     if missing:
         raise ValueError(f"path: {len(missing)} of {chunks} chunks missing in {directory}; resume generate_pairs")
-    parts = [ckpt.load(directory / f"chunk-{k:05d}.pt") for k in range(chunks)]
-    return PairSet(torch.cat([p["x0"] for p in parts]), torch.cat([p["x1"] for p in parts]), meta)
+    parts = []
+    for k in range(chunks):
+        chunk = directory / f"chunk-{k:05d}.pt"
+        part = ckpt.load(chunk, "pair chunk")
+        x0, x1, rows = part.get("x0"), part.get("x1"), min(size, n - k * size)
+        if not (isinstance(x0, Tensor) and isinstance(x1, Tensor) and x0.shape == x1.shape and x0.ndim >= 2):
+            raise ValueError(f"pair chunk: {chunk} does not hold x0 and x1 tensors of one shape (N, ...)")
+        if x0.shape[0] != rows or (parts and x0.shape[1:] != parts[0][0].shape[1:]):
+            raise ValueError(
+                f"pair chunk: {chunk} holds {tuple(x0.shape)} pairs; expected {rows} rows like the other chunks "
+                "(a file from another pair set?)"
+            )
+        parts.append((x0, x1))
+    return PairSet(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), meta)
 
 
 class OnlinePairs:

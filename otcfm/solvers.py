@@ -8,6 +8,7 @@ the optional torchdyn integration.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -18,7 +19,7 @@ from torch import Tensor
 from otcfm._checks import check_batch, check_choice
 from otcfm.torchdyn_adapter import TorchdynField, load_neural_ode
 
-__all__ = ["FIXED_STEP_METHODS", "METHODS", "Solution", "integrate", "solve"]
+__all__ = ["FIXED_STEP_METHODS", "METHODS", "Solution", "check_output", "check_velocity", "integrate", "solve"]
 
 Field = Callable[[Tensor, Tensor], Tensor]  # f(t_scalar, x) -> dx/dt
 Method = Literal["euler", "midpoint", "heun", "rk4", "dopri5"]
@@ -107,13 +108,65 @@ def solve(
     """
     check_choice(method, METHODS, "method")
     check_batch(x0, "x0")
-    if not isinstance(steps, int) or steps < 1:
+    if not callable(model):
+        raise TypeError(f"model: expected a callable model(x, t), got {type(model).__name__}")
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps: expected a positive integer, got {steps!r}")
+    _check_span(t_span)
+    for name, value in (("atol", atol), ("rtol", rtol)):
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{name}: expected a finite number > 0, got {value!r}")
     times = torch.linspace(float(t_span[0]), float(t_span[1]), steps + 1, dtype=x0.dtype, device=x0.device)
     with torch.set_grad_enabled(grad):
         if method == "dopri5":
-            return _solve_adaptive(model, x0, times, return_trajectory, atol, rtol)
-        return _solve_fixed(model, x0, times, method, return_trajectory)
+            solution = _solve_adaptive(model, x0, times, return_trajectory, atol, rtol)
+        else:
+            solution = _solve_fixed(model, x0, times, method, return_trajectory)
+    if not bool(torch.isfinite(solution.x).all()):  # one check per solve, not per step
+        raise ValueError("model: the solution contains NaN or Inf (the model returned NaN/Inf or the flow diverged)")
+    return solution
+
+
+def _check_span(t_span: object) -> None:
+    if (
+        not isinstance(t_span, (tuple, list))
+        or len(t_span) != 2
+        or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in t_span)
+        or t_span[0] == t_span[1]
+    ):
+        raise ValueError(f"t_span: expected two different finite times (t0, t1), got {t_span!r}")
+
+
+def check_velocity(model: Callable[..., Tensor], x: Tensor, argument: str = "model") -> Tensor:
+    """Evaluate ``model(x, t=0)`` once and check its output: a floating tensor of ``x``'s shape, finite.
+
+    For entry points that do long work with a model (pair generation), so a wrong model fails before it starts.
+
+    Raises:
+        TypeError: the model is not callable or returns something else than a floating tensor.
+        ValueError: an output of another shape, or NaN/Inf.
+    """
+    if not callable(model):
+        raise TypeError(f"{argument}: expected a callable model(x, t), got {type(model).__name__}")
+    with torch.no_grad():
+        v = model(x, torch.zeros(x.shape[0], dtype=x.dtype, device=x.device))
+    check_output(v, x, argument)
+    if not bool(torch.isfinite(v).all()):
+        raise ValueError(f"{argument}: returned NaN or Inf")
+    return v
+
+
+def check_output(v: object, x: Tensor, argument: str = "model") -> Tensor:
+    """Check that a model's output ``v`` is a floating tensor of the shape of its input ``x``."""
+    if not isinstance(v, Tensor):
+        raise TypeError(
+            f"{argument}: expected model(x, t) to return a tensor of shape {tuple(x.shape)}, got {type(v).__name__}"
+        )
+    if v.shape != x.shape:
+        raise ValueError(f"{argument}: expected output of shape {tuple(x.shape)}, got {tuple(v.shape)}")
+    if not v.is_floating_point():
+        raise TypeError(f"{argument}: expected a floating-point output, got dtype {v.dtype}")
+    return v
 
 
 def _solve_fixed(
@@ -122,8 +175,15 @@ def _solve_fixed(
     step, evaluations = FIXED_STEP_METHODS[method]
     batch = x.shape[0]
 
+    checked = False
+
     def field(t: Tensor, state: Tensor) -> Tensor:
-        return model(state, t.expand(batch))
+        nonlocal checked
+        v = model(state, t.expand(batch))
+        if not checked:  # the first evaluation only: no per-step cost
+            check_output(v, state)
+            checked = True
+        return v
 
     states = [x] if keep else []
     for k in range(len(times) - 1):

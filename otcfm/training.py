@@ -433,15 +433,24 @@ def load_model(
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise ValueError(f"checkpoint: {path} is not an otcfm training checkpoint (format {found!r})")
     config = _config_from(state.get("config"), path)
+    weights = state["ema"] if use_ema and state.get("ema") is not None else state.get("model")
     if model is None:
         spec = state.get("model_spec")
-        if spec is not None:
-            model = rebuild_model(spec)
-        elif config is not None:  # format 1: an MLP described by the config
-            model = build_model(config)
-        else:
+        if spec is None and config is not None and config.model == "mlp":  # format 1: an MLP described by the config
+            spec = {
+                "kind": "mlp",
+                "dim": config.data_dim(),
+                "hidden": config.hidden,
+                "depth": config.depth,
+                "time_dim": 33,
+                "activation": "SiLU",
+            }
+        if spec is None:
             raise ValueError(f"checkpoint: {path} does not describe its model; pass model=")
-    weights = state["ema"] if use_ema and state.get("ema") is not None else state.get("model")
+        try:
+            model = rebuild_model(spec, weights)  # checked against the weights before anything is built
+        except ValueError as error:
+            raise ValueError(f"checkpoint: {path}: {error}") from error
     try:
         model.load_state_dict(weights)
     except (RuntimeError, TypeError, AttributeError) as error:
