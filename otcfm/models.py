@@ -147,6 +147,8 @@ def rebuild_model(spec: dict[str, object], weights: dict[str, object] | None = N
     if weights is not None:
         if not isinstance(weights, dict):
             raise ValueError(f"model: expected a state dict, got {type(weights).__name__}")
+        if len(weights) != 2 * (depth + 1) + 1:  # type: ignore[operator]
+            raise ValueError(f"model: the weights ({len(weights)} tensors) do not match the MLP spec {spec}")
         expected = _expected_shapes(dim, hidden, depth, time_dim)  # type: ignore[arg-type]
         found = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else None for k, v in weights.items()}
         if found != expected:
