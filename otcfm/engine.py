@@ -241,8 +241,15 @@ def _run(
 
     def flush() -> None:
         if pending:
-            losses.extend(torch.stack(pending).tolist())
+            values = torch.stack(pending).tolist()
             pending.clear()
+            bad = next((k for k, v in enumerate(values) if not math.isfinite(v)), None)
+            if bad is not None:  # checked here, not every step: one host sync per flush
+                raise ValueError(
+                    f"loss: {values[bad]} at step {len(losses) + bad + 1}: the model's output or the data holds "
+                    "NaN/Inf, or the learning rate is too high; the last checkpoint holds the steps before"
+                )
+            losses.extend(values)
 
     def save(generator_state: Tensor) -> None:
         flush()

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from otcfm import _random
 from otcfm._checks import check_batch, check_choice
-from otcfm.solvers import FIXED_STEP_METHODS
+from otcfm.solvers import FIXED_STEP_METHODS, check_output
 
 __all__ = ["LogLikelihood", "likelihood", "standard_normal_log_prob"]
 
@@ -97,7 +97,10 @@ def likelihood(
         calls += 1
         with torch.enable_grad():
             y = state[:, :d].detach().requires_grad_(True)
-            v = model(y.reshape(n, *shape), t.expand(n)).reshape(n, d)
+            v = model(y.reshape(n, *shape), t.expand(n))
+            if calls == 1:  # the first evaluation only: no per-step cost
+                check_output(v, x)
+            v = v.reshape(n, d)
             if not v.requires_grad:  # a field that does not depend on x has zero divergence
                 div = torch.zeros(n, dtype=x.dtype, device=x.device)
             elif eps is not None:
@@ -119,4 +122,7 @@ def likelihood(
             state = step(field, times[k], state, times[k + 1] - times[k])
     x0 = state[:, :d].reshape(n, *shape)
     # state[:, d] = int_1^0 div dt = -int_0^1 div dt
-    return LogLikelihood(source_log_prob(x0) + state[:, d], x0, calls)
+    log_prob = source_log_prob(x0) + state[:, d]
+    if not bool(torch.isfinite(log_prob).all()):
+        raise ValueError("model: the log-likelihood is NaN or Inf (the model returned NaN/Inf or the flow diverged)")
+    return LogLikelihood(log_prob, x0, calls)

@@ -10,6 +10,7 @@ Along Euler trajectories ``X_{t_k}`` on ``t_k = k / K`` with velocities
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -18,6 +19,7 @@ from torch import Tensor
 
 from otcfm._checks import check_batch
 from otcfm.metrics.w2 import w2
+from otcfm.solvers import check_output
 
 __all__ = ["FlowStatistics", "flow_statistics", "path_energy", "straightness"]
 
@@ -60,13 +62,15 @@ def flow_statistics(
         x, h = x0, 1.0 / steps
         velocities = []
         for k in range(steps):
-            v = model(x, torch.full((x.shape[0],), k * h, dtype=x.dtype, device=x.device))
+            v = check_output(model(x, torch.full((x.shape[0],), k * h, dtype=x.dtype, device=x.device)), x)
             velocities.append(v)
             x = x + h * v
         displacement = (x - x0).reshape(x.shape[0], -1)
         flat = [v.reshape(v.shape[0], -1) for v in velocities]
         s = sum(float(((displacement - v) ** 2).sum(1).mean()) for v in flat) / steps
         pe = sum(float((v**2).sum(1).mean()) for v in flat) / steps
+    if not (math.isfinite(s) and math.isfinite(pe)):
+        raise ValueError("model: the trajectory holds NaN or Inf (the model returned NaN/Inf or the flow diverged)")
     npe = None
     if reference is not None:
         w2_squared = w2(x0, reference) ** 2
