@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from otcfm import _random
+from otcfm._args import check_count, check_generator
 from otcfm._checks import check_batch, check_choice
 from otcfm.solvers import FIXED_STEP_METHODS, check_output
 
@@ -81,8 +82,10 @@ def likelihood(
     check_choice(method, FIXED_STEP_METHODS, "method")
     check_choice(divergence, ("exact", "hutchinson"), "divergence")
     check_choice(probe, ("rademacher", "gaussian"), "probe")
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps: expected a positive integer, got {steps!r}")
+    check_count(steps, "steps")
+    check_generator(generator)
+    if not callable(model):
+        raise TypeError(f"model: expected a callable model(x, t), got {type(model).__name__}")
     n, shape = x.shape[0], x.shape[1:]
     d = math.prod(shape)
     eps = None

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from otcfm._args import check_count
 from otcfm.couplers import Coupler, get_coupler
 from otcfm.data import Sampler, draw
 
@@ -38,8 +39,8 @@ class CoupledBatches(IterableDataset):
 
     def __init__(self, source: Sampler, target: Sampler, coupler: str | Coupler, batch_size: int, seed: int = 0):
         super().__init__()
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
+        check_count(batch_size, "batch_size")
+        check_count(seed, "seed", minimum=0)
         self.source, self.target = source, target
         self.coupler = get_coupler(coupler)
         self.batch_size, self.seed = batch_size, seed
@@ -122,10 +123,9 @@ def coupled_loader(
     Returns:
         an endless :class:`CoupledLoader` yielding ``(x0, x1)``, each ``(batch_size, ...)``, already paired.
     """
-    if not isinstance(num_workers, int) or num_workers < 0:
-        raise ValueError(f"num_workers: expected an integer >= 0, got {num_workers!r}")
-    if not isinstance(batches_per_transfer, int) or batches_per_transfer < 1:
-        raise ValueError(f"batches_per_transfer: expected a positive integer, got {batches_per_transfer!r}")
+    check_count(num_workers, "num_workers", minimum=0)
+    check_count(batches_per_transfer, "batches_per_transfer")
+    check_count(prefetch_factor, "prefetch_factor")
     dataset = _Transfers(CoupledBatches(source, target, coupler, batch_size, seed), batches_per_transfer)
     extra = {"prefetch_factor": prefetch_factor, "worker_init_fn": _one_thread} if num_workers > 0 else {}
     return CoupledLoader(DataLoader(dataset, batch_size=None, num_workers=num_workers, **extra))

@@ -7,6 +7,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from otcfm._args import check_count
+
 __all__ = ["MLP", "TimeEmbedding", "model_spec", "rebuild_model"]
 
 
@@ -61,9 +63,8 @@ class MLP(nn.Module):
         activation: type[nn.Module] = nn.SiLU,
     ) -> None:
         super().__init__()
-        for name, value in (("dim", dim), ("hidden", hidden), ("depth", depth)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+        for name, value in (("dim", dim), ("hidden", hidden), ("depth", depth), ("time_dim", time_dim)):
+            check_count(value, name)
         self.dim = dim
         self.spec = {
             "kind": "mlp",

@@ -33,7 +33,7 @@ from otcfm.data import Sampler, draw
 from otcfm.data.sources import DataSource, as_source
 from otcfm.engine import Precision, Schedule, fit, resolve_device
 from otcfm.flow import FlowMatcher
-from otcfm.solvers import METHODS, Method, check_velocity, integrate
+from otcfm.solvers import METHODS, Method, check_output, check_velocity, integrate
 from otcfm.timesteps import TimeSampler
 
 __all__ = [
@@ -351,10 +351,7 @@ def distill(
 
     def one_step_loss(net: nn.Module, x0: Tensor, x1: Tensor, generator: torch.Generator) -> Tensor:
         t = torch.zeros(x0.shape[0], dtype=x0.dtype, device=x0.device)
-        v = net(x0, t)
-        if not isinstance(v, Tensor) or v.shape != x0.shape:
-            got = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
-            raise ValueError(f"model: expected output of shape {tuple(x0.shape)}, got {got}")
+        v = check_output(net(x0, t), x0)
         diff = (x0 + v - x1).reshape(x0.shape[0], -1)
         if loss == "l2":
             return (diff**2).sum(1).mean()

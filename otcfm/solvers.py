@@ -16,6 +16,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from otcfm._args import check_count, check_rate
 from otcfm._checks import check_batch, check_choice
 from otcfm.torchdyn_adapter import TorchdynField, load_neural_ode
 
@@ -110,12 +111,10 @@ def solve(
     check_batch(x0, "x0")
     if not callable(model):
         raise TypeError(f"model: expected a callable model(x, t), got {type(model).__name__}")
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise ValueError(f"steps: expected a positive integer, got {steps!r}")
+    check_count(steps, "steps")
     _check_span(t_span)
-    for name, value in (("atol", atol), ("rtol", rtol)):
-        if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-            raise ValueError(f"{name}: expected a finite number > 0, got {value!r}")
+    check_rate(atol, "atol")
+    check_rate(rtol, "rtol")
     times = torch.linspace(float(t_span[0]), float(t_span[1]), steps + 1, dtype=x0.dtype, device=x0.device)
     with torch.set_grad_enabled(grad):
         if method == "dopri5":

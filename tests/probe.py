@@ -25,6 +25,9 @@ import numpy as np
 import torch
 
 import otcfm
+import otcfm.distributed
+import otcfm.loader
+import otcfm.reflow
 
 ACCEPTED = (ValueError, TypeError)
 
@@ -177,8 +180,10 @@ def _pair_entries() -> dict[str, tuple[Callable[[Any, Any], Any], tuple[str, str
     )
     for name in ("linear", "gaussian", "diffusion", "cosine", "bridge"):
         path = otcfm.get_path(name)
-        noise = torch.zeros(8, 2)
-        entries[f"paths.{name}"] = (lambda a, b, p=path: p(a, b, torch.full((8,), 0.5), noise), ("x0", "x1"))
+        entries[f"paths.{name}"] = (
+            lambda a, b, p=path: p(a, b, torch.full((8,), 0.5), torch.zeros(8, 2)),
+            ("x0", "x1"),
+        )
     return entries
 
 

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from otcfm._args import check_count, check_generator
 from otcfm._checks import check_choice
 from otcfm.data import toy2d
 from otcfm.data.digits import digits, load_digits
@@ -56,8 +57,8 @@ def sample(
         ValueError: unknown name (lists the valid ones) or ``n < 1``.
     """
     check_choice(name, DATASETS, "name")
-    if not isinstance(n, int) or n < 1:
-        raise ValueError(f"n: expected a positive integer, got {n!r}")
+    check_count(n, "n")
+    check_generator(generator)
     if generator is not None and generator.device.type != "cpu":
         raise ValueError(f"generator: expected a CPU generator, got one on {generator.device}")
     return DATASETS[name](n, generator, **options).to(device=device, dtype=dtype)

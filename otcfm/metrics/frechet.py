@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from otcfm import checkpoint
-from otcfm._checks import check_pair
+from otcfm._checks import check_batch
 
 __all__ = ["DigitsFeatures", "cache_dir", "digits_features", "frechet_distance"]
 
@@ -32,9 +32,11 @@ def frechet_distance(a: Tensor, b: Tensor) -> float:
     Needs at least 2 rows on each side; with fewer rows than features the covariances are singular, which the
     formula handles, but the estimate is then strongly biased: compare figures only at equal sizes.
     """
-    a, b = check_pair(a, b)
-    if a.ndim != 2 or a.shape[0] < 2 or b.shape[0] < 2:
-        raise ValueError(f"a, b: expected (N, k) features with N >= 2, got {tuple(a.shape)} and {tuple(b.shape)}")
+    a, b = check_batch(a, "a"), check_batch(b, "b")
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or a.shape[0] < 2 or b.shape[0] < 2:
+        raise ValueError(f"a and b: expected (N, k) features with N >= 2, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if a.dtype != b.dtype:
+        raise ValueError(f"a and b: expected one dtype, got {a.dtype} and {b.dtype}")
     a, b = a.detach().to(torch.float64), b.detach().to(torch.float64)
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = torch.cov(a.T).reshape(a.shape[1], -1), torch.cov(b.T).reshape(b.shape[1], -1)

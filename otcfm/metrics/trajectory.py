@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from otcfm._args import check_count
 from otcfm._checks import check_batch
 from otcfm.metrics.w2 import w2
 from otcfm.solvers import check_output
@@ -56,8 +57,7 @@ def flow_statistics(
         :class:`FlowStatistics`.
     """
     check_batch(x0, "x0")
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps: expected a positive integer, got {steps!r}")
+    check_count(steps, "steps")
     with torch.no_grad():
         x, h = x0, 1.0 / steps
         velocities = []

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from otcfm._args import check_count, check_generator
 from otcfm.data import Sampler, draw
 from otcfm.flow import FlowMatcher
 from otcfm.paths import LinearPath
@@ -82,8 +83,9 @@ def gradient_variance(
     Returns:
         :class:`GradientVariance`.
     """
-    if n_batches < 2:
-        raise ValueError(f"n_batches: expected >= 2, got {n_batches}")
+    check_count(batch_size, "batch_size")
+    check_count(n_batches, "n_batches", minimum=2)
+    check_generator(generator)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("model: has no parameters that require gradients")
@@ -187,6 +189,10 @@ def target_variance(
     """
     if not isinstance(fm.path, LinearPath):
         raise ValueError(f"fm: target_variance supports the 'linear' path, got {fm.path!r}")
+    check_count(batch_size, "batch_size")
+    check_count(n_pool, "n_pool", minimum=2)
+    check_count(n_eval, "n_eval")
+    check_generator(generator)
     sigma = fm.path.sigma
     pool0, pool1 = coupled_pairs(fm, source, target, batch_size, n_pool, generator)
     eval0, eval1 = coupled_pairs(fm, source, target, batch_size, n_eval, generator)

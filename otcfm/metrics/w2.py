@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable
 import numpy as np
 from torch import Tensor
 
-from otcfm._checks import check_pair
+from otcfm._checks import check_batch
 from otcfm.couplers.cost import squared_euclidean_cost
 from otcfm.couplers.exact import exact_plan
 from otcfm.solvers import Method, integrate
@@ -33,7 +33,12 @@ def w2(x: Tensor, y: Tensor) -> float:
     Returns:
         ``W2`` as a Python float.
     """
-    x, y = check_pair(x, y)
+    x, y = check_batch(x, "x"), check_batch(y, "y")
+    if x.shape[1:] != y.shape[1:] or x.dtype != y.dtype:
+        raise ValueError(
+            f"x and y: expected samples of one shape and dtype, got {tuple(x.shape)} {x.dtype} and "
+            f"{tuple(y.shape)} {y.dtype}"
+        )
     cost = squared_euclidean_cost(x.detach(), y.detach()).cpu().numpy()
     plan = exact_plan(cost)
     return math.sqrt(max(float(np.sum(plan * cost)), 0.0))
