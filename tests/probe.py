@@ -11,6 +11,7 @@ class, also against an older checkout (``PYTHONPATH=old/checkout python tests/pr
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import re
 import sys
@@ -49,10 +50,11 @@ class Case:
     call: Callable[[], Any]
     names: tuple[str, ...]
     errors: tuple[type[BaseException], ...] = ACCEPTED
+    detail: str = ""
 
     @property
     def id(self) -> str:
-        return f"{self.group}:{self.entry}:{'/'.join(self.names)}"
+        return f"{self.group}:{self.entry}:{'/'.join(self.names)}{':' + self.detail if self.detail else ''}"
 
 
 class CLIResult(Exception):
@@ -572,8 +574,8 @@ def cli_cases(directory: Path) -> list[Case]:
 
 
 def all_cases(directory: Path) -> list[Case]:
-    """Every case; files are created in ``directory``."""
-    return [
+    """Every case, each with a unique id (repeated ids get ``#k`` in table order); files are made in ``directory``."""
+    cases = [
         *batch_cases(),
         *label_cases(),
         *generator_cases(),
@@ -583,6 +585,12 @@ def all_cases(directory: Path) -> list[Case]:
         *file_cases(directory),
         *cli_cases(directory),
     ]
+    seen: Counter = Counter()
+    unique = []
+    for case in cases:
+        seen[case.id] += 1
+        unique.append(dataclasses.replace(case, detail=f"#{seen[case.id]}") if seen[case.id] > 1 else case)
+    return unique
 
 
 def report(cases: list[Case]) -> dict[str, Counter]:
