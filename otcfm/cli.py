@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -455,6 +456,7 @@ def main(argv: list[str] | None = None) -> int:
         code = commands[args.command](args)
         return code
     except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C while exiting gives no traceback
         print("otcfm: interrupted; finished steps are saved, rerun with --resume to continue", file=sys.stderr)
         return 130
     except USER_ERRORS as error:

@@ -129,7 +129,8 @@ def _cli_train(out: Path, steps: int, *extra: str) -> subprocess.Popen:
     args = ["train", "--steps", str(steps), "--batch-size", "32", "--hidden", "16", "--depth", "1"]
     args += ["--checkpoint-every", "1", "--eval-n", "20", "--eval-draws", "1", "--no-progress", "--out", str(out)]
     command = [sys.executable, "-m", "otcfm.cli", *args, *extra]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
 def kill_and_resume_trials(tmp_path: Path, trials: int, seed: int = 0) -> dict[str, int]:
