@@ -2,14 +2,89 @@
 
 Every check raises with the argument's name and what was expected, so a user
 sees ``x1: expected ... got ...`` instead of a shape error deep in torch.
+
+One validation per call: a public entry checks its inputs once and passes
+checked tensors on to internal code, which does not check them again. In a
+training step, ``FlowMatcher.loss`` checks ``x0, x1, y0, y1`` through the
+coupler's public call (nowhere else), evaluates the path with its unchecked
+``interpolate``, and checks ``t`` only when a user's time sampler drew it.
+
+Device-to-host synchronisation. Structural checks (type, dtype, shape,
+device) read metadata only and cost nothing on any device. Value checks
+(NaN/Inf, ``t`` in ``[0, 1]``) need a reduction over the data, and reading
+its result on the host (``bool(tensor)``) makes the host wait for the device:
+on a GPU, a stall of the pipeline per check. The policy, by device:
+
+- CPU: a read costs nothing beyond the reduction, and the check raises
+  ``ValueError`` naming the argument at once. The NaN/Inf test is one
+  summation (a sum is finite exactly when every entry is, unless it
+  overflows, and then the elementwise test decides), about 30x cheaper than
+  ``torch.isfinite(x).all()`` on a 256 x 784 batch. ``FlowMatcher.loss`` goes
+  further and reads its loss instead (one scalar): the loss is NaN/Inf when a
+  sample the step used is, and only then are ``x0`` and ``x1`` scanned, to
+  name the culprit. A non-finite loss from the model itself is returned as
+  it is.
+- CUDA (:func:`value_checks_queued`): the check is queued with
+  ``torch._assert_async``; the host does not wait, and a failing check stops
+  the run at the next synchronisation with a device-side assertion carrying
+  the same message (CUDA then needs a new process; rerun the step on the CPU
+  for the ``ValueError``). ``torch.cuda.set_sync_debug_mode("error")`` shows
+  it: a FlowMatcher step with the independent or paired coupler synchronises
+  nowhere (an OT coupler reads its cost matrix on the host, where its solver
+  runs or where Sinkhorn tests convergence, and checks it with
+  :func:`all_finite`; a Gaussian-source path reads the first batch's mean and
+  spread, once).
+- Other devices (MPS, ...): the CPU's rule, at the price of a synchronisation.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-__all__ = ["check_batch", "check_pair", "check_time", "check_choice"]
+__all__ = [
+    "all_finite",
+    "check_batch",
+    "check_choice",
+    "check_finite",
+    "check_pair",
+    "check_time",
+    "host_reads_free",
+    "value_checks_queued",
+]
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def value_checks_queued(x: Tensor) -> bool:
+    """Whether value checks of ``x`` are queued on its device (CUDA) instead of read on the host."""
+    return x.device.type == "cuda"
+
+
+def host_reads_free(x: Tensor) -> bool:
+    """Whether reading a value of ``x`` on the host costs no synchronisation: it lives on the CPU."""
+    return x.device.type == "cpu"
+
+
+def all_finite(x: Tensor) -> bool:
+    """Whether ``x`` has no NaN or Inf: one summation, and the elementwise test only if the sum is not finite.
+
+    Reads the result on the host (a synchronisation on an accelerator).
+    """
+    total = x.sum(dtype=torch.float32) if x.dtype in _HALF else x.sum()
+    return math.isfinite(total.item()) or bool(torch.isfinite(x).all())
+
+
+def check_finite(x: Tensor, name: str) -> Tensor:
+    """Raise ``ValueError("<name>: contains NaN or Inf")`` if ``x`` has a NaN or Inf (queued on CUDA, see above)."""
+    if value_checks_queued(x):
+        torch._assert_async(torch.isfinite(x).all(), f"{name}: contains NaN or Inf")
+    elif not all_finite(x):
+        raise ValueError(f"{name}: contains NaN or Inf")
+    return x
 
 
 def check_batch(x: object, name: str, finite: bool = True) -> Tensor:
@@ -33,19 +108,27 @@ def check_batch(x: object, name: str, finite: bool = True) -> Tensor:
         )
     if x.shape[0] == 0:
         raise ValueError(f"{name}: expected a non-empty batch, got shape {tuple(x.shape)}")
-    if finite and not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{name}: contains NaN or Inf")
-    return x
+    return check_finite(x, name) if finite else x
 
 
 def check_pair(x0: object, x1: object, same_batch: bool = False, finite: bool = True) -> tuple[Tensor, Tensor]:
     """Check a source batch ``x0: (B0, ...)`` and a target batch ``x1: (B1, ...)``.
 
-    The trailing shapes must match; ``same_batch=True`` also requires ``B0 == B1``;
-    ``finite`` as in :func:`check_batch`.
+    Each must pass :func:`check_batch`; the trailing shapes must match; ``same_batch=True``
+    also requires ``B0 == B1``; ``finite`` as in :func:`check_batch`.
     """
-    x0 = check_batch(x0, "x0", finite)
-    x1 = check_batch(x1, "x1", finite)
+    if not (
+        isinstance(x0, Tensor)
+        and isinstance(x1, Tensor)
+        and x0.is_floating_point()
+        and x1.is_floating_point()
+        and x0.ndim >= 2
+        and x1.ndim >= 2
+        and x0.shape[0]
+        and x1.shape[0]
+    ):  # one test for the common case; check_batch names what is wrong
+        check_batch(x0, "x0", finite=False)
+        check_batch(x1, "x1", finite=False)
     if x0.shape[1:] != x1.shape[1:]:
         raise ValueError(
             f"x0 and x1: expected the same sample shape, got x0 {tuple(x0.shape)} and x1 {tuple(x1.shape)}"
@@ -54,17 +137,25 @@ def check_pair(x0: object, x1: object, same_batch: bool = False, finite: bool = 
         raise ValueError(f"x0 and x1: expected the same batch size, got {x0.shape[0]} and {x1.shape[0]}")
     if x0.device != x1.device:
         raise ValueError(f"x0 and x1: expected the same device, got {x0.device} and {x1.device}")
+    if finite:
+        check_finite(x0, "x0")
+        check_finite(x1, "x1")
     return x0, x1
 
 
 def check_time(t: object, batch: int, name: str = "t") -> Tensor:
-    """Check that ``t`` is a tensor of shape ``(batch,)`` with values in ``[0, 1]``."""
+    """Check that ``t`` is a tensor of shape ``(batch,)`` with values in ``[0, 1]`` (queued on CUDA)."""
     if not isinstance(t, Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor of shape ({batch},), got {type(t).__name__}")
     if t.shape != (batch,):
         raise ValueError(f"{name}: expected shape ({batch},), got {tuple(t.shape)}")
-    if not bool(((t >= 0) & (t <= 1)).all()):
-        raise ValueError(f"{name}: expected values in [0, 1], got min {t.min().item():.4g}, max {t.max().item():.4g}")
+    if value_checks_queued(t):
+        torch._assert_async(((t >= 0) & (t <= 1)).all(), f"{name}: expected values in [0, 1]")
+        return t
+    if batch:
+        low, high = (float(v) for v in t.aminmax())
+        if not (low >= 0 and high <= 1):  # NaN fails too
+            raise ValueError(f"{name}: expected values in [0, 1], got min {low:.4g}, max {high:.4g}")
     return t
 
 

@@ -10,20 +10,25 @@ from the time sampler and ``(x_t, u_t)`` from the probability path.
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from otcfm import _random
-from otcfm._checks import check_pair
-from otcfm.couplers import Coupler, SinkhornCoupler, get_coupler
-from otcfm.couplers.base import check_labels
+from otcfm import _checks, _random
+from otcfm.couplers import Coupler, get_coupler
 from otcfm.paths import BridgePath, Path, get_path
 from otcfm.timesteps import TimeSampler, get_time_sampler
 
-__all__ = ["FlowBatch", "FlowMatcher"]
+__all__ = ["BridgeEpsilonWarning", "FlowBatch", "FlowMatcher"]
+
+
+class BridgeEpsilonWarning(UserWarning):
+    """An entropic coupler's epsilon is not the one its path is made for (the Schroedinger bridge's ``2 sigma^2``)."""
 
 
 class FlowBatch(NamedTuple):
@@ -48,12 +53,26 @@ class FlowMatcher:
     """Conditional flow matching with a pluggable coupler, path and time sampler.
 
     Args:
-        coupler: a coupler name (``"independent"``, ``"exact"``, ...) or instance.
+        coupler: a coupler name (``"independent"``, ``"exact"``, ``"hungarian"``, ``"sinkhorn"``,
+            ``"paired"``) or instance.
         path: a path name (``"linear"``, ``"gaussian"``, ``"diffusion"``,
             ``"cosine"``, ``"bridge"``) or instance.
         sigma: the path's noise parameter; the path's default when None.
-        time_sampler: ``"uniform"``, ``"logit_normal"`` or a callable
-            ``(n, generator, device, dtype) -> (n,)``.
+        time_sampler: ``"uniform"``, ``"logit_normal"``, ``"u_shaped"`` or a callable
+            ``(n, generator, device, dtype) -> (n,)`` (whose draws are then checked).
+
+    The Schroedinger bridge: a path that is made for entropic OT at a given
+    epsilon declares it (:attr:`otcfm.paths.Path.entropic_epsilon`; the
+    ``"bridge"`` path of diffusion ``sigma``: ``2 sigma^2``, in cost units).
+    With such a path, ``coupler="sinkhorn"`` means Sinkhorn at exactly that
+    absolute epsilon, so ``FlowMatcher(coupler="sinkhorn", path="bridge",
+    sigma=s)`` is SB-CFM, as is :meth:`schrodinger_bridge`; a Sinkhorn
+    instance at another epsilon (or a relative one) is used as given, with a
+    :class:`BridgeEpsilonWarning`.
+
+    Validation: each step checks its inputs once, in the coupler's public
+    call (see :mod:`otcfm._checks` for how that avoids GPU synchronisation);
+    a path that assumes a standard normal source looks at the first batch.
 
     Example:
         >>> fm = FlowMatcher(coupler="exact", path="linear", sigma=0.0)
@@ -68,11 +87,45 @@ class FlowMatcher:
         time_sampler: str | TimeSampler = "uniform",
     ) -> None:
         self.path = get_path(path, sigma)
-        if coupler == "sinkhorn" and isinstance(self.path, BridgePath):
-            # The Schroedinger bridge with diffusion sigma couples by entropic OT at epsilon = 2 sigma^2.
-            coupler = SinkhornCoupler(epsilon=2 * self.path.sigma**2, relative=False)
+        epsilon = self.path.entropic_epsilon
+        if coupler == "sinkhorn" and epsilon is not None:
+            coupler = get_coupler("sinkhorn", epsilon=epsilon, relative=False)
         self.coupler = get_coupler(coupler)
         self.time_sampler = get_time_sampler(time_sampler)
+        self._check_source = self.path.gaussian_source  # on the first batch only
+        self._needs_noise = self.path.needs_noise  # paths are frozen: read once, not per step
+        if epsilon is not None:
+            _warn_on_other_epsilon(self.coupler, self.path, epsilon)
+
+    @classmethod
+    def schrodinger_bridge(
+        cls, sigma: float = 1.0, time_sampler: str | TimeSampler = "uniform", **sinkhorn_options: Any
+    ) -> FlowMatcher:
+        r"""SB-CFM (Tong et al. 2023): the Brownian bridge of diffusion ``sigma`` with Sinkhorn at ``2 sigma^2``.
+
+        Entropic OT with the squared Euclidean cost at the absolute
+        ``epsilon = 2 sigma^2`` pairs the batches as the static Schroedinger
+        bridge of Brownian motion ``sigma W`` does, and
+        :class:`~otcfm.paths.BridgePath` interpolates each pair by that
+        motion's bridge. The same as ``FlowMatcher(coupler="sinkhorn",
+        path="bridge", sigma=sigma)``.
+
+        Args:
+            sigma: diffusion level, ``> 0``.
+            time_sampler: as in :class:`FlowMatcher`.
+            **sinkhorn_options: other options of :class:`~otcfm.couplers.SinkhornCoupler`
+                (``tol``, ``max_iter``, ``label_weight``, ...); not ``epsilon`` or ``relative``.
+
+        Raises:
+            ValueError: ``sigma <= 0``.
+            TypeError: ``epsilon`` or ``relative`` among the options.
+        """
+        path = BridgePath(sigma)
+        for fixed in ("epsilon", "relative"):
+            if fixed in sinkhorn_options:
+                raise TypeError(f"{fixed}: the Schroedinger bridge fixes it (absolute epsilon = 2 sigma^2)")
+        coupler = get_coupler("sinkhorn", epsilon=path.entropic_epsilon, relative=False, **sinkhorn_options)
+        return cls(coupler=coupler, path=path, time_sampler=time_sampler)
 
     def batch(
         self,
@@ -95,17 +148,34 @@ class FlowMatcher:
             a :class:`FlowBatch` (one entry per pair).
 
         Raises:
-            ValueError: mismatched sample shapes, empty batches, NaN/Inf.
+            ValueError: mismatched sample shapes, empty batches, NaN/Inf (on CUDA: a device-side
+                assertion at the next synchronisation, see :mod:`otcfm._checks`).
         """
-        x0, x1 = check_pair(x0, x1)
-        y0, y1 = check_labels(y0, x0.shape[0], "y0"), check_labels(y1, x1.shape[0], "y1")
-        self.path.check_source(x0)
-        i, j = self.coupler.pair(x0, x1, y0, y1, generator)  # inputs validated once, here
-        x0, x1 = x0[i], x1[j]
+        return FlowBatch(*self._batch(x0, x1, generator, y0, y1, True))
+
+    def _batch(
+        self,
+        x0: Tensor,
+        x1: Tensor,
+        generator: torch.Generator | None,
+        y0: Tensor | None,
+        y1: Tensor | None,
+        finite: bool,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """``(t, x_t, u_t, i, j)``; ``finite``: whether the coupler scans ``x0`` and ``x1`` for NaN/Inf."""
+        coupler = self.coupler
+        i, j = coupler(x0, x1, y0=y0, y1=y1, generator=generator, finite=finite)  # the one check of the inputs
+        if self._check_source:
+            self._check_source = False
+            self.path.check_source(x0)
+        if not coupler.sources_in_order:
+            x0 = x0.index_select(0, i)
+        x1 = x1.index_select(0, j)
         t = self.time_sampler(x0.shape[0], generator, x0.device, x0.dtype)
-        noise = _random.randn(tuple(x0.shape), generator, x0.device, x0.dtype) if self.path.needs_noise else None
-        x_t, u_t = self.path(x0, x1, t, noise)
-        return FlowBatch(t, x_t, u_t, i, j)
+        noise = _random.randn(tuple(x0.shape), generator, x0.device, x0.dtype) if self._needs_noise else None
+        shaped = (t if t.dtype == x0.dtype else t.to(x0.dtype)).reshape((-1,) + (1,) * (x0.ndim - 1))
+        x_t, u_t = self.path.interpolate(x0, x1, shaped, noise)
+        return t, x_t, u_t, i, j
 
     def loss(
         self,
@@ -119,6 +189,10 @@ class FlowMatcher:
     ) -> Tensor:
         """Flow-matching loss: mean squared error of ``model(x_t, t)`` against ``u_t``.
 
+        On the CPU, ``x0`` and ``x1`` are not scanned for NaN/Inf up front: the loss is NaN/Inf when
+        a sample the step uses is, and reading it costs nothing there, so they are scanned (and
+        named in the error) only then. On CUDA the scans are queued (see :mod:`otcfm._checks`).
+
         Args:
             model: velocity field called as ``model(x: (B, ...), t: (B,)) -> (B, ...)``;
                 with target labels, as ``model(x, t, y)`` where ``y = y1[j]`` are the pairs' labels.
@@ -129,12 +203,49 @@ class FlowMatcher:
 
         Returns:
             scalar tensor (mean over batch and dimensions).
+
+        Raises:
+            ValueError: as :meth:`batch` (NaN/Inf in the samples the step uses), or a model output
+                of the wrong shape.
         """
-        batch = self.batch(x0, x1, generator, y0=y0, y1=y1)
-        v = model(batch.x_t, batch.t) if y1 is None else model(batch.x_t, batch.t, y1[batch.j])
-        if v.shape != batch.u_t.shape:
-            raise ValueError(f"model: expected output of shape {tuple(batch.u_t.shape)}, got {tuple(v.shape)}")
-        return torch.mean((v - batch.u_t) ** 2)
+        read_loss = isinstance(x0, Tensor) and _checks.host_reads_free(x0)
+        t, x_t, u_t, _, j = self._batch(x0, x1, generator, y0, y1, not read_loss)
+        v = model(x_t, t) if y1 is None else model(x_t, t, y1[j])
+        if v.shape != u_t.shape:
+            raise ValueError(f"model: expected output of shape {tuple(u_t.shape)}, got {tuple(v.shape)}")
+        loss = _mse(v, u_t)
+        if read_loss and not math.isfinite(loss.item()):
+            _checks.check_pair(x0, x1)  # names x0 or x1 if the NaN/Inf came from them, not from the model
+        return loss
 
     def __repr__(self) -> str:
         return f"FlowMatcher(coupler={self.coupler!r}, path={self.path!r}, time_sampler={self.time_sampler!r})"
+
+
+# F.mse_loss's own Python (a size check, broadcast_tensors, the reduction's name) costs about 1% of a
+# training step of a 2-D MLP (benchmarks/step.py); its kernel is called directly where it exists.
+_MSE_KERNEL = getattr(torch._C._nn, "mse_loss", None)
+
+
+def _mse(v: Tensor, u: Tensor) -> Tensor:
+    """``mean((v - u) ** 2)`` of two tensors of the same shape: ``F.mse_loss(v, u)``, one kernel each way."""
+    return F.mse_loss(v, u) if _MSE_KERNEL is None else _MSE_KERNEL(v, u, 1)  # 1: mean, as in F.mse_loss
+
+
+def _warn_on_other_epsilon(coupler: Coupler, path: Path, epsilon: float) -> None:
+    """Warn when an entropic coupler regularises at another epsilon than the one ``path`` is made for."""
+    entropic = coupler.entropic_epsilon()
+    if entropic is None:
+        return
+    value, relative = entropic
+    if not relative and math.isclose(value, epsilon, rel_tol=1e-9):
+        return
+    given = f"epsilon={value:g} relative to the mean cost" if relative else f"the absolute epsilon {value:g}"
+    warnings.warn(
+        f"coupler: {coupler!r} regularises at {given}, but the path {path!r} is the Schroedinger "
+        f"bridge only with the absolute epsilon 2 sigma^2 = {epsilon:g}; use FlowMatcher.schrodinger_bridge(sigma), "
+        f"coupler='sinkhorn', or SinkhornCoupler(epsilon={epsilon:g}, relative=False), or silence "
+        "otcfm.flow.BridgeEpsilonWarning if the other epsilon is meant",
+        BridgeEpsilonWarning,
+        stacklevel=3,
+    )

@@ -55,6 +55,8 @@ class Path(ABC):
 
     Subclasses implement :meth:`interpolate` on inputs whose ``t`` has been
     reshaped to ``(B, 1, ..., 1)``; calling the path validates and reshapes.
+    :class:`~otcfm.FlowMatcher` calls :meth:`interpolate` itself, on inputs its
+    coupler has checked and times it drew.
     """
 
     name: str = ""
@@ -62,6 +64,15 @@ class Path(ABC):
     needs_noise: bool = False
     #: Whether the path assumes a standard normal source ``x0``.
     gaussian_source: bool = False
+
+    @property
+    def entropic_epsilon(self) -> float | None:
+        """The absolute epsilon of the entropic OT coupling this path is made for, or None (any coupling).
+
+        :class:`~otcfm.FlowMatcher` gives ``coupler="sinkhorn"`` this epsilon (in cost units) and warns
+        when a Sinkhorn instance uses another. Only :class:`BridgePath` has one: ``2 sigma^2``.
+        """
+        return None
 
     def __call__(self, x0: Tensor, x1: Tensor, t: Tensor, noise: Tensor | None = None) -> PathSample:
         """Evaluate the path.
@@ -97,10 +108,11 @@ class Path(ABC):
 
         A cheap test on the batch's overall mean and standard deviation: it
         catches a wrong source (e.g. 8gaussians), not a subtly wrong one.
+        :class:`~otcfm.FlowMatcher` runs it on its first batch only.
         """
         if not self.gaussian_source or x0.numel() < 32:
             return
-        mean, std = float(x0.mean()), float(x0.std())
+        std, mean = (float(v) for v in torch.std_mean(x0))
         if abs(mean) > 0.5 or abs(std - 1.0) > 0.5:
             warnings.warn(
                 f"x0: the {self.name!r} path assumes a standard normal source, but this batch has "
@@ -138,7 +150,7 @@ class LinearPath(_ConstantNoisePath):
     name = "linear"
 
     def interpolate(self, x0: Tensor, x1: Tensor, t: Tensor, noise: Tensor | None) -> PathSample:
-        x_t = t * x1 + (1 - t) * x0
+        x_t = torch.lerp(x0, x1, t)  # t x1 + (1 - t) x0 in one pass, exact at both ends
         if self.sigma > 0:
             x_t = x_t + self.sigma * noise
         return PathSample(x_t, x1 - x0)
@@ -246,8 +258,13 @@ class BridgePath(Path):
 
     ``u_t`` is the derivative of ``x_t`` for fixed ``epsilon``; it equals
     Tong et al.'s ``x1 - x0 + (1-2t)/(2t(1-t)) (x_t - mu_t)``. ``t(1-t)`` is
-    floored at 1e-12 so ``u_t`` stays finite at the end points. Pair it with
-    entropic OT at ``epsilon = 2 sigma^2`` for the Schroedinger bridge.
+    floored at 1e-12 so ``u_t`` stays finite at the end points.
+
+    Paired by entropic OT at the absolute ``epsilon = 2 sigma^2`` (squared
+    Euclidean cost), the pairs are those of the static Schroedinger bridge
+    between the batches for Brownian motion of diffusion ``sigma``, and this
+    path its bridge (Tong et al. 2023, SB-CFM): :attr:`entropic_epsilon`.
+    ``FlowMatcher.schrodinger_bridge(sigma)`` builds that pair of pieces.
 
     Args:
         sigma: diffusion level, ``> 0``.
@@ -261,9 +278,14 @@ class BridgePath(Path):
         if not (isinstance(self.sigma, (int, float)) and self.sigma > 0 and math.isfinite(self.sigma)):
             raise ValueError(f"sigma: the bridge path needs sigma > 0, got {self.sigma}")
 
+    @property
+    def entropic_epsilon(self) -> float:
+        """``2 sigma^2``: the Schroedinger bridge's entropic regularisation, in cost units."""
+        return 2.0 * self.sigma**2
+
     def interpolate(self, x0: Tensor, x1: Tensor, t: Tensor, noise: Tensor | None) -> PathSample:
         root = torch.sqrt((t * (1 - t)).clamp_min(_TINY))
-        x_t = t * x1 + (1 - t) * x0 + self.sigma * root * noise
+        x_t = torch.lerp(x0, x1, t) + self.sigma * root * noise
         u_t = x1 - x0 + self.sigma * (1 - 2 * t) / (2 * root) * noise
         return PathSample(x_t, u_t)
 

@@ -17,9 +17,9 @@ import torch
 from torch import Tensor
 
 from otcfm import _random
-from otcfm._checks import check_choice
+from otcfm._checks import check_choice, check_time
 
-__all__ = ["TIME_SAMPLERS", "LogitNormal", "TimeSampler", "UShaped", "Uniform", "get_time_sampler"]
+__all__ = ["TIME_SAMPLERS", "CheckedSampler", "LogitNormal", "TimeSampler", "UShaped", "Uniform", "get_time_sampler"]
 
 
 class TimeSampler(Protocol):
@@ -84,15 +84,38 @@ class UShaped:
 TIME_SAMPLERS: dict[str, type] = {"uniform": Uniform, "logit_normal": LogitNormal, "u_shaped": UShaped}
 
 
+@dataclass(frozen=True)
+class CheckedSampler:
+    """A user's time sampler whose every draw is checked: shape ``(n,)``, values in ``[0, 1]``.
+
+    :func:`get_time_sampler` wraps callables other than the samplers of this module in it, so the
+    flow-matching step checks ``t`` only where it comes from code it does not know.
+
+    Args:
+        sampler: ``sampler(n, generator, device, dtype) -> (n,)``.
+    """
+
+    sampler: TimeSampler
+
+    def __call__(self, n: int, generator: torch.Generator | None, device: torch.device, dtype: torch.dtype) -> Tensor:
+        return check_time(self.sampler(n, generator, device, dtype), n)
+
+
 def get_time_sampler(sampler: str | TimeSampler) -> TimeSampler:
-    """Return a time sampler from a name in :data:`TIME_SAMPLERS`, or pass a callable through.
+    """Return a time sampler from a name in :data:`TIME_SAMPLERS`, or a callable, checked.
+
+    The samplers of this module are returned as they are; any other callable comes back wrapped in a
+    :class:`CheckedSampler`, which checks its draws (``t: (n,)`` in ``[0, 1]``).
 
     Raises:
         ValueError: unknown name; the message lists the valid ones.
+        TypeError: neither a name nor a callable.
     """
     if isinstance(sampler, str):
         check_choice(sampler, TIME_SAMPLERS, "time_sampler")
         return TIME_SAMPLERS[sampler]()
     if not callable(sampler):
         raise TypeError(f"time_sampler: expected a name or a callable, got {type(sampler).__name__}")
-    return sampler
+    if isinstance(sampler, (CheckedSampler, *TIME_SAMPLERS.values())):
+        return sampler
+    return CheckedSampler(sampler)

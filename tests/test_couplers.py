@@ -65,6 +65,25 @@ def test_every_coupler_returns_a_valid_pairing(name: str, seed: int, n: int, d: 
         assert _is_permutation(i, n)  # every source sample is used exactly once
 
 
+@pytest.mark.parametrize(
+    "coupler",
+    [get_coupler(name) for name in sorted(COUPLERS)]
+    + [ExactCoupler(solver="emd", replace=True), SinkhornCoupler(replace=True)],
+    ids=lambda c: repr(c),
+)
+@pytest.mark.parametrize("n0, n1", [(12, 12), (8, 12), (12, 8)])
+def test_sources_in_order_is_kept(coupler: Coupler, n0: int, n1: int) -> None:
+    """A coupler that declares ``sources_in_order`` returns ``i = arange(B0)`` (FlowMatcher then uses x0 as is)."""
+    if coupler.name == "paired" and n0 != n1:
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        i, _ = coupler(_batch(0, n0), _batch(1, n1), generator=torch.Generator().manual_seed(0))
+    if coupler.sources_in_order:
+        assert torch.equal(i, torch.arange(n0))
+    assert not (ExactCoupler(replace=True).sources_in_order or SinkhornCoupler(replace=True).sources_in_order)
+
+
 @pytest.mark.parametrize("name", sorted(COUPLERS))
 def test_same_seed_same_pairing(name: str) -> None:
     x0, x1 = _batch(0, 64), _batch(1, 64)

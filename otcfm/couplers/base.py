@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from otcfm._checks import check_pair
+from otcfm._checks import check_finite, check_pair
 
 __all__ = ["Coupler", "Pairing", "check_labels"]
 
@@ -35,17 +35,31 @@ class Coupler(ABC):
     """Base class of couplers. Subclasses implement :meth:`pair`.
 
     Calling a coupler validates the inputs (same sample shape, non-empty,
-    finite; labels of shape ``(B,)``) and returns a :class:`Pairing`.
+    finite; labels of shape ``(B,)``) and returns a :class:`Pairing`. This
+    call is the one place where a coupler's inputs are checked, for users and
+    for :class:`~otcfm.FlowMatcher` alike; :meth:`pair` trusts its inputs.
     """
 
     #: Registry name, set by subclasses.
     name: str = ""
     #: Whether equal batches always come back as a permutation (every sample used once on both sides).
     one_to_one: bool = False
+    #: Whether ``i`` is always ``arange(B0)``: every source sample once, in order (``x0[i]`` is ``x0``,
+    #: so :class:`~otcfm.FlowMatcher` does not gather it).
+    sources_in_order: bool = False
 
     def finite_checked_later(self) -> bool:
         """Whether :meth:`pair` itself rejects NaN/Inf inputs, so ``__call__`` can skip scanning them."""
         return False
+
+    def entropic_epsilon(self) -> tuple[float, bool] | None:
+        """``(epsilon, relative)`` of a coupler that solves entropic OT, None for any other coupler.
+
+        ``relative`` tells whether ``epsilon`` is a fraction of the batch's mean cost rather than in cost
+        units. :class:`~otcfm.FlowMatcher` compares it with the epsilon its path declares
+        (:attr:`otcfm.paths.Path.entropic_epsilon`, the Schroedinger bridge's ``2 sigma^2``).
+        """
+        return None
 
     def __call__(
         self,
@@ -55,6 +69,7 @@ class Coupler(ABC):
         y0: Tensor | None = None,
         y1: Tensor | None = None,
         generator: torch.Generator | None = None,
+        finite: bool = True,
     ) -> Pairing:
         """Pair ``x0: (B0, ...)`` with ``x1: (B1, ...)``.
 
@@ -66,6 +81,9 @@ class Coupler(ABC):
                 Couplers that use a cost take them into account (see
                 :class:`~otcfm.couplers.OTCoupler`); others ignore them.
             generator: source of randomness for couplers that draw.
+            finite: scan ``x0`` and ``x1`` for NaN/Inf. ``False`` is for a caller that detects
+                them later at no extra cost (``FlowMatcher.loss`` on the CPU reads its loss, which
+                is NaN/Inf if a sample it used is); labels are always checked.
 
         Returns:
             ``Pairing(i, j)``, index tensors on ``x0.device``.
@@ -73,9 +91,11 @@ class Coupler(ABC):
         Raises:
             ValueError: mismatched sample shapes, empty batches, NaN/Inf, labels of the wrong length.
         """
-        x0, x1 = check_pair(x0, x1, finite=not self.finite_checked_later())
-        y0 = check_labels(y0, x0.shape[0], "y0")
-        y1 = check_labels(y1, x1.shape[0], "y1")
+        x0, x1 = check_pair(x0, x1, finite=finite and not self.finite_checked_later())
+        if y0 is not None:
+            check_labels(y0, x0.shape[0], "y0")
+        if y1 is not None:
+            check_labels(y1, x1.shape[0], "y1")
         return self.pair(x0, x1, y0, y1, generator)
 
     @abstractmethod
@@ -89,13 +109,11 @@ class Coupler(ABC):
 
 
 def check_labels(y: Tensor | None, batch: int, name: str) -> Tensor | None:
-    """Check optional labels: a tensor with ``batch`` rows, finite if floating."""
+    """Check optional labels: a tensor with ``batch`` rows, finite if floating (see :mod:`otcfm._checks`)."""
     if y is None:
         return None
     if not isinstance(y, Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor of shape ({batch},) or ({batch}, k), got {type(y).__name__}")
     if y.ndim not in (1, 2) or y.shape[0] != batch:
         raise ValueError(f"{name}: expected shape ({batch},) or ({batch}, k), got {tuple(y.shape)}")
-    if y.is_floating_point() and not bool(torch.isfinite(y).all()):
-        raise ValueError(f"{name}: contains NaN or Inf")
-    return y
+    return check_finite(y, name) if y.is_floating_point() else y

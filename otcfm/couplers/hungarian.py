@@ -28,6 +28,7 @@ class HungarianCoupler(OTCoupler):
 
     name = "hungarian"
     one_to_one = True
+    sources_in_order = False  # for B0 > B1 only B1 sources are matched
 
     def __init__(self, cost: CostFn = squared_euclidean_cost, label_weight: float | None = None) -> None:
         super().__init__(cost, label_weight)

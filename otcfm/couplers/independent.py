@@ -22,6 +22,7 @@ class IndependentCoupler(Coupler):
 
     name = "independent"
     one_to_one = True
+    sources_in_order = True
 
     def pair(
         self, x0: Tensor, x1: Tensor, y0: Tensor | None, y1: Tensor | None, generator: torch.Generator | None
@@ -42,6 +43,7 @@ class PairedCoupler(Coupler):
 
     name = "paired"
     one_to_one = True
+    sources_in_order = True
 
     def pair(
         self, x0: Tensor, x1: Tensor, y0: Tensor | None, y1: Tensor | None, generator: torch.Generator | None

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from otcfm import _random
-from otcfm._checks import check_pair
+from otcfm._checks import all_finite, check_pair
 from otcfm.couplers.base import Coupler, Pairing
 from otcfm.couplers.cost import condition_cost, squared_euclidean_cost
 
@@ -46,7 +46,7 @@ def pairs_from_plan(
     """
     plan = plan.detach().to(torch.float64)
     n0, n1 = plan.shape
-    if not bool(torch.isfinite(plan).all()) or bool((plan < 0).any()):
+    if not all_finite(plan) or bool((plan < 0).any()):
         raise ValueError("plan: expected finite non-negative entries")
     if replace:
         flat = _random.multinomial_replace(plan.reshape(-1), n0, generator, device)
@@ -87,6 +87,11 @@ class OTCoupler(Coupler):
         self.label_weight = label_weight
         self.replace = bool(replace)
 
+    @property
+    def sources_in_order(self) -> bool:  # type: ignore[override]
+        """Every source sample once, in order (the rows of the plan), unless pairs are drawn with replacement."""
+        return not self.replace
+
     def finite_checked_later(self) -> bool:
         """The default squared-Euclidean cost is finite only if both batches are: its check covers theirs."""
         return self.cost is squared_euclidean_cost
@@ -104,7 +109,7 @@ class OTCoupler(Coupler):
             shape = tuple(cost.shape) if isinstance(cost, Tensor) else type(cost).__name__
             raise ValueError(f"cost: expected a ({x0.shape[0]}, {x1.shape[0]}) tensor, got {shape}")
         cost = cost.detach().to(torch.float64)
-        if not bool(torch.isfinite(cost).all()):
+        if not all_finite(cost):  # read at once: the cost goes to a solver on the host, or into Sinkhorn's loop
             check_pair(x0, x1)  # names x0 or x1 when the NaN/Inf came from an input
             raise ValueError("cost: contains NaN or Inf")
         return cost

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from otcfm._checks import all_finite
 from otcfm.couplers.base import Pairing
 from otcfm.couplers.cost import condition_cost, squared_euclidean_cost
 from otcfm.couplers.plan import CostFn, OTCoupler, pairs_from_plan
@@ -110,8 +111,22 @@ def sinkhorn_plan(
     """
     if cost.ndim != 2 or cost.shape[0] == 0 or cost.shape[1] == 0:
         raise ValueError(f"cost: expected a non-empty 2-D matrix, got shape {tuple(cost.shape)}")
-    if not bool(torch.isfinite(cost).all()):
+    if not all_finite(cost):
         raise ValueError("cost: contains NaN or Inf")
+    return _sinkhorn(cost, epsilon, a, b, relative, tol, max_iter, anneal)
+
+
+def _sinkhorn(
+    cost: Tensor,
+    epsilon: float,
+    a: Tensor | None,
+    b: Tensor | None,
+    relative: bool,
+    tol: float,
+    max_iter: int,
+    anneal: bool,
+) -> SinkhornResult:
+    """:func:`sinkhorn_plan` of a non-empty finite 2-D cost (checked by the caller)."""
     if not (isinstance(epsilon, (int, float)) and math.isfinite(epsilon) and epsilon > 0):
         raise ValueError(f"epsilon: expected a finite number > 0, got {epsilon!r}")
     if tol <= 0 or max_iter < 1:
@@ -185,8 +200,12 @@ class SinkhornCoupler(OTCoupler):
 
     As ``epsilon -> 0`` the pairing cost approaches the exact one; as
     ``epsilon`` grows the plan approaches the independent coupling. With the
-    ``"bridge"`` path, ``FlowMatcher(coupler="sinkhorn")`` uses
-    ``epsilon = 2 sigma^2`` (absolute): the Schroedinger-bridge coupling.
+    ``"bridge"`` path of diffusion ``sigma``, entropic OT at the absolute
+    ``epsilon = 2 sigma^2`` gives the Schroedinger bridge:
+    ``FlowMatcher.schrodinger_bridge(sigma)`` builds it, and so does
+    ``FlowMatcher(coupler="sinkhorn", path="bridge", sigma=sigma)``; an instance
+    at another epsilon beside the bridge path draws a
+    :class:`~otcfm.flow.BridgeEpsilonWarning`.
     A run that stops at ``max_iter`` above ``tol`` emits a :class:`ConvergenceWarning`.
 
     Args:
@@ -227,10 +246,14 @@ class SinkhornCoupler(OTCoupler):
         generator: torch.Generator | None = None,
     ) -> SinkhornResult:
         """Entropic plan of ``x0: (B0, ...)``, ``x1: (B1, ...)``; a relative epsilon scales the label-free cost."""
-        base = self.base_cost(x0, x1)
+        base = self.base_cost(x0, x1)  # checked finite; the label term of checked labels keeps it so
         eps = absolute_epsilon(self.epsilon, self.relative, base)
         cost = condition_cost(base, y0, y1, self.label_weight, generator)
-        return sinkhorn_plan(cost, eps, relative=False, tol=self.tol, max_iter=self.max_iter, anneal=self.anneal)
+        return _sinkhorn(cost, eps, None, None, False, self.tol, self.max_iter, self.anneal)
+
+    def entropic_epsilon(self) -> tuple[float, bool] | None:
+        """``(epsilon, relative)``: this coupler solves entropic OT."""
+        return float(self.epsilon), bool(self.relative)
 
     def pair(
         self, x0: Tensor, x1: Tensor, y0: Tensor | None, y1: Tensor | None, generator: torch.Generator | None
