@@ -16,7 +16,7 @@ from types import ModuleType
 
 from otcfm import couplers, data, metrics, models, paths
 from otcfm.couplers import get_coupler
-from otcfm.flow import FlowBatch, FlowMatcher
+from otcfm.flow import BridgeEpsilonWarning, FlowBatch, FlowMatcher
 from otcfm.likelihood import LogLikelihood, likelihood
 from otcfm.paths import get_path
 from otcfm.solvers import Solution, integrate, solve
@@ -28,6 +28,7 @@ __version__ = "0.1.0"
 _LAZY_SUBMODULES = ("distributed", "engine", "loader", "reflow")
 
 __all__ = [
+    "BridgeEpsilonWarning",
     "FlowBatch",
     "FlowMatcher",
     "LogLikelihood",
