@@ -137,6 +137,8 @@ def check_pair(x0: object, x1: object, same_batch: bool = False, finite: bool = 
         raise ValueError(f"x0 and x1: expected the same batch size, got {x0.shape[0]} and {x1.shape[0]}")
     if x0.device != x1.device:
         raise ValueError(f"x0 and x1: expected the same device, got {x0.device} and {x1.device}")
+    if x0.dtype != x1.dtype:
+        raise ValueError(f"x0 and x1: expected the same dtype, got {x0.dtype} and {x1.dtype}; cast one of them")
     if finite:
         check_finite(x0, "x0")
         check_finite(x1, "x1")

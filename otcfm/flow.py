@@ -211,11 +211,19 @@ class FlowMatcher:
         read_loss = isinstance(x0, Tensor) and _checks.host_reads_free(x0)
         t, x_t, u_t, _, j = self._batch(x0, x1, generator, y0, y1, not read_loss)
         v = model(x_t, t) if y1 is None else model(x_t, t, y1[j])
-        if v.shape != u_t.shape:
-            raise ValueError(f"model: expected output of shape {tuple(u_t.shape)}, got {tuple(v.shape)}")
+        if not isinstance(v, Tensor) or v.shape != u_t.shape or not v.is_floating_point():
+            got = f"{tuple(v.shape)} {v.dtype}" if isinstance(v, Tensor) else type(v).__name__
+            raise (ValueError if isinstance(v, Tensor) else TypeError)(
+                f"model: expected a floating-point output of shape {tuple(u_t.shape)}, got {got}"
+            )
         loss = _mse(v, u_t)
-        if read_loss and not math.isfinite(loss.item()):
-            _checks.check_pair(x0, x1)  # names x0 or x1 if the NaN/Inf came from them, not from the model
+        message = "model: the loss is NaN or Inf with finite x0 and x1: the model returned NaN/Inf, or values overflow"
+        if read_loss:
+            if not math.isfinite(loss.item()):
+                _checks.check_pair(x0, x1)  # names x0 or x1 if the NaN/Inf came from them
+                raise ValueError(message)
+        else:
+            torch._assert_async(torch.isfinite(loss), message)  # queued: no synchronisation
         return loss
 
     def __repr__(self) -> str:

@@ -87,7 +87,7 @@ def test_bad_inputs() -> None:
         fm.loss(model, x0, x1[:0])
     with pytest.raises(ValueError, match="x0: contains NaN or Inf"):
         fm.loss(model, x0 / 0, x1)
-    with pytest.raises(ValueError, match="model: expected output of shape"):
+    with pytest.raises(ValueError, match="model: expected a floating-point output of shape"):
         fm.loss(lambda x, t: x[:, :1], x0, x1)
 
 

@@ -14,6 +14,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from otcfm._args import check_generator
 from otcfm._checks import check_finite, check_pair
 
 __all__ = ["Coupler", "Pairing", "check_labels"]
@@ -92,6 +93,7 @@ class Coupler(ABC):
             ValueError: mismatched sample shapes, empty batches, NaN/Inf, labels of the wrong length.
         """
         x0, x1 = check_pair(x0, x1, finite=finite and not self.finite_checked_later())
+        check_generator(generator)
         if y0 is not None:
             check_labels(y0, x0.shape[0], "y0")
         if y1 is not None:

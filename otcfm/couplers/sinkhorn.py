@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from otcfm._args import check_count, check_rate
 from otcfm._checks import all_finite
 from otcfm.couplers.base import Pairing
 from otcfm.couplers.cost import condition_cost, squared_euclidean_cost
@@ -235,6 +236,8 @@ class SinkhornCoupler(OTCoupler):
         super().__init__(cost, label_weight, replace)
         if not (isinstance(epsilon, (int, float)) and math.isfinite(epsilon) and epsilon > 0):
             raise ValueError(f"epsilon: expected a finite number > 0, got {epsilon!r}")
+        check_rate(tol, "tol")
+        check_count(max_iter, "max_iter")
         self.epsilon, self.relative, self.tol, self.max_iter, self.anneal = epsilon, relative, tol, max_iter, anneal
 
     def plan(
