@@ -26,7 +26,7 @@ from otcfm.solvers import METHODS, integrate
 from otcfm.timesteps import TIME_SAMPLERS
 from otcfm.training import TrainConfig, build_model, load_model, train
 
-__all__ = ["main"]
+__all__ = ["main", "run"]
 
 EVAL_STEPS = (1, 2, 4, 8, 100)
 #: Named datasets that take a ``dim`` option (``--dim``).
@@ -468,5 +468,21 @@ def main(argv: list[str] | None = None) -> int:
             distributed.shutdown(wait_for_all=code is not None)
 
 
+def run() -> None:
+    """The console entry point: ``sys.exit(main())``, but after Ctrl-C the process ends with ``os._exit(130)``.
+
+    CPython ends a process by re-raising SIGINT on itself (exit status -2, no exit code) when a KeyboardInterrupt
+    passed through code it ran as an embedded string, even though :func:`main` handled the interrupt and saved the
+    run; leaving through ``os._exit`` after flushing keeps the documented exit code 130.
+    """
+    code = main()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the work is done and saved: nothing is left to interrupt
+    if code == 130:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

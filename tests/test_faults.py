@@ -145,7 +145,10 @@ def kill_and_resume_trials(tmp_path: Path, trials: int, seed: int = 0) -> dict[s
     for trial in range(trials):
         out = tmp_path / f"trial{trial}"
         process = _cli_train(out, steps)
-        time.sleep(rng.uniform(2.0, 5.0))  # imports take about 2 s; training about 2 s more
+        deadline = time.monotonic() + 120
+        while not (out / "checkpoint.pt").exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)  # training has started once the first checkpoint (step 1) is written
+        time.sleep(rng.uniform(0.0, 1.5))  # training 60 steps takes about 1-2 s
         kind = rng.choice((signal.SIGINT, signal.SIGKILL))
         process.send_signal(kind)
         _, stderr = process.communicate(timeout=120)
