@@ -45,6 +45,7 @@ def _worker(rank: int, world_size: int, port: int, settings: dict, out: str) -> 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    finished = False
     try:
         config = otcfm.TrainConfig(**settings["config"])
         coupler = otcfm.get_coupler(config.coupler)
@@ -64,8 +65,9 @@ def _worker(rank: int, world_size: int, port: int, settings: dict, out: str) -> 
         if rank == 0:
             result = {"coupling_ms": coupling, "gather_ms": gather, "train_seconds": seconds}
             Path(out).write_text(json.dumps(result))
-    finally:
-        dist.destroy_process_group()
+        finished = True
+    finally:  # a barrier first on success, so the ranks tear gloo down together (a rank that left early aborted)
+        distributed.shutdown(wait_for_all=finished)
 
 
 def _free_port() -> int:
