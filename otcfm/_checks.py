@@ -51,6 +51,7 @@ __all__ = [
     "check_finite",
     "check_pair",
     "check_time",
+    "total_of",
     "host_reads_free",
     "value_checks_queued",
 ]
@@ -74,8 +75,12 @@ def all_finite(x: Tensor) -> bool:
 
     Reads the result on the host (a synchronisation on an accelerator).
     """
-    total = x.sum(dtype=torch.float32) if x.dtype in _HALF else x.sum()
-    return math.isfinite(total.item()) or bool(torch.isfinite(x).all())
+    return math.isfinite(total_of(x)) or bool(torch.isfinite(x).all())
+
+
+def total_of(x: Tensor) -> float:
+    """The sum of ``x`` as a Python float (NaN or Inf if an entry is, or the sum overflows): one read on the host."""
+    return (x.sum(dtype=torch.float32) if x.dtype in _HALF else x.sum()).item()
 
 
 def check_finite(x: Tensor, name: str) -> Tensor:

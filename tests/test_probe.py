@@ -56,30 +56,7 @@ def test_the_probe_covers_every_class_with_enough_cases() -> None:
 
 
 #: Cases not yet clear, by id (strict: a case that becomes clear fails here until it is removed from the list).
-KNOWN_UNCLEAR: set[str] = {
-    "bool-dtype:couplers.squared_euclidean_cost:x0",
-    "bool-dtype:couplers.squared_euclidean_cost:x1",
-    "empty:couplers.squared_euclidean_cost:x0",
-    "empty:couplers.squared_euclidean_cost:x1",
-    "feature-shape:couplers.squared_euclidean_cost:x0/x0 and x1",
-    "feature-shape:couplers.squared_euclidean_cost:x1/x0 and x1",
-    "float64-beside-float32:couplers.squared_euclidean_cost:x0/x0 and x1",
-    "float64-beside-float32:couplers.squared_euclidean_cost:x1/x0 and x1",
-    "inf:couplers.squared_euclidean_cost:x0",
-    "inf:couplers.squared_euclidean_cost:x1",
-    "int-dtype:couplers.squared_euclidean_cost:x0",
-    "int-dtype:couplers.squared_euclidean_cost:x1",
-    "list:couplers.squared_euclidean_cost:x0",
-    "list:couplers.squared_euclidean_cost:x1",
-    "nan:couplers.squared_euclidean_cost:x0",
-    "nan:couplers.squared_euclidean_cost:x1",
-    "no-batch-dim:couplers.squared_euclidean_cost:x0",
-    "no-batch-dim:couplers.squared_euclidean_cost:x1",
-    "none:couplers.squared_euclidean_cost:x0",
-    "none:couplers.squared_euclidean_cost:x1",
-    "numpy:couplers.squared_euclidean_cost:x0",
-    "numpy:couplers.squared_euclidean_cost:x1",
-}
+KNOWN_UNCLEAR: set[str] = set()
 
 
 def _params() -> list:

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from otcfm import _random
+from otcfm._checks import check_pair
 
-__all__ = ["condition_cost", "squared_euclidean_cost"]
+__all__ = [
+    "condition_cost",
+    "pairwise_squared_distances",
+    "rescaled_squared_distances",
+    "squared_distances_any_scale",
+    "squared_euclidean_cost",
+]
 
 
 def squared_euclidean_cost(x0: Tensor, x1: Tensor) -> Tensor:
@@ -17,12 +26,21 @@ def squared_euclidean_cost(x0: Tensor, x1: Tensor) -> Tensor:
     in float64 (clamped at 0) on the inputs' device.
 
     Args:
-        x0: ``(B0, ...)``.
-        x1: ``(B1, ...)``.
+        x0: ``(B0, ...)`` floating, finite.
+        x1: ``(B1, ...)`` of the same sample shape, dtype and device.
 
     Returns:
         ``(B0, B1)`` float64 tensor.
+
+    Raises:
+        TypeError, ValueError: ``x0`` or ``x1`` is not such a batch (named in the message).
     """
+    check_pair(x0, x1)
+    return pairwise_squared_distances(x0, x1)
+
+
+def pairwise_squared_distances(x0: Tensor, x1: Tensor) -> Tensor:
+    """:func:`squared_euclidean_cost` without the input checks, for callers that validated ``x0`` and ``x1``."""
     a = x0.reshape(x0.shape[0], -1).to(torch.float64)
     b = x1.reshape(x1.shape[0], -1).to(torch.float64)
     if a.shape[1] <= 4:  # for a few features, summing per feature is faster than a matmul and exact
@@ -36,6 +54,42 @@ def squared_euclidean_cost(x0: Tensor, x1: Tensor) -> Tensor:
     return cost.clamp_min_(0.0)
 
 
+#: A total squared distance below this (about 1e-271) is recomputed rescaled: its entries may have underflowed.
+TINY_TOTAL = 2.0**-900
+
+
+def squared_distances_any_scale(x0: Tensor, x1: Tensor) -> tuple[Tensor, float]:
+    """Squared distances of finite ``x0``, ``x1`` as ``(cost / unit^2, unit)``, exact at any finite scale.
+
+    The plain float64 cost (``unit = 1``) unless its squares overflowed or underflowed; then
+    :func:`rescaled_squared_distances`.
+    """
+    cost = pairwise_squared_distances(x0, x1)
+    total = float(cost.sum())
+    if math.isfinite(total) and total >= TINY_TOTAL:
+        return cost, 1.0
+    return rescaled_squared_distances(x0, x1)
+
+
+def rescaled_squared_distances(x0: Tensor, x1: Tensor) -> tuple[Tensor, float]:
+    """Squared distances of finite ``x0``, ``x1``, scaled by a power of two so float64 neither over- nor underflows.
+
+    Both batches are multiplied by ``2^-k``, with ``2^k`` the power of two nearest above
+    ``max(|x0|, |x1|)``: an exact operation, so the returned cost is the true one divided by
+    ``unit^2`` (``unit = 2^k``, or 1 when every entry is 0) and has the same optimal plans.
+    Used where the plain float64 cost overflowed (inputs near 1e160 and beyond) or underflowed.
+
+    Returns:
+        ``(cost, unit)``: ``(B0, B1)`` float64 cost in units of ``unit^2``, and ``unit``.
+    """
+    a, b = x0.detach().to(torch.float64), x1.detach().to(torch.float64)
+    largest = max(float(a.abs().max()), float(b.abs().max()))
+    if largest == 0.0:
+        return pairwise_squared_distances(a, b), 1.0
+    unit = math.ldexp(1.0, math.frexp(largest)[1])
+    return pairwise_squared_distances(a / unit, b / unit), unit
+
+
 def condition_cost(
     cost: Tensor,
     y0: Tensor | None,
@@ -47,7 +101,7 @@ def condition_cost(
 
     - Integer labels ``y: (B,)``: a pair with different labels costs ``weight``
       more. ``weight=None`` makes the constraint hard: the penalty
-      ``B0 * max(cost) + 1`` exceeds any saving in transport cost, so the
+      ``(B0 + 1) * max(cost)`` (1 for a zero cost) exceeds any saving in transport cost, so the
       plan first minimises the number of cross-label pairs (zero when both
       batches hold the same label counts), then the transport cost.
     - Floating conditions ``y: (B,)`` or ``(B, k)``: ``weight * ||y0 - y1||^2``
@@ -90,5 +144,7 @@ def condition_cost(
     if y0.ndim != 1 or y1.ndim != 1:
         raise ValueError("y0, y1: integer labels must have shape (B,)")
     mismatch = (y0.to(cost.device)[:, None] != y1.to(cost.device)[None, :]).to(cost.dtype)
-    penalty = cost.shape[0] * float(cost.max()) + 1.0 if weight is None else weight
+    largest = float(cost.max())
+    # relative to the cost, so that a solver normalising the cost sees the transport term at any input scale
+    penalty = ((cost.shape[0] + 1) * largest if largest > 0 else 1.0) if weight is None else weight
     return cost + penalty * mismatch

@@ -6,9 +6,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from otcfm._memory import check_dense_fits
 from otcfm.couplers.base import Pairing
 from otcfm.couplers.cost import squared_euclidean_cost
-from otcfm.couplers.exact import _assignment
+from otcfm.couplers.exact import LSA_BYTES_PER_ENTRY, _assignment
 from otcfm.couplers.plan import CostFn, OTCoupler
 
 __all__ = ["HungarianCoupler"]
@@ -36,6 +37,7 @@ class HungarianCoupler(OTCoupler):
     def pair(
         self, x0: Tensor, x1: Tensor, y0: Tensor | None, y1: Tensor | None, generator: torch.Generator | None
     ) -> Pairing:
+        check_dense_fits(x0.shape[0], x1.shape[0], LSA_BYTES_PER_ENTRY, "Hungarian matching")
         cost, device = self.cost_matrix(x0, x1, y0, y1, generator), x0.device
         rows, cols = _assignment(np.ascontiguousarray(cost.cpu().numpy()))  # validated by cost_matrix
         return Pairing(torch.as_tensor(rows, device=device), torch.as_tensor(cols, device=device))

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from otcfm import _random
-from otcfm._checks import all_finite, check_pair
+from otcfm._checks import all_finite, check_pair, total_of
 from otcfm.couplers.base import Coupler, Pairing
-from otcfm.couplers.cost import condition_cost, squared_euclidean_cost
+from otcfm.couplers.cost import (
+    TINY_TOTAL,
+    condition_cost,
+    pairwise_squared_distances,
+    rescaled_squared_distances,
+    squared_euclidean_cost,
+)
 
 __all__ = ["CostFn", "OTCoupler", "pairs_from_plan"]
 
@@ -99,17 +106,35 @@ class OTCoupler(Coupler):
     def cost_matrix(
         self, x0: Tensor, x1: Tensor, y0: Tensor | None, y1: Tensor | None, generator: torch.Generator | None
     ) -> Tensor:
-        """The ``(B0, B1)`` float64 cost the plan minimises, labels included; validated."""
-        return condition_cost(self.base_cost(x0, x1), y0, y1, self.label_weight, generator)
+        """The ``(B0, B1)`` float64 cost the plan minimises, labels included; validated.
+
+        In units of ``unit^2`` (see :meth:`scaled_base_cost`): the same optimal plans as the true cost.
+        """
+        return condition_cost(self.scaled_base_cost(x0, x1)[0], y0, y1, self.label_weight, generator)
 
     def base_cost(self, x0: Tensor, x1: Tensor) -> Tensor:
         """``cost(x0, x1)`` as a validated ``(B0, B1)`` float64 tensor, without the label term."""
-        cost = self.cost(x0, x1)
+        cost, unit = self.scaled_base_cost(x0, x1)
+        return cost if unit == 1.0 else cost * (unit * unit)
+
+    def scaled_base_cost(self, x0: Tensor, x1: Tensor) -> tuple[Tensor, float]:
+        """``(cost / unit^2, unit)``: the validated float64 cost without the label term, and its length unit.
+
+        ``unit`` is 1 except for the default squared-Euclidean cost of inputs so large or small that
+        float64 squares overflow or underflow (beyond about 1e150 or below 1e-150): then both batches
+        are scaled by a power of two first (exact), so the plan stays optimal at any finite input scale.
+        """
+        default = self.cost is squared_euclidean_cost
+        cost = pairwise_squared_distances(x0, x1) if default else self.cost(x0, x1)
         if not isinstance(cost, Tensor) or cost.shape != (x0.shape[0], x1.shape[0]):
             shape = tuple(cost.shape) if isinstance(cost, Tensor) else type(cost).__name__
             raise ValueError(f"cost: expected a ({x0.shape[0]}, {x1.shape[0]}) tensor, got {shape}")
         cost = cost.detach().to(torch.float64)
-        if not all_finite(cost):  # read at once: the cost goes to a solver on the host, or into Sinkhorn's loop
+        total = total_of(cost)  # read at once: the cost goes to a solver on the host, or into Sinkhorn's loop
+        if default and (not math.isfinite(total) or total < TINY_TOTAL):
             check_pair(x0, x1)  # names x0 or x1 when the NaN/Inf came from an input
+            return rescaled_squared_distances(x0, x1)  # finite inputs: the squares over- or underflowed
+        if not (math.isfinite(total) or all_finite(cost)):
+            check_pair(x0, x1)
             raise ValueError("cost: contains NaN or Inf")
-        return cost
+        return cost, 1.0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -249,10 +249,14 @@ class SinkhornCoupler(OTCoupler):
         generator: torch.Generator | None = None,
     ) -> SinkhornResult:
         """Entropic plan of ``x0: (B0, ...)``, ``x1: (B1, ...)``; a relative epsilon scales the label-free cost."""
-        base = self.base_cost(x0, x1)  # checked finite; the label term of checked labels keeps it so
-        eps = absolute_epsilon(self.epsilon, self.relative, base)
+        base, unit = self.scaled_base_cost(x0, x1)  # checked finite; the label term of checked labels keeps it so
+        eps = absolute_epsilon(self.epsilon if self.relative else self.epsilon / unit / unit, self.relative, base)
         cost = condition_cost(base, y0, y1, self.label_weight, generator)
-        return _sinkhorn(cost, eps, None, None, False, self.tol, self.max_iter, self.anneal)
+        result = _sinkhorn(cost, eps, None, None, False, self.tol, self.max_iter, self.anneal)
+        if unit == 1.0:
+            return result
+        square = unit * unit  # the inputs were rescaled (see scaled_base_cost): back to cost units (inf if beyond)
+        return replace(result, f=result.f * square, g=result.g * square, epsilon=result.epsilon * square)
 
     def entropic_epsilon(self) -> tuple[float, bool] | None:
         """``(epsilon, relative)``: this coupler solves entropic OT."""

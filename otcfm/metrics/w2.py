@@ -9,8 +9,9 @@ import numpy as np
 from torch import Tensor
 
 from otcfm._checks import check_batch
-from otcfm.couplers.cost import squared_euclidean_cost
-from otcfm.couplers.exact import exact_plan
+from otcfm._memory import check_dense_fits
+from otcfm.couplers.cost import squared_distances_any_scale
+from otcfm.couplers.exact import EMD_BYTES_PER_ENTRY, exact_plan
 from otcfm.solvers import Method, integrate
 
 __all__ = ["w2", "w2_by_steps"]
@@ -23,7 +24,7 @@ def w2(x: Tensor, y: Tensor) -> float:
         W_2(x, y) = \Big(\min_{P \in U(a, b)} \sum_{k,l} P_{kl} \|x_k - y_l\|^2\Big)^{1/2}
 
     with uniform weights ``a, b``, solved exactly (POT's network simplex, on
-    the CPU in float64; samples are flattened). The estimate is biased upwards
+    the CPU in float64; samples are flattened), at any finite scale of the inputs. The estimate is biased upwards
     for finite samples: compare figures only at the same ``n``.
 
     Args:
@@ -32,6 +33,10 @@ def w2(x: Tensor, y: Tensor) -> float:
 
     Returns:
         ``W2`` as a Python float.
+
+    Raises:
+        TypeError, ValueError: ``x`` or ``y`` is not a finite floating batch, or they differ in shape or dtype.
+        MemoryError: the ``(N, M)`` solve would not fit in the available memory.
     """
     x, y = check_batch(x, "x"), check_batch(y, "y")
     if x.shape[1:] != y.shape[1:] or x.dtype != y.dtype:
@@ -39,9 +44,11 @@ def w2(x: Tensor, y: Tensor) -> float:
             f"x and y: expected samples of one shape and dtype, got {tuple(x.shape)} {x.dtype} and "
             f"{tuple(y.shape)} {y.dtype}"
         )
-    cost = squared_euclidean_cost(x.detach(), y.detach()).cpu().numpy()
-    plan = exact_plan(cost)
-    return math.sqrt(max(float(np.sum(plan * cost)), 0.0))
+    check_dense_fits(x.shape[0], y.shape[0], EMD_BYTES_PER_ENTRY, "w2 (exact OT)")
+    cost, unit = squared_distances_any_scale(x.detach(), y.detach())
+    matrix = cost.cpu().numpy()
+    plan = exact_plan(matrix)
+    return math.sqrt(max(float(np.sum(plan * matrix)), 0.0)) * unit
 
 
 def w2_by_steps(
