@@ -51,8 +51,8 @@ __all__ = [
     "check_finite",
     "check_pair",
     "check_time",
-    "total_of",
     "host_reads_free",
+    "total_of",
     "value_checks_queued",
 ]
 

@@ -51,9 +51,9 @@ def _emd2(x0: torch.Tensor, x1: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("name", sorted(COUPLERS))
 @given(seed=st.integers(0, 2**16), n=st.integers(1, 16), d=st.integers(1, 4))
-def test_every_coupler_returns_a_valid_pairing(name: str, seed: int, n: int, d: int) -> None:
+def test_every_coupler_returns_a_valid_pairing(ready, name: str, seed: int, n: int, d: int) -> None:
     x0, x1 = _batch(seed, n, (d,)), _batch(seed + 1, n, (d,))
-    coupler = get_coupler(name)
+    coupler = ready(name, x1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)  # slow Sinkhorn cases; the pairing must be valid anyway
         i, j = coupler(x0, x1, generator=torch.Generator().manual_seed(seed))
@@ -72,22 +72,25 @@ def test_every_coupler_returns_a_valid_pairing(name: str, seed: int, n: int, d: 
     ids=lambda c: repr(c),
 )
 @pytest.mark.parametrize("n0, n1", [(12, 12), (8, 12), (12, 8)])
-def test_sources_in_order_is_kept(coupler: Coupler, n0: int, n1: int) -> None:
+def test_sources_in_order_is_kept(ready, coupler: Coupler, n0: int, n1: int) -> None:
     """A coupler that declares ``sources_in_order`` returns ``i = arange(B0)`` (FlowMatcher then uses x0 as is)."""
     if coupler.name == "paired" and n0 != n1:
         return
+    x1 = _batch(1, n1)
+    if coupler.name == "semidiscrete":
+        coupler = ready("semidiscrete", x1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        i, _ = coupler(_batch(0, n0), _batch(1, n1), generator=torch.Generator().manual_seed(0))
+        i, _ = coupler(_batch(0, n0), x1, generator=torch.Generator().manual_seed(0))
     if coupler.sources_in_order:
         assert torch.equal(i, torch.arange(n0))
     assert not (ExactCoupler(replace=True).sources_in_order or SinkhornCoupler(replace=True).sources_in_order)
 
 
 @pytest.mark.parametrize("name", sorted(COUPLERS))
-def test_same_seed_same_pairing(name: str) -> None:
+def test_same_seed_same_pairing(ready, name: str) -> None:
     x0, x1 = _batch(0, 64), _batch(1, 64)
-    coupler = get_coupler(name)
+    coupler = ready(name, x1)
     first = coupler(x0, x1, generator=torch.Generator().manual_seed(42))
     again = coupler(x0, x1, generator=torch.Generator().manual_seed(42))
     assert torch.equal(first.i, again.i) and torch.equal(first.j, again.j)
@@ -101,20 +104,20 @@ def test_independent_differs_between_seeds() -> None:
 
 
 @pytest.mark.parametrize("name", sorted(COUPLERS))
-def test_image_shaped_inputs(name: str) -> None:
+def test_image_shaped_inputs(ready, name: str) -> None:
     x0, x1 = _batch(0, 8, (1, 4, 4)), _batch(1, 8, (1, 4, 4))
-    i, j = get_coupler(name)(x0, x1, generator=torch.Generator().manual_seed(0))
+    i, j = ready(name, x1)(x0, x1, generator=torch.Generator().manual_seed(0))
     assert x0[i].shape == x1[j].shape == (8, 1, 4, 4)
 
 
 @pytest.mark.parametrize("name", sorted(set(COUPLERS) - {"paired"}))
-def test_labels_follow_and_hard_labels_pair_within_class(name: str) -> None:
+def test_labels_follow_and_hard_labels_pair_within_class(ready, name: str) -> None:
     """With both sides labelled and equal label counts, OT couplers pair only within a label."""
     g = torch.Generator().manual_seed(0)
     y = torch.arange(4).repeat(8)
     x0, x1 = _batch(0, 32), _batch(1, 32)
     y0, y1 = y[torch.randperm(32, generator=g)], y[torch.randperm(32, generator=g)]
-    coupler = get_coupler(name)
+    coupler = ready(name, x1, y1)
     i, j = coupler(x0, x1, y0=y0, y1=y1, generator=g)
     if name != "independent":  # the independent coupler ignores labels by design
         assert torch.equal(y0[i], y1[j])

@@ -3,7 +3,8 @@
 A coupler maps ``(x0, x1)`` to index tensors ``(i, j)``; ``x0[i], x1[j]`` are
 the pairs and labels follow as ``y1[j]``. Choose one by name with
 :func:`get_coupler`: ``"independent"``, ``"exact"``, ``"hungarian"``,
-``"sinkhorn"``, ``"paired"``.
+``"sinkhorn"``, ``"paired"``, and ``"semidiscrete"`` (fitted once on a whole dataset,
+then called with the dataset as ``x1``).
 """
 
 from otcfm.couplers.base import Coupler, Pairing
@@ -13,6 +14,7 @@ from otcfm.couplers.hungarian import HungarianCoupler
 from otcfm.couplers.independent import IndependentCoupler, PairedCoupler
 from otcfm.couplers.plan import OTCoupler, pairs_from_plan
 from otcfm.couplers.registry import COUPLERS, get_coupler
+from otcfm.couplers.semidiscrete import SemidiscreteCoupler, SemidiscreteFit
 from otcfm.couplers.sinkhorn import ConvergenceWarning, SinkhornCoupler, SinkhornResult, sinkhorn_plan
 
 __all__ = [
@@ -25,6 +27,8 @@ __all__ = [
     "OTCoupler",
     "PairedCoupler",
     "Pairing",
+    "SemidiscreteCoupler",
+    "SemidiscreteFit",
     "SinkhornCoupler",
     "SinkhornResult",
     "condition_cost",

@@ -125,7 +125,8 @@ def _no_options(options: dict[str, Any], argument: str) -> None:
         raise ValueError(f"{argument}: options {sorted(options)} apply to a dataset name only")
 
 
-def _hash(tensor: Tensor) -> str:
+def content_hash(tensor: Tensor) -> str:
+    """SHA-256 of a tensor's shape, dtype and values, first 16 hex digits: identifies a dataset's content."""
     data = tensor.detach().cpu().contiguous()
     digest = hashlib.sha256(f"{tuple(data.shape)}:{data.dtype}".encode())
     digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
@@ -202,7 +203,7 @@ def _from_tensor(data: Tensor, argument: str, spec: str) -> DataSource:
     def draw_rows(n: int, generator: torch.Generator | None) -> Tensor:
         return data[torch.randint(data.shape[0], (n,), generator=generator)]
 
-    return DataSource(draw_rows, tuple(data.shape[1:]), spec, _hash(data))
+    return DataSource(draw_rows, tuple(data.shape[1:]), spec, content_hash(data))
 
 
 def _first_tensor(item: Any, argument: str) -> Tensor:

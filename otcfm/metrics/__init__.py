@@ -1,5 +1,6 @@
 """Metrics of samples, flows and couplings; definitions in docs/benchmarks.md."""
 
+from otcfm.metrics.coupling import assignment_error, transport_cost_ratio
 from otcfm.metrics.frechet import DigitsFeatures, digits_features, frechet_distance
 from otcfm.metrics.geometry import crossing_rate, swap_fraction
 from otcfm.metrics.trajectory import FlowStatistics, flow_statistics, path_energy, straightness
@@ -18,6 +19,7 @@ __all__ = [
     "FlowStatistics",
     "GradientVariance",
     "TargetVariance",
+    "assignment_error",
     "coupled_pairs",
     "crossing_rate",
     "digits_features",
@@ -29,6 +31,7 @@ __all__ = [
     "straightness",
     "swap_fraction",
     "target_variance",
+    "transport_cost_ratio",
     "w2",
     "w2_by_steps",
 ]

@@ -1,0 +1,593 @@
+r"""Semidiscrete OT: pair fresh source samples with a whole finite dataset through fitted dual potentials.
+
+The target is a dataset of ``N`` points ``y_j`` with uniform weights; the source is a continuous
+distribution ``mu`` one can sample. The semi-dual of OT with the cost ``c(x, y) = ||x - y||^2`` is
+
+.. math::
+    F_\epsilon(g) = \mathbb{E}_{x \sim \mu}\big[g^{c,\epsilon}(x)\big] + \frac{1}{N}\sum_j g_j,\qquad
+    g^{c,0}(x) = \min_j\, c(x, y_j) - g_j,\quad
+    g^{c,\epsilon}(x) = -\epsilon \log \frac{1}{N}\sum_j e^{(g_j - c(x, y_j))/\epsilon},
+
+concave in ``g``, with gradient ``dF/dg_j = 1/N - P_x(j)``, where ``P_x(j)`` is the share of the source
+that goes to ``y_j``: the mass of its Laguerre cell (``epsilon = 0``) or the mean softmax weight
+(``epsilon > 0``). At the maximiser every data point receives ``1/N`` of the source, and
+``x -> argmin_j c(x, y_j) - g_j`` is the OT map (Mousavi-Hosseini, Zhang, Klein, Cuturi, "Flow Matching
+with Semidiscrete Couplings", 2025). :meth:`SemidiscreteCoupler.fit` finds ``g`` by averaged stochastic
+gradient ascent; pairing a source batch is one scoring of it against the dataset:
+``argmax_j 2 x.y_j + g_j - |y_j|^2`` (the ``|x|^2`` term is common to a row), or for ``epsilon > 0`` a
+draw from the softmax of the score over ``epsilon`` (Gumbel-max). Scores are computed in chunks of the
+dataset under a memory budget, so the ``(B, N)`` score matrix never exists at once.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from otcfm import _random
+from otcfm._args import check_count, check_generator, check_rate
+from otcfm._checks import check_batch
+from otcfm.couplers.base import Coupler, Pairing, check_labels
+
+__all__ = ["SemidiscreteCoupler", "SemidiscreteFit", "noise_floor"]
+
+#: File kind recorded by :meth:`SemidiscreteCoupler.save`.
+KIND = "otcfm.semidiscrete-potentials"
+
+
+def noise_floor(samples: int, n: int) -> float:
+    """Expected assignment error of exact potentials measured with ``samples`` draws over ``n`` points.
+
+    Each point's count is about Poisson(``samples / n``), so the total-variation distance of the
+    empirical shares from ``1/n`` is ``sqrt(n / (2 pi samples))`` (0.040 for 100 draws per point).
+    """
+    return math.sqrt(n / (2.0 * math.pi * samples))
+
+
+@dataclass(frozen=True)
+class SemidiscreteFit:
+    """Convergence report of :meth:`SemidiscreteCoupler.fit`.
+
+    Attributes:
+        steps: stochastic gradient steps taken in total (resumed fits included).
+        seconds: wall time of this call's fitting (the evaluation excluded).
+        dual: the semi-dual objective ``F_epsilon(g)`` at the returned potentials, estimated on
+            ``eval_samples`` fresh source samples (cost units; a lower bound of ``W2^2`` for ``epsilon = 0``).
+        assignment_error: total-variation distance between the share of the ``eval_samples`` source
+            samples each data point receives (its partner counts) and the uniform ``1/N``.
+        noise_floor: the assignment error that sampling alone gives at this ``eval_samples`` (see
+            :func:`noise_floor`); a converged fit is near it.
+        eval_samples: fresh source samples of the evaluation.
+        mean_cost: mean cost between source samples and data points, the unit of the relative settings.
+    """
+
+    steps: int
+    seconds: float
+    dual: float
+    assignment_error: float
+    noise_floor: float
+    eval_samples: int
+    mean_cost: float
+
+
+class SemidiscreteCoupler(Coupler):
+    r"""Pair each source sample with a point of the whole dataset by fitted semidiscrete OT potentials.
+
+    Call it with a source batch ``x0: (B, ...)`` and the dataset the potentials were fitted on,
+    ``x1: (N, ...)``: it returns ``i = arange(B)`` and the partner ``j`` of each source sample,
+    ``argmin_j ||x0_i - x1_j||^2 - g_j`` (``epsilon = 0``) or a draw from the softmax of
+    ``(g_j - ||x0_i - x1_j||^2) / epsilon``. Fit first (:meth:`fit`), or :meth:`load` potentials.
+
+    Args:
+        epsilon: entropic regularisation, ``>= 0``; relative to the mean cost unless ``relative=False``.
+        relative: see ``epsilon``.
+        memory_budget: bytes for one block of scores; the dataset is scored in chunks of
+            ``memory_budget // (8 B)`` points.
+        online_lr: when set, every pairing during training also takes a gradient step of this size
+            (relative to the mean cost) on the potentials, from the batch's own assignment: the
+            potentials keep adapting (off by default: the fitted potentials stay fixed).
+
+    Attributes:
+        potentials: ``(N,)`` fitted dual potentials ``g`` in cost units, or None before a fit.
+        fingerprint: content hash of the dataset they belong to.
+        labels: ``(N,)`` integer classes of the dataset when fitted with ``y1`` (pairing then stays in class).
+    """
+
+    name = "semidiscrete"
+    sources_in_order = True
+
+    def __init__(
+        self,
+        epsilon: float = 0.0,
+        relative: bool = True,
+        memory_budget: int = 2**28,
+        online_lr: float | None = None,
+    ) -> None:
+        if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not (math.isfinite(epsilon)):
+            raise ValueError(f"epsilon: expected a finite number >= 0, got {epsilon!r}")
+        if epsilon < 0:
+            raise ValueError(f"epsilon: expected a finite number >= 0, got {epsilon!r}")
+        check_count(memory_budget, "memory_budget")
+        if online_lr is not None:
+            check_rate(online_lr, "online_lr")
+        self.epsilon, self.relative = float(epsilon), bool(relative)
+        self.memory_budget, self.online_lr = int(memory_budget), online_lr
+        self.potentials: Tensor | None = None
+        self.fingerprint: str | None = None
+        self.labels: Tensor | None = None
+        self.mean_cost: float | None = None
+        self.steps = 0
+        self._verified: tuple[Any, ...] | None = None
+
+    # ----------------------------------------------------------------------------------------------- pairing
+
+    def entropic_epsilon(self) -> tuple[float, bool] | None:
+        return (self.epsilon, self.relative) if self.epsilon > 0 else None
+
+    def absolute_epsilon(self) -> float:
+        """``epsilon`` in cost units (needs the fitted mean cost when relative)."""
+        if not self.relative or self.epsilon == 0:
+            return self.epsilon
+        if self.mean_cost is None:
+            raise ValueError("epsilon: a relative epsilon needs fitted potentials (call fit or load first)")
+        return self.epsilon * self.mean_cost
+
+    def pair(
+        self, x0: Tensor, x1: Tensor, y0: Tensor | None, y1: Tensor | None, generator: torch.Generator | None
+    ) -> Pairing:
+        self._check_dataset(x1, y1)
+        assert self.potentials is not None
+        a, data = _flat(x0), _flat(x1)
+        classes = self._source_classes(y0, a.shape[0], generator, a.device)
+        g = self.potentials.to(device=data.device, dtype=data.dtype)
+        j = _partners(a, data, g, self.absolute_epsilon(), self._chunk(a.shape[0]), self.labels, classes, generator)
+        if self.online_lr is not None:
+            counts = torch.bincount(j, minlength=data.shape[0]).to(g.dtype)
+            step = self.online_lr * float(self.mean_cost or 1.0)
+            self.potentials = (g + step * (1.0 - data.shape[0] * counts / a.shape[0])).to(self.potentials)
+        return Pairing(torch.arange(a.shape[0], device=x0.device), j.to(x0.device))
+
+    def _chunk(self, batch: int) -> int:
+        return max(1, self.memory_budget // (8 * batch))
+
+    def _source_classes(
+        self, y0: Tensor | None, batch: int, generator: torch.Generator | None, device: torch.device
+    ) -> Tensor | None:
+        """Classes of the source samples: ``y0``, or a random data point's class (the classes' proportions)."""
+        if self.labels is None:
+            if y0 is not None:
+                raise ValueError("y0: these potentials were fitted without labels; fit with y1 to pair within classes")
+            return None
+        if y0 is None:
+            return self.labels.to(device)[_random.randint(self.labels.shape[0], (batch,), generator, device)]
+        if y0.ndim != 1 or y0.is_floating_point():
+            raise ValueError(f"y0: expected integer class labels of shape ({batch},)")
+        return y0.to(device)
+
+    def _check_dataset(self, x1: Tensor, y1: Tensor | None) -> None:
+        if self.potentials is None or self.fingerprint is None:
+            raise ValueError("potentials: not fitted; call fit(source, target) or load potentials first")
+        n = self.potentials.shape[0]
+        if x1.shape[0] != n:
+            raise ValueError(
+                f"x1: expected the whole dataset of {n} points the potentials were fitted on, got {x1.shape[0]}"
+            )
+        key = (x1.data_ptr(), x1._version, tuple(x1.shape), x1.dtype, x1.device)
+        if key != self._verified:  # hashing is O(N d): once per dataset tensor, not per step
+            found = fingerprint(x1)
+            if found != self.fingerprint:
+                raise ValueError(
+                    f"x1: these potentials were fitted on another dataset (fingerprint {self.fingerprint}, got "
+                    f"{found}); fit again on this data or pass the data they were fitted on"
+                )
+            self._verified = key
+        if self.labels is not None and y1 is not None and not torch.equal(y1.to(self.labels.device), self.labels):
+            raise ValueError("y1: not the labels the potentials were fitted with")
+
+    # ------------------------------------------------------------------------------------------------- fit
+
+    def fit(
+        self,
+        source: Any,
+        target: Tensor,
+        steps: int = 1000,
+        batch_size: int = 1024,
+        generator: torch.Generator | None = None,
+        *,
+        y1: Tensor | None = None,
+        lr: float = 0.01,
+        eval_samples: int | None = None,
+        checkpoint: str | Path | None = None,
+        checkpoint_every: int = 100,
+        progress: bool = True,
+    ) -> SemidiscreteFit:
+        r"""Fit the potentials by averaged stochastic gradient ascent on the semi-dual.
+
+        Step ``k`` draws ``batch_size`` source samples, computes the share ``w_j`` of the batch each data
+        point receives (partner counts, or softmax weights for ``epsilon > 0``) and ascends along the
+        gradient scaled by ``N``: ``g <- g + lr_k (1 - N w)``, with ``lr_k = lr * mean_cost / sqrt(1 + k)``;
+        the potentials returned are the average of the iterates of the second half (Polyak-Ruppert).
+
+        Args:
+            source: the source distribution: a dataset name (``"gaussian"`` draws the target's shape), a
+                sampler ``f(n, generator)``, or a tensor to draw rows from (see :func:`otcfm.data.as_source`).
+            target: ``(N, ...)`` the whole dataset, on the device to fit on.
+            steps: gradient steps in total (a resumed fit continues up to it).
+            batch_size: source samples per step.
+            generator: randomness of the source draws (and of class draws with labels).
+            y1: ``(N,)`` integer classes of the dataset: potentials per class, pairing within a class.
+            lr: step size relative to the mean cost.
+            eval_samples: fresh source samples of the report's assignment error and dual; ``10 N`` when None
+                (``100 N`` brings the sampling noise to about 0.04).
+            checkpoint: a file to save the fit's state to every ``checkpoint_every`` steps and resume from.
+            checkpoint_every: steps between checkpoints.
+            progress: show a progress bar.
+
+        Returns:
+            a :class:`SemidiscreteFit` report; the potentials are set on the coupler.
+
+        Raises:
+            ValueError, TypeError: an empty, non-finite or 1-D target, bad counts or rates, labels of the
+                wrong shape, a source of another sample shape, or a checkpoint of another problem.
+        """
+        from otcfm.data.sources import as_source
+
+        data = check_batch(target, "target")
+        check_count(steps, "steps")
+        check_count(batch_size, "batch_size")
+        check_count(checkpoint_every, "checkpoint_every")
+        check_rate(lr, "lr")
+        check_generator(generator)
+        if eval_samples is not None:
+            check_count(eval_samples, "eval_samples")
+        if y1 is not None:
+            check_labels(y1, data.shape[0], "y1")
+            if y1.ndim != 1 or y1.is_floating_point():
+                raise ValueError(f"y1: expected integer class labels of shape ({data.shape[0]},)")
+        draw = as_source(source, "source", like=as_source(data.detach().cpu(), "target"))
+        if tuple(draw.shape) != tuple(data.shape[1:]):
+            raise ValueError(f"source: draws samples of shape {draw.shape}, the target's are {tuple(data.shape[1:])}")
+        flat = _flat(data.detach())
+        n, device = flat.shape[0], flat.device
+        labels = None if y1 is None else y1.detach().to(device)
+
+        def sample(count: int) -> Tensor:
+            return _flat(draw(count, generator)).to(device=device, dtype=flat.dtype)
+
+        def classes(count: int) -> Tensor | None:
+            return None if labels is None else labels[_random.randint(n, (count,), generator, device)]
+
+        self.fingerprint, self.labels, self._verified = fingerprint(data), labels, None
+        probe = sample(1024)
+        self.mean_cost = _mean_cost(probe, flat)
+        state = self._start_state(checkpoint, n, steps, flat.dtype, device)
+        if state["step"] == 0:
+            state["g"] = _affine_warm_start(probe, flat)
+        epsilon = self.absolute_epsilon()
+        chunk = self._chunk(batch_size)
+        g, average, averaged = state["g"], state["average"], state["averaged"]
+        if generator is not None and state.get("generator") is not None:
+            generator.set_state(state["generator"])
+        from tqdm.auto import tqdm
+
+        started = time.perf_counter()
+        with tqdm(
+            total=steps, initial=state["step"], disable=not progress, desc="semidiscrete fit", unit="step"
+        ) as bar:
+            for k in range(state["step"], steps):
+                x = sample(batch_size)
+                share = _shares(x, flat, g, epsilon, chunk, labels, classes(batch_size))
+                g += (lr * self.mean_cost / math.sqrt(1.0 + k)) * (1.0 - n * share)
+                if k >= steps // 2:
+                    averaged += 1
+                    average += (g - average) / averaged
+                bar.update(1)
+                if checkpoint is not None and ((k + 1) % checkpoint_every == 0 or k + 1 == steps):
+                    self._save_state(checkpoint, g, average, averaged, k + 1, steps, generator)
+        seconds = time.perf_counter() - started
+        self.potentials = (average if averaged else g).clone()
+        self.steps = steps
+        return self.evaluate(source, data, eval_samples or 10 * n, generator, seconds=seconds)
+
+    def _start_state(
+        self, checkpoint: str | Path | None, n: int, steps: int, dtype: torch.dtype, device: torch.device
+    ) -> dict[str, Any]:
+        fresh = {
+            "g": torch.zeros(n, dtype=dtype, device=device),
+            "average": torch.zeros(n, dtype=dtype, device=device),
+            "averaged": 0,
+            "step": 0,
+        }
+        if checkpoint is None or not Path(checkpoint).exists():
+            return fresh
+        from otcfm import checkpoint as files
+
+        state = files.load(checkpoint, "semidiscrete fit checkpoint")
+        if state.get("kind") != KIND + "-fit" or state.get("fingerprint") != self.fingerprint:
+            raise ValueError(f"checkpoint: {checkpoint} is not a fit of these potentials on this dataset")
+        if state.get("steps") != steps:
+            raise ValueError(f"checkpoint: {checkpoint} was a fit of {state.get('steps')} steps, not {steps}")
+        return {
+            "g": state["g"].to(device=device, dtype=dtype),
+            "average": state["average"].to(device=device, dtype=dtype),
+            "averaged": int(state["averaged"]),
+            "step": int(state["step"]),
+            "generator": state.get("generator"),
+        }
+
+    def _save_state(
+        self,
+        path: str | Path,
+        g: Tensor,
+        average: Tensor,
+        averaged: int,
+        step: int,
+        steps: int,
+        generator: torch.Generator | None,
+    ) -> None:
+        from otcfm import checkpoint as files
+
+        files.atomic_save(
+            {
+                "kind": KIND + "-fit",
+                "fingerprint": self.fingerprint,
+                "g": g.cpu(),
+                "average": average.cpu(),
+                "averaged": averaged,
+                "step": step,
+                "steps": steps,
+                "generator": None if generator is None else generator.get_state(),
+            },
+            path,
+        )
+
+    def evaluate(
+        self,
+        source: Any,
+        target: Tensor,
+        samples: int,
+        generator: torch.Generator | None = None,
+        *,
+        seconds: float = 0.0,
+        batch_size: int = 4096,
+    ) -> SemidiscreteFit:
+        """Report the assignment error and semi-dual objective of the current potentials on fresh samples.
+
+        Args:
+            source: as in :meth:`fit`.
+            target: ``(N, ...)`` the dataset of the potentials.
+            samples: fresh source samples to draw.
+            generator: randomness of the draws.
+            seconds: fitting time to put in the report.
+            batch_size: samples scored at once.
+
+        Returns:
+            a :class:`SemidiscreteFit`.
+        """
+        from otcfm.data.sources import as_source
+        from otcfm.metrics.coupling import error_of_counts
+
+        data = check_batch(target, "target")
+        self._check_dataset(data, None)
+        check_count(samples, "samples")
+        assert self.potentials is not None and self.mean_cost is not None
+        draw = as_source(source, "source", like=as_source(data.detach().cpu(), "target"))
+        flat = _flat(data.detach())
+        n, device = flat.shape[0], flat.device
+        g = self.potentials.to(device=device, dtype=flat.dtype)
+        epsilon, chunk = self.absolute_epsilon(), self._chunk(batch_size)
+        counts = torch.zeros(n, dtype=torch.float64, device=device)
+        transform_sum, done = 0.0, 0
+        while done < samples:
+            b = min(batch_size, samples - done)
+            x = _flat(draw(b, generator)).to(device=device, dtype=flat.dtype)
+            classes = None if self.labels is None else self.labels[_random.randint(n, (b,), generator, device)]
+            j, transform = _partners_and_transform(x, flat, g, epsilon, chunk, self.labels, classes, generator)
+            counts += torch.bincount(j, minlength=n).to(counts.dtype)
+            transform_sum += float(transform.double().sum())
+            done += b
+        dual = transform_sum / samples + float(g.double().mean())
+        return SemidiscreteFit(
+            steps=self.steps,
+            seconds=seconds,
+            dual=dual,
+            assignment_error=error_of_counts(counts),
+            noise_floor=noise_floor(samples, n),
+            eval_samples=samples,
+            mean_cost=float(self.mean_cost),
+        )
+
+    # ----------------------------------------------------------------------------------------- persistence
+
+    def state_dict(self) -> dict[str, Any]:
+        """The fitted potentials and what identifies them, for :meth:`save` and training checkpoints."""
+        if self.potentials is None:
+            raise ValueError("potentials: not fitted; call fit(source, target) first")
+        return {
+            "kind": KIND,
+            "potentials": self.potentials.detach().cpu(),
+            "fingerprint": self.fingerprint,
+            "labels": None if self.labels is None else self.labels.cpu(),
+            "mean_cost": self.mean_cost,
+            "epsilon": self.epsilon,
+            "relative": self.relative,
+            "steps": self.steps,
+        }
+
+    def load_state_dict(self, state: dict[str, Any], target: Tensor | None = None) -> SemidiscreteCoupler:
+        """Set the potentials from :meth:`state_dict`; with ``target``, check at once that they belong to it."""
+        if not isinstance(state, dict) or state.get("kind") != KIND:
+            raise ValueError("state: not semidiscrete potentials (saved by SemidiscreteCoupler.save)")
+        potentials = state["potentials"]
+        if not isinstance(potentials, Tensor) or potentials.ndim != 1 or not bool(torch.isfinite(potentials).all()):
+            raise ValueError("state: the potentials are not a finite (N,) tensor")
+        if (state["epsilon"], state["relative"]) != (self.epsilon, self.relative):
+            raise ValueError(
+                f"epsilon: the potentials were fitted at epsilon={state['epsilon']} (relative={state['relative']}), "
+                f"this coupler has epsilon={self.epsilon} (relative={self.relative})"
+            )
+        self.potentials, self.fingerprint = potentials.clone(), str(state["fingerprint"])
+        self.labels, self.mean_cost = state["labels"], float(state["mean_cost"])
+        self.steps, self._verified = int(state["steps"]), None
+        if target is not None:
+            self._check_dataset(check_batch(target, "target"), None)
+        return self
+
+    def save(self, path: str | Path) -> Path:
+        """Write the potentials, with the dataset's fingerprint, to ``path`` (atomic, checksummed)."""
+        from otcfm import checkpoint as files
+
+        return files.atomic_save(self.state_dict(), path)
+
+    @classmethod
+    def load(cls, path: str | Path, target: Tensor | None = None, **options: Any) -> SemidiscreteCoupler:
+        """A coupler with the potentials saved at ``path`` (epsilon as saved unless given in ``options``).
+
+        Args:
+            path: a file written by :meth:`save`.
+            target: the dataset, to check at once that the potentials belong to it.
+            **options: constructor options (``memory_budget``, ``online_lr``).
+
+        Raises:
+            ValueError: a corrupt or foreign file, or potentials of another dataset.
+        """
+        from otcfm import checkpoint as files
+
+        state = files.load(path, "semidiscrete potentials")
+        if state.get("kind") != KIND:
+            raise ValueError(f"semidiscrete potentials: {path} holds no potentials (saved by SemidiscreteCoupler.save)")
+        options = {"epsilon": state["epsilon"], "relative": state["relative"], **options}
+        return cls(**options).load_state_dict(state, target)
+
+    def __repr__(self) -> str:
+        kind = "relative" if self.relative else "absolute"
+        fitted = "unfitted" if self.potentials is None else f"N={self.potentials.shape[0]}"
+        return f"SemidiscreteCoupler(epsilon={self.epsilon} ({kind}), {fitted})"
+
+
+# --------------------------------------------------------------------------------------------------- kernels
+
+
+def fingerprint(data: Tensor) -> str:
+    """Content hash of a dataset: SHA-256 of its shape, dtype and values (first 16 hex digits)."""
+    from otcfm.data.sources import content_hash
+
+    return content_hash(data)
+
+
+def _flat(x: Tensor) -> Tensor:
+    return x.reshape(x.shape[0], -1)
+
+
+def _mean_cost(x: Tensor, data: Tensor) -> float:
+    """Mean squared distance between source samples ``x`` and (up to 4096) data points."""
+    y = data[:4096]
+    cost = (x * x).sum(1)[:, None] + (y * y).sum(1)[None, :] - 2.0 * x @ y.T
+    return max(float(cost.double().mean()), 1e-30)
+
+
+def _affine_warm_start(x: Tensor, data: Tensor) -> Tensor:
+    r"""Potentials whose pairing is the OT map to an isotropic Gaussian fit of the data: ``(N,)``.
+
+    With ``T(x) = s x + m`` (``s`` the ratio of the data's and the source's standard deviations, ``m`` matching
+    the means), ``g_j = |y_j|^2 - |y_j - m|^2 / s`` makes ``argmax_j 2 x.y_j + g_j - |y_j|^2`` the data point
+    nearest to ``T(x)``: far better than ``g = 0`` (nearest neighbour of ``x`` itself) when the data are more
+    spread out or shifted than the source, so the ascent starts near the optimum.
+    """
+    spread_x = float(x.double().var(0, unbiased=False).sum())
+    spread_y = float(data.double().var(0, unbiased=False).sum())
+    if spread_x <= 0 or spread_y <= 0:
+        return torch.zeros(data.shape[0], dtype=data.dtype, device=data.device)
+    scale = math.sqrt(spread_y / spread_x)
+    shift = data.mean(0) - scale * x.mean(0)
+    return (data * data).sum(1) - ((data - shift) ** 2).sum(1) / scale
+
+
+def _scores(x: Tensor, data: Tensor, h: Tensor, start: int, stop: int) -> Tensor:
+    """``2 x.y_j + h_j`` for ``j`` in ``[start, stop)``: ``(B, stop - start)``; equals ``g_j - c(x, y_j) + |x|^2``."""
+    return torch.addmm(h[None, start:stop], x, data[start:stop].T, alpha=2.0)
+
+
+def _masked(scores: Tensor, labels: Tensor | None, classes: Tensor | None, start: int, stop: int) -> Tensor:
+    if labels is None or classes is None:
+        return scores
+    return scores.masked_fill(labels[None, start:stop] != classes[:, None], -math.inf)
+
+
+def _partners_and_transform(
+    x: Tensor,
+    data: Tensor,
+    g: Tensor,
+    epsilon: float,
+    chunk: int,
+    labels: Tensor | None,
+    classes: Tensor | None,
+    generator: torch.Generator | None,
+) -> tuple[Tensor, Tensor]:
+    """Partners ``(B,)`` and the c-transform ``g^{c,epsilon}(x)`` ``(B,)`` of source samples ``x: (B, D)``."""
+    n, h = data.shape[0], g - (data * data).sum(1)
+    best = torch.full((x.shape[0],), -math.inf, dtype=x.dtype, device=x.device)
+    partner = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+    lse = torch.full_like(best, -math.inf)
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        scores = _masked(_scores(x, data, h, start, stop), labels, classes, start, stop)
+        if epsilon > 0:
+            scores = scores / epsilon
+            lse = torch.logaddexp(lse, torch.logsumexp(scores, dim=1))
+            gumbel = -torch.log(
+                -torch.log(_random.rand(tuple(scores.shape), generator, x.device, x.dtype).clamp_min_(1e-30))
+            )
+            scores = scores + gumbel
+        value, index = scores.max(dim=1)
+        better = value > best
+        best = torch.where(better, value, best)
+        partner = torch.where(better, index + start, partner)
+    square = (x * x).sum(1)
+    transform = square - best if epsilon == 0 else square - epsilon * (lse - math.log(n))
+    return partner, transform
+
+
+def _partners(
+    x: Tensor,
+    data: Tensor,
+    g: Tensor,
+    epsilon: float,
+    chunk: int,
+    labels: Tensor | None,
+    classes: Tensor | None,
+    generator: torch.Generator | None,
+) -> Tensor:
+    """Partner index in ``data`` of each source sample: ``(B,)`` int64."""
+    return _partners_and_transform(x, data, g, epsilon, chunk, labels, classes, generator)[0]
+
+
+def _shares(
+    x: Tensor, data: Tensor, g: Tensor, epsilon: float, chunk: int, labels: Tensor | None, classes: Tensor | None
+) -> Tensor:
+    """Share of the batch ``x: (B, D)`` each data point receives, ``(N,)``: partner counts / B, or mean softmax."""
+    n = data.shape[0]
+    if epsilon == 0:
+        partner = _partners(x, data, g, 0.0, chunk, labels, classes, None)
+        return torch.bincount(partner, minlength=n).to(g.dtype) / x.shape[0]
+    h = g - (data * data).sum(1)
+    if chunk >= n:  # the whole (B, N) block fits in the budget: one pass
+        scores = _masked(_scores(x, data, h, 0, n), labels, classes, 0, n) / epsilon
+        return torch.softmax(scores, dim=1).sum(0).to(g.dtype) / x.shape[0]
+    lse = torch.full((x.shape[0],), -math.inf, dtype=x.dtype, device=x.device)
+    for start in range(0, n, chunk):  # pass 1: each row's log-normaliser
+        stop = min(start + chunk, n)
+        scores = _masked(_scores(x, data, h, start, stop), labels, classes, start, stop) / epsilon
+        lse = torch.logaddexp(lse, torch.logsumexp(scores, dim=1))
+    share = torch.empty(n, dtype=g.dtype, device=g.device)
+    for start in range(0, n, chunk):  # pass 2: column sums of the softmax
+        stop = min(start + chunk, n)
+        scores = _masked(_scores(x, data, h, start, stop), labels, classes, start, stop) / epsilon
+        share[start:stop] = torch.exp(scores - lse[:, None]).sum(0)
+    return share / x.shape[0]

@@ -1,0 +1,68 @@
+r"""How close a coupling is to the OT coupling of a whole dataset: assignment error and transport cost ratio.
+
+Definitions (docs/benchmarks.md):
+
+- *assignment error* of partner indices ``j`` into a dataset of ``N`` points: the total-variation
+  distance between the share each point receives and the uniform ``1/N``,
+  ``0.5 * sum_k |count_k / len(j) - 1/N|``. A coupling with the right target marginal has 0 up to
+  sampling noise (:func:`otcfm.couplers.semidiscrete.noise_floor`); nearest neighbour has nearly 1.
+- *transport cost ratio* of pairs ``(x0_a, x1_a)``: their mean squared distance over ``W2^2`` of
+  source and target. Any coupling with the right marginals has a ratio ``>= 1`` (up to the noise of
+  the estimates); 1 is the OT coupling. Read it with the assignment error: a map that ignores the
+  target marginal (nearest neighbour) can cost less than the OT.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from otcfm._args import check_count
+from otcfm._checks import check_pair
+
+__all__ = ["assignment_error", "error_of_counts", "transport_cost_ratio"]
+
+
+def assignment_error(partners: Tensor, n: int) -> float:
+    """Total-variation distance between the partner shares of ``partners: (M,)`` over ``n`` points and ``1/n``.
+
+    Args:
+        partners: ``(M,)`` integer indices into a dataset of ``n`` points, ``M >= 1``.
+        n: the dataset's size.
+
+    Returns:
+        a float in ``[0, 1)``.
+    """
+    check_count(n, "n")
+    if not isinstance(partners, Tensor) or partners.ndim != 1 or partners.is_floating_point() or not len(partners):
+        raise ValueError("partners: expected a non-empty (M,) tensor of integer indices")
+    if int(partners.min()) < 0 or int(partners.max()) >= n:
+        raise ValueError(f"partners: expected indices in [0, {n})")
+    return error_of_counts(torch.bincount(partners, minlength=n))
+
+
+def error_of_counts(counts: Tensor) -> float:
+    """:func:`assignment_error` from the partner counts ``(N,)`` of each data point."""
+    shares = counts.to(torch.float64) / float(counts.sum())
+    return 0.5 * float((shares - 1.0 / counts.shape[0]).abs().sum())
+
+
+def transport_cost_ratio(x0: Tensor, x1: Tensor, w2_squared: float) -> float:
+    """Mean squared distance of the pairs ``(x0[a], x1[a])`` over ``W2^2(source, target)``.
+
+    Args:
+        x0: ``(M, ...)`` source samples.
+        x1: ``(M, ...)`` their partners.
+        w2_squared: ``W2^2`` of source and target, e.g. a converged semidiscrete dual
+            (:attr:`otcfm.couplers.SemidiscreteFit.dual`) or exact OT on a large sample.
+
+    Returns:
+        the ratio (float).
+    """
+    x0, x1 = check_pair(x0, x1, same_batch=True)
+    if not (isinstance(w2_squared, (int, float)) and math.isfinite(w2_squared) and w2_squared > 0):
+        raise ValueError(f"w2_squared: expected a finite number > 0, got {w2_squared!r}")
+    cost = (x0.double() - x1.double()).reshape(x0.shape[0], -1).square().sum(1).mean()
+    return float(cost) / float(w2_squared)
