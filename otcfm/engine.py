@@ -145,7 +145,7 @@ def fit(
     progress: bool = True,
     callback: Callable[[int, float], None] | None = None,
     desc: str = "train",
-    record: dict[str, Any] | None = None,
+    record: dict[str, Any] | Callable[[], dict[str, Any]] | None = None,
     run_defaults: dict[str, Any] | None = None,
 ) -> Fitted:
     """Train ``model`` in place on ``step_loss``; see the module docstring.
@@ -162,7 +162,7 @@ def fit(
         progress: show a progress bar.
         callback: ``callback(step, loss)`` after every step (``step`` counts finished steps).
         desc: the progress bar's label.
-        record: extra entries written into every checkpoint.
+        record: extra entries written into every checkpoint, or a function returning them (called at each write).
         run_defaults: values of ``run`` keys that older checkpoints did not record.
 
     Returns:
@@ -208,7 +208,7 @@ def _run(
     progress: bool,
     callback: Callable[[int, float], None] | None,
     desc: str,
-    record: dict[str, Any] | None,
+    record: dict[str, Any] | Callable[[], dict[str, Any]] | None,
     run_defaults: dict[str, Any],
 ) -> Fitted:
     rank, world_size = distributed.world()
@@ -257,7 +257,7 @@ def _run(
             ckpt.atomic_save(
                 {
                     "format": FORMAT_VERSION,
-                    **(record or {}),
+                    **((record() if callable(record) else record) or {}),
                     "run": run,
                     "model_spec": model_spec(model),
                     "model": model.state_dict(),

@@ -27,7 +27,7 @@ from torch import nn
 
 from otcfm import checkpoint as ckpt
 from otcfm import distributed
-from otcfm.couplers import COUPLERS, Coupler, get_coupler
+from otcfm.couplers import COUPLERS, Coupler, SemidiscreteCoupler, get_coupler
 from otcfm.data.sources import DataSource, as_source
 from otcfm.engine import CHECKPOINT_NAME, FORMAT_VERSION, Precision, Schedule, check_schedule, fit, resolve_device
 from otcfm.flow import FlowMatcher
@@ -341,9 +341,16 @@ def train(
     paired = FlowMatcher(coupler="paired", path=fm.path, time_sampler=fm.time_sampler) if global_coupling else fm
     net_model = model if model is not None else build_model(config, target.features)
     device_ = resolve_device(device)
+    semidiscrete = fm.coupler if isinstance(fm.coupler, SemidiscreteCoupler) else None
+    dataset = None
+    if semidiscrete is not None:
+        dataset = _fit_semidiscrete(semidiscrete, config, source, target, out if resume else None, device_, progress)
+        global_coupling, paired = False, fm  # every rank pairs its batch with the whole dataset itself
 
     def step_loss(net: nn.Module, step: int, generator: torch.Generator) -> torch.Tensor:
         x0 = source(config.batch_size, generator).to(device_)
+        if dataset is not None:
+            return fm.loss(net, x0, dataset, generator)
         x1 = target(config.batch_size, generator).to(device_)
         if not global_coupling:
             return fm.loss(net, x0, x1, generator)
@@ -368,10 +375,50 @@ def train(
         device=device_,
         progress=progress,
         callback=callback,
-        record={"config": dataclasses.asdict(config)},
+        record=lambda: {
+            "config": dataclasses.asdict(config),
+            **({"semidiscrete": semidiscrete.state_dict()} if semidiscrete is not None else {}),
+        },
         run_defaults={"stage": "train", **dataclasses.asdict(TrainConfig(source="8gaussians"))},
     )
     return TrainResult(fitted.model, fitted.ema, fitted.losses, config, fitted.start_step)
+
+
+def _fit_semidiscrete(
+    coupler: SemidiscreteCoupler,
+    config: TrainConfig,
+    source: DataSource,
+    target: DataSource,
+    resume_from: str | Path | None,
+    device: torch.device,
+    progress: bool,
+) -> torch.Tensor:
+    """The whole target dataset on ``device``, with ``coupler``'s potentials fitted on it (or resumed, or checked)."""
+    if target.rows is None:
+        raise ValueError(
+            f"coupler: 'semidiscrete' pairs with a whole finite dataset, but target {target.spec!r} is a sampler; "
+            "give the target as a tensor, array, .npy/.pt file, TensorDataset or 'digits' (a synthetic set: draw "
+            "it once, e.g. otcfm.data.sample('mixture', 20000, generator, dim=32))"
+        )
+    dataset = target.rows.to(device)
+    saved = Path(resume_from) / CHECKPOINT_NAME if resume_from is not None else None
+    if saved is not None and saved.exists():
+        state = ckpt.load(saved).get("semidiscrete")
+        if state is not None:
+            coupler.load_state_dict(state, dataset)
+            return dataset
+    if coupler.potentials is not None:
+        coupler.check_dataset(dataset)
+        return dataset
+    generator = torch.Generator().manual_seed(distributed.stream_seed(config.seed, "semidiscrete", 0))
+    main = distributed.world()[0] == 0
+    report = coupler.fit(source, dataset, generator=generator, progress=progress and main)
+    if progress and main:
+        print(
+            f"semidiscrete potentials: {report.steps} steps in {report.seconds:.1f} s, assignment error "
+            f"{report.assignment_error:.3f} (sampling noise {report.noise_floor:.3f})"
+        )
+    return dataset
 
 
 def write_checkpoint(

@@ -245,3 +245,64 @@ def test_metrics() -> None:
     assert otcfm.metrics.transport_cost_ratio(x, x + 1.0, 2.0) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="w2_squared"):
         otcfm.metrics.transport_cost_ratio(x, x, 0.0)
+
+
+def test_train_fits_then_trains_and_resumes_bit_exact(tmp_path: Path) -> None:
+    data = _data(300, d=3)
+    settings = dict(
+        target=data,
+        source="gaussian",
+        coupler="semidiscrete",
+        batch_size=32,
+        hidden=16,
+        depth=1,
+        coupler_options={"fit_steps": 30, "fit_batch_size": 128},
+        progress=False,
+    )
+    whole = otcfm.train(steps=12, out=tmp_path / "whole", **settings)
+    otcfm.train(steps=6, out=tmp_path / "split", **settings)
+    resumed = otcfm.train(steps=12, out=tmp_path / "split", resume=True, **settings)
+    assert resumed.losses == whole.losses
+    for key, value in whole.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[key], value)
+    saved = otcfm.checkpoint.load(tmp_path / "whole" / "checkpoint.pt")["semidiscrete"]
+    assert saved["potentials"].shape == (300,) and saved["steps"] == 30
+    with pytest.raises(ValueError, match="coupler: 'semidiscrete' pairs with a whole finite dataset"):
+        otcfm.train(steps=2, target="moons", coupler="semidiscrete", progress=False)
+
+
+def test_cli_trains_with_the_semidiscrete_coupler(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    np.save(tmp_path / "data.npy", _data(200, d=4).numpy())
+    command = [
+        sys.executable,
+        "-m",
+        "otcfm.cli",
+        "train",
+        "--target",
+        str(tmp_path / "data.npy"),
+        "--coupler",
+        "semidiscrete",
+        "--coupler-option",
+        "fit_steps=20",
+        "--steps",
+        "5",
+        "--batch-size",
+        "16",
+        "--hidden",
+        "16",
+        "--depth",
+        "1",
+        "--eval-n",
+        "20",
+        "--eval-draws",
+        "1",
+        "--no-progress",
+        "--out",
+        str(tmp_path / "run"),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "semidiscrete" in otcfm.checkpoint.load(tmp_path / "run" / "checkpoint.pt")

@@ -92,6 +92,8 @@ class SemidiscreteCoupler(Coupler):
         online_lr: when set, every pairing during training also takes a gradient step of this size
             (relative to the mean cost) on the potentials, from the batch's own assignment: the
             potentials keep adapting (off by default: the fitted potentials stay fixed).
+        fit_steps, fit_batch_size, fit_lr: defaults of :meth:`fit`'s ``steps``, ``batch_size`` and ``lr``
+            (``otcfm.train`` fits with them: ``coupler_options={"fit_steps": 2000}``).
 
     Attributes:
         potentials: ``(N,)`` fitted dual potentials ``g`` in cost units, or None before a fit.
@@ -108,6 +110,9 @@ class SemidiscreteCoupler(Coupler):
         relative: bool = True,
         memory_budget: int = 2**28,
         online_lr: float | None = None,
+        fit_steps: int = 1000,
+        fit_batch_size: int = 1024,
+        fit_lr: float = 0.01,
     ) -> None:
         if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not (math.isfinite(epsilon)):
             raise ValueError(f"epsilon: expected a finite number >= 0, got {epsilon!r}")
@@ -116,6 +121,10 @@ class SemidiscreteCoupler(Coupler):
         check_count(memory_budget, "memory_budget")
         if online_lr is not None:
             check_rate(online_lr, "online_lr")
+        check_count(fit_steps, "fit_steps")
+        check_count(fit_batch_size, "fit_batch_size")
+        check_rate(fit_lr, "fit_lr")
+        self.fit_steps, self.fit_batch_size, self.fit_lr = fit_steps, fit_batch_size, float(fit_lr)
         self.epsilon, self.relative = float(epsilon), bool(relative)
         self.memory_budget, self.online_lr = int(memory_budget), online_lr
         self.potentials: Tensor | None = None
@@ -141,7 +150,7 @@ class SemidiscreteCoupler(Coupler):
     def pair(
         self, x0: Tensor, x1: Tensor, y0: Tensor | None, y1: Tensor | None, generator: torch.Generator | None
     ) -> Pairing:
-        self._check_dataset(x1, y1)
+        self.check_dataset(x1, y1)
         assert self.potentials is not None
         a, data = _flat(x0), _flat(x1)
         classes = self._source_classes(y0, a.shape[0], generator, a.device)
@@ -150,7 +159,7 @@ class SemidiscreteCoupler(Coupler):
         if self.online_lr is not None:
             counts = torch.bincount(j, minlength=data.shape[0]).to(g.dtype)
             step = self.online_lr * float(self.mean_cost or 1.0)
-            self.potentials = (g + step * (1.0 - data.shape[0] * counts / a.shape[0])).to(self.potentials)
+            self.potentials.add_((step * (1.0 - data.shape[0] * counts / a.shape[0])).to(self.potentials))
         return Pairing(torch.arange(a.shape[0], device=x0.device), j.to(x0.device))
 
     def _chunk(self, batch: int) -> int:
@@ -170,7 +179,8 @@ class SemidiscreteCoupler(Coupler):
             raise ValueError(f"y0: expected integer class labels of shape ({batch},)")
         return y0.to(device)
 
-    def _check_dataset(self, x1: Tensor, y1: Tensor | None) -> None:
+    def check_dataset(self, x1: Tensor, y1: Tensor | None = None) -> None:
+        """Raise ValueError unless ``x1`` (and ``y1``) are the dataset (and labels) the potentials were fitted on."""
         if self.potentials is None or self.fingerprint is None:
             raise ValueError("potentials: not fitted; call fit(source, target) or load potentials first")
         n = self.potentials.shape[0]
@@ -196,12 +206,12 @@ class SemidiscreteCoupler(Coupler):
         self,
         source: Any,
         target: Tensor,
-        steps: int = 1000,
-        batch_size: int = 1024,
+        steps: int | None = None,
+        batch_size: int | None = None,
         generator: torch.Generator | None = None,
         *,
         y1: Tensor | None = None,
-        lr: float = 0.01,
+        lr: float | None = None,
         eval_samples: int | None = None,
         checkpoint: str | Path | None = None,
         checkpoint_every: int = 100,
@@ -218,11 +228,11 @@ class SemidiscreteCoupler(Coupler):
             source: the source distribution: a dataset name (``"gaussian"`` draws the target's shape), a
                 sampler ``f(n, generator)``, or a tensor to draw rows from (see :func:`otcfm.data.as_source`).
             target: ``(N, ...)`` the whole dataset, on the device to fit on.
-            steps: gradient steps in total (a resumed fit continues up to it).
-            batch_size: source samples per step.
+            steps: gradient steps in total (a resumed fit continues up to it); ``fit_steps`` when None.
+            batch_size: source samples per step; ``fit_batch_size`` when None.
             generator: randomness of the source draws (and of class draws with labels).
             y1: ``(N,)`` integer classes of the dataset: potentials per class, pairing within a class.
-            lr: step size relative to the mean cost.
+            lr: step size relative to the mean cost; ``fit_lr`` when None.
             eval_samples: fresh source samples of the report's assignment error and dual; ``10 N`` when None
                 (``100 N`` brings the sampling noise to about 0.04).
             checkpoint: a file to save the fit's state to every ``checkpoint_every`` steps and resume from.
@@ -239,6 +249,9 @@ class SemidiscreteCoupler(Coupler):
         from otcfm.data.sources import as_source
 
         data = check_batch(target, "target")
+        steps = self.fit_steps if steps is None else steps
+        batch_size = self.fit_batch_size if batch_size is None else batch_size
+        lr = self.fit_lr if lr is None else lr
         check_count(steps, "steps")
         check_count(batch_size, "batch_size")
         check_count(checkpoint_every, "checkpoint_every")
@@ -374,7 +387,7 @@ class SemidiscreteCoupler(Coupler):
         from otcfm.metrics.coupling import error_of_counts
 
         data = check_batch(target, "target")
-        self._check_dataset(data, None)
+        self.check_dataset(data, None)
         check_count(samples, "samples")
         assert self.potentials is not None and self.mean_cost is not None
         draw = as_source(source, "source", like=as_source(data.detach().cpu(), "target"))
@@ -436,7 +449,7 @@ class SemidiscreteCoupler(Coupler):
         self.labels, self.mean_cost = state["labels"], float(state["mean_cost"])
         self.steps, self._verified = int(state["steps"]), None
         if target is not None:
-            self._check_dataset(check_batch(target, "target"), None)
+            self.check_dataset(check_batch(target, "target"), None)
         return self
 
     def save(self, path: str | Path) -> Path:

@@ -50,12 +50,20 @@ class DataSource:
             ``"tensor(1000, 5)"`` / ``"callable:mod.fn"`` for objects that cannot be named.
         fingerprint: identifies the content where it can be hashed (SHA-256 of a tensor's or file's values,
             first 16 hex digits), else the name and options; a resumed run checks it.
+        rows: the whole dataset ``(N, *shape)`` when the data are a finite table drawn uniformly (a tensor, an
+            array, a file, a ``TensorDataset``, ``"digits"``), else None; the semidiscrete coupler pairs with it.
     """
 
     def __init__(
-        self, draw: Callable[[int, torch.Generator | None], Tensor], shape: tuple[int, ...], spec: str, fingerprint: str
+        self,
+        draw: Callable[[int, torch.Generator | None], Tensor],
+        shape: tuple[int, ...],
+        spec: str,
+        fingerprint: str,
+        rows: Tensor | None = None,
     ) -> None:
         self._draw, self.shape, self.spec, self.fingerprint = draw, shape, spec, fingerprint
+        self.rows = rows
 
     @property
     def features(self) -> int:
@@ -158,7 +166,12 @@ def _from_name(name: str, argument: str, options: dict[str, Any], like: DataSour
         probe = draw_named(1, torch.Generator().manual_seed(0))
     except TypeError as error:  # an option the sampler does not take
         raise ValueError(f"{argument}: invalid options {options} for dataset {name!r} ({error})") from error
-    return DataSource(draw_named, tuple(probe.shape[1:]), name, fingerprint)
+    rows = None
+    if name == "digits":  # a finite table: the train split, drawn uniformly
+        from otcfm.data.digits import load_digits
+
+        rows = load_digits(options.get("split", "train"))[0]
+    return DataSource(draw_named, tuple(probe.shape[1:]), name, fingerprint, rows=rows)
 
 
 def _from_file(path: Path, argument: str) -> DataSource:
@@ -203,7 +216,7 @@ def _from_tensor(data: Tensor, argument: str, spec: str) -> DataSource:
     def draw_rows(n: int, generator: torch.Generator | None) -> Tensor:
         return data[torch.randint(data.shape[0], (n,), generator=generator)]
 
-    return DataSource(draw_rows, tuple(data.shape[1:]), spec, content_hash(data))
+    return DataSource(draw_rows, tuple(data.shape[1:]), spec, content_hash(data), rows=data)
 
 
 def _first_tensor(item: Any, argument: str) -> Tensor:
