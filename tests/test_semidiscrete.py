@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -306,3 +307,19 @@ def test_cli_trains_with_the_semidiscrete_coupler(tmp_path: Path) -> None:
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "semidiscrete" in otcfm.checkpoint.load(tmp_path / "run" / "checkpoint.pt")
+
+
+def test_scale_benchmark_quick(tmp_path: Path) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("scale", Path(__file__).parent.parent / "benchmarks" / "scale.py")
+    scale = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scale)
+    assert scale.main(["--quick", "--tasks", "mixture", "--out", str(tmp_path)]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "quick" / "results.jsonl").read_text().splitlines()]
+    measured = {r["coupler"]: r for r in rows if r["coupler"].endswith(":measured")}
+    assert set(measured) == {c + ":measured" for c in scale.COUPLERS}
+    assert measured["exact-256:measured"]["target_variance"] < measured["independent:measured"]["target_variance"]
+    assert set(measured["semidiscrete:measured"]["quality"]) == {"1", "2", "4", "100"}
+    assert scale.main(["--quick", "--tasks", "mixture", "--out", str(tmp_path)]) == 0  # resumes: nothing appended
+    assert len((tmp_path / "quick" / "results.jsonl").read_text().splitlines()) == len(rows)

@@ -11,6 +11,7 @@ from otcfm.metrics.variance import (
     gaussian_target_variance,
     gradient_variance,
     target_variance,
+    target_variance_of_pairs,
 )
 from otcfm.metrics.w2 import w2, w2_by_steps
 
@@ -31,6 +32,7 @@ __all__ = [
     "straightness",
     "swap_fraction",
     "target_variance",
+    "target_variance_of_pairs",
     "transport_cost_ratio",
     "w2",
     "w2_by_steps",

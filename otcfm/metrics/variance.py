@@ -32,6 +32,7 @@ __all__ = [
     "gaussian_target_variance",
     "gradient_variance",
     "target_variance",
+    "target_variance_of_pairs",
 ]
 
 DEFAULT_TIMES = tuple((k + 0.5) / 10 for k in range(10))  # midpoints: the mean over them approximates the integral
@@ -193,13 +194,37 @@ def target_variance(
     check_count(n_pool, "n_pool", minimum=2)
     check_count(n_eval, "n_eval")
     check_generator(generator)
-    sigma = fm.path.sigma
     pool0, pool1 = coupled_pairs(fm, source, target, batch_size, n_pool, generator)
     eval0, eval1 = coupled_pairs(fm, source, target, batch_size, n_eval, generator)
+    return target_variance_of_pairs((pool0, pool1), (eval0, eval1), fm.path.sigma, times, bandwidths, generator)
+
+
+def target_variance_of_pairs(
+    pool: tuple[Tensor, Tensor],
+    evaluation: tuple[Tensor, Tensor],
+    sigma: float = 0.0,
+    times: Sequence[float] = DEFAULT_TIMES,
+    bandwidths: Sequence[float] | None = None,
+    generator: torch.Generator | None = None,
+) -> TargetVariance:
+    """:func:`target_variance` from pairs of a coupling drawn by the caller (e.g. a semidiscrete coupling).
+
+    Args:
+        pool: ``(x0, x1)``, each ``(n_pool, D)``: the pairs the marginal velocity is estimated from.
+        evaluation: ``(x0, x1)``, each ``(n_eval, D)``: independent pairs it is evaluated on.
+        sigma: the linear path's noise.
+        times, bandwidths, generator: as in :func:`target_variance`.
+    """
+    pool0, pool1 = (x.reshape(x.shape[0], -1).to(torch.float64) for x in pool)
+    eval0, eval1 = (x.reshape(x.shape[0], -1).to(torch.float64) for x in evaluation)
+    if pool0.shape != pool1.shape or eval0.shape != eval1.shape or pool0.shape[1] != eval0.shape[1]:
+        raise ValueError("pool, evaluation: expected pairs (x0, x1) of equal shapes (n, D) with one D")
+    if pool0.shape[0] < 2:
+        raise ValueError("pool: expected at least 2 pairs")
     d = pool0.shape[1]
     if bandwidths is None:
         scale = float(torch.cat([pool0, pool1]).std())
-        bandwidths = [f * scale * n_pool ** (-1.0 / (d + 4)) for f in (0.25, 0.5, 1.0)]
+        bandwidths = [f * scale * pool0.shape[0] ** (-1.0 / (d + 4)) for f in (0.25, 0.5, 1.0)]
     noise = torch.randn(eval0.shape, generator=generator, dtype=torch.float64) if sigma > 0 else None
     best: tuple[float, tuple[float, ...], float] | None = None
     for h in bandwidths:
