@@ -60,7 +60,8 @@ class SemidiscreteFit:
         dual: the semi-dual objective ``F_epsilon(g)`` at the returned potentials, estimated on
             ``eval_samples`` fresh source samples (cost units; a lower bound of ``W2^2`` for ``epsilon = 0``).
         assignment_error: total-variation distance between the share of the ``eval_samples`` source
-            samples each data point receives (its partner counts) and the uniform ``1/N``.
+            samples each data point receives and the uniform ``1/N``: partner counts at ``epsilon = 0``,
+            expected (softmax) shares for ``epsilon > 0``, whose sampling noise is below ``noise_floor``.
         noise_floor: the assignment error that sampling alone gives at this ``eval_samples`` (see
             :func:`noise_floor`); a converged fit is near it.
         eval_samples: fresh source samples of the evaluation.
@@ -401,8 +402,14 @@ class SemidiscreteCoupler(Coupler):
             b = min(batch_size, samples - done)
             x = _flat(draw(b, generator)).to(device=device, dtype=flat.dtype)
             classes = None if self.labels is None else self.labels[_random.randint(n, (b,), generator, device)]
-            j, transform = _partners_and_transform(x, flat, g, epsilon, chunk, self.labels, classes, generator)
-            counts += torch.bincount(j, minlength=n).to(counts.dtype)
+            if epsilon > 0:  # expected shares (softmax sums): no draws, and less noise than sampled partners
+                share, lse = _softmax_columns(x, flat, g, epsilon, chunk, self.labels, classes, True)
+                assert lse is not None
+                counts += share.to(counts.dtype)
+                transform = (x * x).sum(1) - epsilon * (lse - math.log(n))
+            else:
+                j, transform = _partners_and_transform(x, flat, g, 0.0, chunk, self.labels, classes, None)
+                counts += torch.bincount(j, minlength=n).to(counts.dtype)
             transform_sum += float(transform.double().sum())
             done += b
         dual = transform_sum / samples + float(g.double().mean())
@@ -585,14 +592,32 @@ def _shares(
     x: Tensor, data: Tensor, g: Tensor, epsilon: float, chunk: int, labels: Tensor | None, classes: Tensor | None
 ) -> Tensor:
     """Share of the batch ``x: (B, D)`` each data point receives, ``(N,)``: partner counts / B, or mean softmax."""
-    n = data.shape[0]
     if epsilon == 0:
         partner = _partners(x, data, g, 0.0, chunk, labels, classes, None)
-        return torch.bincount(partner, minlength=n).to(g.dtype) / x.shape[0]
+        return torch.bincount(partner, minlength=data.shape[0]).to(g.dtype) / x.shape[0]
+    return _softmax_columns(x, data, g, epsilon, chunk, labels, classes)[0] / x.shape[0]  # type: ignore[operator]
+
+
+def _softmax_columns(
+    x: Tensor,
+    data: Tensor,
+    g: Tensor,
+    epsilon: float,
+    chunk: int,
+    labels: Tensor | None,
+    classes: Tensor | None,
+    with_normalisers: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """Column sums ``(N,)`` of the row softmax of scores over ``epsilon``, and the rows' log-normalisers ``(B,)``
+    (always when the scores take two passes, else only ``with_normalisers``)."""
+    n = data.shape[0]
     h = g - (data * data).sum(1)
     if chunk >= n:  # the whole (B, N) block fits in the budget: one pass
-        scores = _masked(_scores(x, data, h, 0, n), labels, classes, 0, n) / epsilon
-        return torch.softmax(scores, dim=1).sum(0).to(g.dtype) / x.shape[0]
+        scores = _masked(_scores(x, data, h, 0, n), labels, classes, 0, n).div_(epsilon)
+        if not with_normalisers:
+            return torch.softmax(scores, dim=1).sum(0).to(g.dtype), None
+        lse = torch.logsumexp(scores, dim=1)
+        return scores.sub_(lse[:, None]).exp_().sum(0).to(g.dtype), lse
     lse = torch.full((x.shape[0],), -math.inf, dtype=x.dtype, device=x.device)
     for start in range(0, n, chunk):  # pass 1: each row's log-normaliser
         stop = min(start + chunk, n)
@@ -603,4 +628,4 @@ def _shares(
         stop = min(start + chunk, n)
         scores = _masked(_scores(x, data, h, start, stop), labels, classes, start, stop) / epsilon
         share[start:stop] = torch.exp(scores - lse[:, None]).sum(0)
-    return share / x.shape[0]
+    return share, lse
