@@ -9,6 +9,7 @@ from otcfm.couplers.base import Coupler
 from otcfm.couplers.exact import ExactCoupler
 from otcfm.couplers.hungarian import HungarianCoupler
 from otcfm.couplers.independent import IndependentCoupler, PairedCoupler
+from otcfm.couplers.relaxed import PartialCoupler, UnbalancedCoupler
 from otcfm.couplers.semidiscrete import SemidiscreteCoupler
 from otcfm.couplers.sinkhorn import SinkhornCoupler
 
@@ -17,7 +18,16 @@ __all__ = ["COUPLERS", "get_coupler"]
 #: Registered coupler classes by name.
 COUPLERS: dict[str, type[Coupler]] = {
     cls.name: cls
-    for cls in (IndependentCoupler, ExactCoupler, HungarianCoupler, SinkhornCoupler, PairedCoupler, SemidiscreteCoupler)
+    for cls in (
+        IndependentCoupler,
+        ExactCoupler,
+        HungarianCoupler,
+        SinkhornCoupler,
+        PairedCoupler,
+        SemidiscreteCoupler,
+        UnbalancedCoupler,
+        PartialCoupler,
+    )
 }
 
 

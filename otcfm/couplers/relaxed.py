@@ -1,0 +1,255 @@
+r"""Entropic OT with relaxed marginals: unbalanced (KL-penalised marginals) and partial (a fraction of the mass).
+
+Both solve their problem in the log domain on the inputs' device, so they stay finite at any epsilon that float
+arithmetic resolves, and both return the plan; pairs are then ``B0`` draws with replacement from the whole plan
+(as TorchCFM does with these plans): a source sample whose row carries little mass, an outlier the relaxed problem
+chose not to transport, is rarely used.
+
+- Unbalanced (Chizat et al. 2018; POT's ``sinkhorn_knopp_unbalanced`` with ``reg_type="kl"``):
+
+  .. math::
+      \min_{P \ge 0} \langle P, C \rangle + \epsilon\, KL(P \| a b^\top)
+      + \rho\, KL(P 1 \| a) + \rho\, KL(P^\top 1 \| b)
+
+  by the scaling iterations ``u = (a / K v)^{\rho / (\rho + \epsilon)}``, ``v = (b / K^T u)^{\rho/(\rho+\epsilon)}``,
+  ``K = exp(-C / epsilon) * a b^T``, written for ``log u, log v``.
+- Partial (Benamou et al. 2015; POT's ``entropic_partial_wasserstein``): transport only the mass ``m``,
+
+  .. math::
+      \min_{P \ge 0,\ P 1 \le a,\ P^\top 1 \le b,\ 1^\top P 1 = m} \langle P, C \rangle - \epsilon H(P)
+
+  by Dykstra's iterated Bregman projections onto the three constraint sets, in log form.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from torch import Tensor
+
+from otcfm._args import check_count, check_rate
+from otcfm.couplers.base import Pairing
+from otcfm.couplers.cost import condition_cost, squared_euclidean_cost
+from otcfm.couplers.plan import CostFn, OTCoupler, pairs_from_plan
+from otcfm.couplers.sinkhorn import ConvergenceWarning, SinkhornResult, _weights, absolute_epsilon
+
+__all__ = ["PartialCoupler", "UnbalancedCoupler", "partial_plan", "unbalanced_plan"]
+
+
+def _check(cost: Tensor, epsilon: float, tol: float, max_iter: int) -> None:
+    if cost.ndim != 2 or 0 in cost.shape:
+        raise ValueError(f"cost: expected a non-empty 2-D matrix, got shape {tuple(cost.shape)}")
+    if not bool(torch.isfinite(cost).all()):
+        raise ValueError("cost: contains NaN or Inf")
+    check_rate(epsilon, "epsilon")
+    check_rate(tol, "tol")
+    check_count(max_iter, "max_iter")
+
+
+def unbalanced_plan(
+    cost: Tensor,
+    epsilon: float,
+    reg_m: float,
+    a: Tensor | None = None,
+    b: Tensor | None = None,
+    *,
+    tol: float = 1e-6,
+    max_iter: int = 1000,
+) -> SinkhornResult:
+    """Entropic unbalanced OT plan of ``cost: (B0, B1)`` (absolute ``epsilon`` and marginal penalty ``reg_m``).
+
+    Stops when the scalings change by a factor within ``1 +- tol`` (``max |log u - log u_prev|``, and for ``v``;
+    POT's criterion, the change of ``u`` itself, overflows where ``u`` does) or after ``max_iter`` iterations;
+    ``converged`` says which. ``error`` is that change;
+    ``f, g`` are ``epsilon * log u``, ``epsilon * log v``.
+
+    Returns:
+        a :class:`~otcfm.couplers.SinkhornResult` whose plan's marginals are near, not equal to, ``a`` and ``b``.
+    """
+    _check(cost, epsilon, tol, max_iter)
+    check_rate(reg_m, "reg_m")
+    n0, n1 = cost.shape
+    log_a, log_b = torch.log(_weights(a, n0, cost, "a")), torch.log(_weights(b, n1, cost, "b"))
+    log_kernel = -cost / epsilon + log_a[:, None] + log_b[None, :]
+    power = reg_m / (reg_m + epsilon)
+    log_u, log_v = torch.zeros_like(log_a), torch.zeros_like(log_b)
+    error, iterations = math.inf, 0
+    while iterations < max_iter:
+        previous_u, previous_v = log_u, log_v
+        log_u = power * (log_a - torch.logsumexp(log_kernel + log_v[None, :], dim=1))
+        log_v = power * (log_b - torch.logsumexp(log_kernel + log_u[:, None], dim=0))
+        iterations += 1
+        error = float(torch.maximum((log_u - previous_u).abs().max(), (log_v - previous_v).abs().max()))
+        if error < tol:
+            break
+    plan = torch.exp(log_kernel + log_u[:, None] + log_v[None, :])
+    return SinkhornResult(plan, epsilon * log_u, epsilon * log_v, epsilon, iterations, error, error < tol)
+
+
+def partial_plan(
+    cost: Tensor,
+    epsilon: float,
+    mass: float,
+    a: Tensor | None = None,
+    b: Tensor | None = None,
+    *,
+    tol: float = 1e-9,
+    max_iter: int = 1000,
+) -> SinkhornResult:
+    """Entropic partial OT plan of ``cost: (B0, B1)`` moving total mass ``mass`` (absolute ``epsilon``).
+
+    Dykstra's iterations in log form; stops when the plan changes by less than ``tol`` in Frobenius norm
+    (checked every 10 iterations, as POT does) or after ``max_iter``. ``error`` is that change; ``f, g`` are
+    zero (the projections keep no potentials).
+
+    Raises:
+        ValueError: ``mass`` not in ``(0, min(sum a, sum b)]``, and the checks of :func:`unbalanced_plan`.
+    """
+    _check(cost, epsilon, tol, max_iter)
+    n0, n1 = cost.shape
+    a, b = _weights(a, n0, cost, "a"), _weights(b, n1, cost, "b")
+    if not (isinstance(mass, (int, float)) and 0 < mass <= min(float(a.sum()), float(b.sum())) + 1e-12):
+        raise ValueError(f"mass: expected a number in (0, 1], the fraction of the mass to transport, got {mass!r}")
+    log_a, log_b, log_m = torch.log(a), torch.log(b), math.log(mass)
+    log_p = -cost / epsilon
+    log_p = log_p + (log_m - torch.logsumexp(log_p.reshape(-1), 0))
+    log_q1, log_q2, log_q3 = (torch.zeros_like(log_p) for _ in range(3))
+    error, iterations = math.inf, 0
+    while iterations < max_iter:
+        previous = log_p
+        shifted = log_p + log_q1  # projection 1: rows at most a
+        projected = shifted + torch.clamp(log_a - torch.logsumexp(shifted, dim=1), max=0.0)[:, None]
+        log_q1 = log_q1 + log_p - projected
+        shifted = projected + log_q2  # projection 2: columns at most b
+        second = shifted + torch.clamp(log_b - torch.logsumexp(shifted, dim=0), max=0.0)[None, :]
+        log_q2 = log_q2 + projected - second
+        shifted = second + log_q3  # projection 3: total mass m
+        log_p = shifted + (log_m - torch.logsumexp(shifted.reshape(-1), 0))
+        log_q3 = log_q3 + second - log_p
+        iterations += 1
+        if iterations % 10 == 0 or iterations == max_iter:
+            error = float(torch.linalg.matrix_norm(torch.exp(previous) - torch.exp(log_p)))
+            if error < tol:
+                break
+    zeros0, zeros1 = torch.zeros_like(log_a), torch.zeros_like(log_b)
+    return SinkhornResult(torch.exp(log_p), zeros0, zeros1, epsilon, iterations, error, error < tol)
+
+
+class _RelaxedCoupler(OTCoupler):
+    """Shared pairing of the relaxed couplers: ``B0`` draws with replacement from the whole plan."""
+
+    sources_in_order = False
+
+    def __init__(
+        self, epsilon: float, relative: bool, tol: float, max_iter: int, cost: CostFn, label_weight: float | None
+    ) -> None:
+        super().__init__(cost, label_weight, replace=True)
+        check_rate(epsilon, "epsilon")
+        check_rate(tol, "tol")
+        check_count(max_iter, "max_iter")
+        self.epsilon, self.relative, self.tol, self.max_iter = float(epsilon), bool(relative), tol, max_iter
+
+    def _solve(self, cost: Tensor, eps: float, scale: float) -> SinkhornResult:
+        raise NotImplementedError
+
+    def plan(
+        self,
+        x0: Tensor,
+        x1: Tensor,
+        y0: Tensor | None = None,
+        y1: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> SinkhornResult:
+        """The relaxed plan of ``x0: (B0, ...)``, ``x1: (B1, ...)``; relative settings scale with the mean cost."""
+        base, _ = self.scaled_base_cost(x0, x1)
+        eps = absolute_epsilon(self.epsilon, self.relative, base)
+        scale = eps / self.epsilon  # the mean cost when relative, else 1
+        return self._solve(condition_cost(base, y0, y1, self.label_weight, generator), eps, scale)
+
+    def pair(
+        self, x0: Tensor, x1: Tensor, y0: Tensor | None, y1: Tensor | None, generator: torch.Generator | None
+    ) -> Pairing:
+        result = self.plan(x0, x1, y0, y1, generator)
+        if not result.converged:
+            warnings.warn(
+                f"{self.name} OT did not converge: change {result.error:.3g} > tol {self.tol:g} after "
+                f"{result.iterations} iterations; raise max_iter or epsilon",
+                ConvergenceWarning,
+                stacklevel=3,
+            )
+        return pairs_from_plan(result.plan, generator, x0.device, replace=True)
+
+
+class UnbalancedCoupler(_RelaxedCoupler):
+    """Pairs drawn from an entropic unbalanced OT plan (TorchCFM's ``method="unbalanced"``).
+
+    The marginals are penalised by ``reg_m * KL`` instead of being imposed, so mass that is expensive to move
+    (outliers, a target mode the batch over-represents) may be left out.
+
+    Args:
+        epsilon: regularisation; relative to the mean cost unless ``relative=False``.
+        reg_m: marginal penalty ``rho``; relative to the mean cost like ``epsilon`` (large: balanced OT).
+        relative: read ``epsilon`` and ``reg_m`` as fractions of the batch's mean cost.
+        tol, max_iter: stopping rule of :func:`unbalanced_plan`.
+        cost, label_weight: see :class:`~otcfm.couplers.plan.OTCoupler`.
+    """
+
+    name = "unbalanced"
+
+    def __init__(
+        self,
+        epsilon: float = 0.05,
+        reg_m: float = 1.0,
+        relative: bool = True,
+        tol: float = 1e-6,
+        max_iter: int = 1000,
+        cost: CostFn = squared_euclidean_cost,
+        label_weight: float | None = None,
+    ) -> None:
+        super().__init__(epsilon, relative, tol, max_iter, cost, label_weight)
+        self.reg_m = check_rate(reg_m, "reg_m")
+
+    def _solve(self, cost: Tensor, eps: float, scale: float) -> SinkhornResult:
+        return unbalanced_plan(cost, eps, self.reg_m * scale, tol=self.tol, max_iter=self.max_iter)
+
+    def __repr__(self) -> str:
+        kind = "relative" if self.relative else "absolute"
+        return f"UnbalancedCoupler(epsilon={self.epsilon}, reg_m={self.reg_m} ({kind}))"
+
+
+class PartialCoupler(_RelaxedCoupler):
+    """Pairs drawn from an entropic partial OT plan that moves only the fraction ``mass`` (TorchCFM's ``"partial"``).
+
+    Args:
+        epsilon: regularisation; relative to the mean cost unless ``relative=False``.
+        mass: fraction of the mass transported, in ``(0, 1]``.
+        relative: read ``epsilon`` as a fraction of the batch's mean cost.
+        tol, max_iter: stopping rule of :func:`partial_plan`.
+        cost, label_weight: see :class:`~otcfm.couplers.plan.OTCoupler`.
+    """
+
+    name = "partial"
+
+    def __init__(
+        self,
+        epsilon: float = 0.05,
+        mass: float = 0.9,
+        relative: bool = True,
+        tol: float = 1e-7,
+        max_iter: int = 1000,
+        cost: CostFn = squared_euclidean_cost,
+        label_weight: float | None = None,
+    ) -> None:
+        super().__init__(epsilon, relative, tol, max_iter, cost, label_weight)
+        if not (isinstance(mass, (int, float)) and not isinstance(mass, bool) and 0 < mass <= 1):
+            raise ValueError(f"mass: expected a number in (0, 1], the fraction of the mass to transport, got {mass!r}")
+        self.mass = float(mass)
+
+    def _solve(self, cost: Tensor, eps: float, scale: float) -> SinkhornResult:
+        return partial_plan(cost, eps, self.mass, tol=self.tol, max_iter=self.max_iter)
+
+    def __repr__(self) -> str:
+        kind = "relative" if self.relative else "absolute"
+        return f"PartialCoupler(epsilon={self.epsilon} ({kind}), mass={self.mass})"
