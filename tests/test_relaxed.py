@@ -72,3 +72,14 @@ def test_relaxed_errors() -> None:
         unbalanced_plan(torch.full((2, 2), float("nan")), 0.1, 1.0)
     with pytest.raises(ValueError, match="mass"):
         partial_plan(_cost(3, 3), 0.1, 2.0)
+
+
+def test_renormalised_entropy() -> None:
+    n = 16
+    assert otcfm.metrics.renormalised_entropy(torch.eye(n) / n) == pytest.approx(0.0, abs=1e-12)
+    assert otcfm.metrics.renormalised_entropy(torch.full((n, n), 1.0 / n**2)) == pytest.approx(1.0)
+    sharp = otcfm.couplers.sinkhorn_plan(_cost(n, n), 0.01).plan
+    soft = otcfm.couplers.sinkhorn_plan(_cost(n, n), 1.0).plan
+    assert 0 <= otcfm.metrics.renormalised_entropy(sharp) < otcfm.metrics.renormalised_entropy(soft) <= 1
+    with pytest.raises(ValueError, match="plan"):
+        otcfm.metrics.renormalised_entropy(-torch.eye(3))

@@ -1,6 +1,6 @@
 """Metrics of samples, flows and couplings; definitions in docs/benchmarks.md."""
 
-from otcfm.metrics.coupling import assignment_error, transport_cost_ratio
+from otcfm.metrics.coupling import assignment_error, renormalised_entropy, transport_cost_ratio
 from otcfm.metrics.frechet import DigitsFeatures, digits_features, frechet_distance
 from otcfm.metrics.geometry import crossing_rate, swap_fraction
 from otcfm.metrics.trajectory import FlowStatistics, flow_statistics, path_energy, straightness
@@ -29,6 +29,7 @@ __all__ = [
     "gaussian_target_variance",
     "gradient_variance",
     "path_energy",
+    "renormalised_entropy",
     "straightness",
     "swap_fraction",
     "target_variance",

@@ -6,6 +6,10 @@ Definitions (docs/benchmarks.md):
   distance between the share each point receives and the uniform ``1/N``,
   ``0.5 * sum_k |count_k / len(j) - 1/N|``. A coupling with the right target marginal has 0 up to
   sampling noise (:func:`otcfm.couplers.semidiscrete.noise_floor`); nearest neighbour has nearly 1.
+- *renormalised entropy* of a plan ``P: (n0, n1)`` with total mass 1 (the sharpness measure of Klein et al.,
+  "On Fitting Flow Models with Large Sinkhorn Couplings", 2025): ``(H(P) - log max(n0, n1)) / log min(n0, n1)``
+  with ``H(P) = -sum P log P``; 0 for a deterministic matching (a permutation), 1 for the independent coupling,
+  so it compares couplings of different sizes and epsilons.
 - *transport cost ratio* of pairs ``(x0_a, x1_a)``: their mean squared distance over ``W2^2`` of
   source and target. Any coupling with the right marginals has a ratio ``>= 1`` (up to the noise of
   the estimates); 1 is the OT coupling. Read it with the assignment error: a map that ignores the
@@ -22,7 +26,7 @@ from torch import Tensor
 from otcfm._args import check_count
 from otcfm._checks import check_pair
 
-__all__ = ["assignment_error", "error_of_counts", "transport_cost_ratio"]
+__all__ = ["assignment_error", "error_of_counts", "renormalised_entropy", "transport_cost_ratio"]
 
 
 def assignment_error(partners: Tensor, n: int) -> float:
@@ -66,3 +70,23 @@ def transport_cost_ratio(x0: Tensor, x1: Tensor, w2_squared: float) -> float:
         raise ValueError(f"w2_squared: expected a finite number > 0, got {w2_squared!r}")
     cost = (x0.double() - x1.double()).reshape(x0.shape[0], -1).square().sum(1).mean()
     return float(cost) / float(w2_squared)
+
+
+def renormalised_entropy(plan: Tensor) -> float:
+    """``(H(P) - log max(n0, n1)) / log min(n0, n1)`` of a plan ``P: (n0, n1)`` (normalised to mass 1 first).
+
+    0 for a permutation (every row one partner), 1 for the independent (product) coupling.
+
+    Raises:
+        ValueError: not a 2-D non-negative finite plan with positive mass and at least 2 rows and columns.
+    """
+    if not isinstance(plan, Tensor) or plan.ndim != 2 or min(plan.shape) < 2:
+        raise ValueError("plan: expected a (n0, n1) tensor with n0, n1 >= 2")
+    p = plan.detach().to(torch.float64)
+    total = float(p.sum())
+    if not (math.isfinite(total) and total > 0) or bool((p < 0).any()):
+        raise ValueError("plan: expected finite non-negative entries with a positive sum")
+    p = p / total
+    entropy = -float(torch.special.xlogy(p, p).sum())
+    n0, n1 = plan.shape
+    return (entropy - math.log(max(n0, n1))) / math.log(min(n0, n1))
