@@ -238,6 +238,9 @@ class SinkhornCoupler(OTCoupler):
         cost: ``cost(x0, x1) -> (B0, B1)``; squared Euclidean by default.
         label_weight: see :class:`~otcfm.couplers.plan.OTCoupler`.
         replace: draw pairs with replacement from the whole plan (TorchCFM-compatible).
+        memory_budget: bytes a dense ``(B0, B1)`` float64 plan may take; a larger problem (default cost, no labels,
+            no ``replace``) is solved blockwise (:func:`~otcfm.couplers.blockwise.blockwise_sinkhorn`) and each
+            partner drawn from its row of the implicit plan. None: always dense.
     """
 
     name = "sinkhorn"
@@ -252,12 +255,16 @@ class SinkhornCoupler(OTCoupler):
         cost: CostFn = squared_euclidean_cost,
         label_weight: float | None = None,
         replace: bool = False,
+        memory_budget: int | None = None,
     ) -> None:
         super().__init__(cost, label_weight, replace)
         if not (isinstance(epsilon, (int, float)) and math.isfinite(epsilon) and epsilon > 0):
             raise ValueError(f"epsilon: expected a finite number > 0, got {epsilon!r}")
         check_rate(tol, "tol")
         check_count(max_iter, "max_iter")
+        if memory_budget is not None:
+            check_count(memory_budget, "memory_budget")
+        self.memory_budget = memory_budget
         self.epsilon, self.relative, self.tol, self.max_iter, self.anneal = epsilon, relative, tol, max_iter, anneal
 
     def plan(
@@ -285,15 +292,29 @@ class SinkhornCoupler(OTCoupler):
     def pair(
         self, x0: Tensor, x1: Tensor, y0: Tensor | None, y1: Tensor | None, generator: torch.Generator | None
     ) -> Pairing:
+        large = self.memory_budget is not None and x0.shape[0] * x1.shape[0] * 8 > self.memory_budget
+        if large and self.cost is squared_euclidean_cost and y1 is None and not self.replace:
+            from otcfm.couplers.blockwise import blockwise_sinkhorn, draw_partners
+
+            blocks = blockwise_sinkhorn(
+                x0, x1, self.epsilon, relative=self.relative, tol=self.tol, max_iter=self.max_iter,
+                anneal=self.anneal, memory_budget=self.memory_budget,
+            )  # fmt: skip
+            self._warn(blocks.converged, blocks.error, blocks.iterations, blocks.epsilon)
+            j = draw_partners(x0, x1, blocks.g, blocks.epsilon, generator, self.memory_budget)
+            return Pairing(torch.arange(x0.shape[0], device=x0.device), j.to(x0.device))
         result = self.plan(x0, x1, y0, y1, generator)
-        if not result.converged:
-            warnings.warn(
-                f"sinkhorn did not converge: target marginal error {result.error:.3g} > tol {self.tol:g} after "
-                f"{result.iterations} iterations (epsilon {result.epsilon:.3g}); raise max_iter or epsilon",
-                ConvergenceWarning,
-                stacklevel=3,
-            )
+        self._warn(result.converged, result.error, result.iterations, result.epsilon)
         return pairs_from_plan(result.plan, generator, x0.device, self.replace)
+
+    def _warn(self, converged: bool, error: float, iterations: int, epsilon: float) -> None:
+        if not converged:
+            warnings.warn(
+                f"sinkhorn did not converge: target marginal error {error:.3g} > tol {self.tol:g} after "
+                f"{iterations} iterations (epsilon {epsilon:.3g}); raise max_iter or epsilon",
+                ConvergenceWarning,
+                stacklevel=4,
+            )
 
     def __repr__(self) -> str:
         kind = "relative" if self.relative else "absolute"
