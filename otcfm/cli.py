@@ -168,6 +168,13 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="under torchrun: couple the batches of all ranks as one OT problem (default: each rank its own)",
     )
+    tr.add_argument(
+        "--pool-size",
+        type=_positive_int,
+        default=None,
+        help="couple this many samples per side at once (a multiple of --batch-size) and train on the pool for "
+        "pool-size / batch-size steps, each pair once (default: each batch coupled alone)",
+    )
     tr.add_argument("--out", default="runs/train", help="output directory")
     _add_common(tr, "--steps", defaults.steps)
 
@@ -291,6 +298,8 @@ def _check_out(out: str, resume: bool, overwrite: bool) -> Path:
 
 def _train(args: argparse.Namespace) -> int:
     dim = {"dim": args.dim} if args.dim is not None else {}
+    if args.pool_size is not None and (args.pool_size < args.batch_size or args.pool_size % args.batch_size):
+        raise ValueError(f"--pool-size: expected a multiple of --batch-size {args.batch_size}, got {args.pool_size}")
     config = TrainConfig(
         source=args.source,
         target=args.target,
@@ -316,6 +325,7 @@ def _train(args: argparse.Namespace) -> int:
         seed=args.seed,
         checkpoint_every=args.checkpoint_every,
         global_coupling=args.global_coupling,
+        pool_size=args.pool_size,
     )
     if args.dim is not None and not ({args.source, args.target} & set(DIM_DATASETS)):
         raise ValueError(f"--dim: applies to {' and '.join(DIM_DATASETS)} data; neither --source nor --target is")

@@ -19,7 +19,70 @@ from otcfm._args import check_count
 from otcfm.couplers import Coupler, get_coupler
 from otcfm.data import Sampler, draw
 
-__all__ = ["CoupledBatches", "CoupledLoader", "coupled_loader"]
+__all__ = ["CoupledBatches", "CoupledLoader", "PoolStream", "check_pool_size", "coupled_loader", "couple_pool"]
+
+
+def couple_pool(
+    source: Sampler, target: Sampler, coupler: Coupler, pool_size: int, generator: torch.Generator
+) -> tuple[Tensor, Tensor]:
+    """Draw ``pool_size`` samples per side, couple them as one problem and shuffle the pairs: ``(x0, x1)``.
+
+    The pairs come back in a random order (from ``generator``), so consecutive slices of them are
+    batches in which each pair of the pool appears once.
+    """
+    x0 = draw(source, pool_size, generator)
+    x1 = draw(target, pool_size, generator)
+    i, j = coupler(x0, x1, generator=generator)
+    order = torch.randperm(len(i), generator=generator)
+    return x0[i][order], x1[j][order]
+
+
+class PoolStream:
+    """Batches served from OT pools larger than the batch: pool ``k`` is coupled once and split into batches.
+
+    Pool ``k`` is drawn from its own generator, seeded by ``stream_seed(seed, k)``, so the batch of any
+    step is a pure function of ``(seed, step)``: a resumed run sees the batches of an uninterrupted one.
+
+    Args:
+        source, target: samplers ``f(n, generator)`` or dataset names.
+        coupler: coupler name or instance (a minibatch coupler).
+        pool_size: samples per side coupled at once; a multiple of ``batch_size``.
+        batch_size: pairs per batch.
+        seed: base seed.
+    """
+
+    def __init__(
+        self, source: Sampler, target: Sampler, coupler: str | Coupler, pool_size: int, batch_size: int, seed: int = 0
+    ) -> None:
+        check_count(batch_size, "batch_size")
+        check_pool_size(pool_size, batch_size)
+        self.source, self.target, self.coupler = source, target, get_coupler(coupler)
+        self.pool_size, self.batch_size, self.seed = pool_size, batch_size, seed
+        self._pool: tuple[int, Tensor, Tensor] | None = None
+
+    @property
+    def batches_per_pool(self) -> int:
+        return self.pool_size // self.batch_size
+
+    def batch(self, step: int) -> tuple[Tensor, Tensor]:
+        """The paired batch ``(x0, x1)`` of step ``step`` (0-based): each ``(batch_size, ...)``."""
+        from otcfm.distributed import stream_seed
+
+        index, offset = divmod(step, self.batches_per_pool)
+        if self._pool is None or self._pool[0] != index:
+            generator = torch.Generator().manual_seed(stream_seed(self.seed, "pool", index))
+            self._pool = (index, *couple_pool(self.source, self.target, self.coupler, self.pool_size, generator))
+        _, x0, x1 = self._pool
+        rows = slice(offset * self.batch_size, (offset + 1) * self.batch_size)
+        return x0[rows], x1[rows]
+
+
+def check_pool_size(pool_size: object, batch_size: int) -> int:
+    """``pool_size`` must be a positive multiple of ``batch_size``."""
+    valid = isinstance(pool_size, int) and not isinstance(pool_size, bool) and pool_size >= batch_size
+    if not valid or pool_size % batch_size:  # type: ignore[operator]
+        raise ValueError(f"pool_size: expected a multiple of batch_size {batch_size} (at least it), got {pool_size!r}")
+    return pool_size
 
 
 class CoupledBatches(IterableDataset):
@@ -35,19 +98,38 @@ class CoupledBatches(IterableDataset):
         coupler: coupler name or instance.
         batch_size: samples per side and batch.
         seed: base seed.
+        pool_size: couple ``pool_size`` samples per side at once and serve them as ``pool_size / batch_size``
+            batches, each pair once (a :class:`PoolStream` per worker); None: each batch coupled alone.
     """
 
-    def __init__(self, source: Sampler, target: Sampler, coupler: str | Coupler, batch_size: int, seed: int = 0):
+    def __init__(
+        self,
+        source: Sampler,
+        target: Sampler,
+        coupler: str | Coupler,
+        batch_size: int,
+        seed: int = 0,
+        pool_size: int | None = None,
+    ):
         super().__init__()
         check_count(batch_size, "batch_size")
         check_count(seed, "seed", minimum=0)
+        if pool_size is not None:
+            check_pool_size(pool_size, batch_size)
         self.source, self.target = source, target
         self.coupler = get_coupler(coupler)
-        self.batch_size, self.seed = batch_size, seed
+        self.batch_size, self.seed, self.pool_size = batch_size, seed, pool_size
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         info = get_worker_info()
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + (info.id if info is not None else 0))
+        worker_seed = self.seed * 1_000_003 + (info.id if info is not None else 0)
+        if self.pool_size is not None:
+            pools = PoolStream(self.source, self.target, self.coupler, self.pool_size, self.batch_size, worker_seed)
+            step = 0
+            while True:
+                yield pools.batch(step)
+                step += 1
+        generator = torch.Generator().manual_seed(worker_seed)
         while True:
             x0 = draw(self.source, self.batch_size, generator)
             x1 = draw(self.target, self.batch_size, generator)
@@ -99,6 +181,7 @@ def coupled_loader(
     num_workers: int = 1,
     prefetch_factor: int = 4,
     batches_per_transfer: int = 8,
+    pool_size: int | None = None,
 ) -> CoupledLoader:
     """Coupled batches, computed ahead of time in ``num_workers`` background ``DataLoader`` processes.
 
@@ -119,6 +202,7 @@ def coupled_loader(
         num_workers: background processes (0 couples in the main process).
         prefetch_factor: hand-overs each worker keeps ready.
         batches_per_transfer: batches stacked into one hand-over.
+        pool_size: OT pools larger than the batch (a multiple of it): see :class:`CoupledBatches`.
 
     Returns:
         an endless :class:`CoupledLoader` yielding ``(x0, x1)``, each ``(batch_size, ...)``, already paired.
@@ -126,6 +210,6 @@ def coupled_loader(
     check_count(num_workers, "num_workers", minimum=0)
     check_count(batches_per_transfer, "batches_per_transfer")
     check_count(prefetch_factor, "prefetch_factor")
-    dataset = _Transfers(CoupledBatches(source, target, coupler, batch_size, seed), batches_per_transfer)
+    dataset = _Transfers(CoupledBatches(source, target, coupler, batch_size, seed, pool_size), batches_per_transfer)
     extra = {"prefetch_factor": prefetch_factor, "worker_init_fn": _one_thread} if num_workers > 0 else {}
     return CoupledLoader(DataLoader(dataset, batch_size=None, num_workers=num_workers, **extra))

@@ -73,6 +73,9 @@ class TrainConfig:
         checkpoint_every: steps between checkpoints (when an output directory is given).
         global_coupling: under torchrun, couple the batches of all ranks as one OT problem
             (:func:`otcfm.distributed.global_pairs`) instead of each rank its own; no effect in one process.
+        pool_size: couple ``pool_size`` samples per side at once (an OT pool, a multiple of ``batch_size``) and
+            train on it for ``pool_size / batch_size`` steps, each pair once (:class:`otcfm.loader.PoolStream`;
+            pool ``k`` of rank ``r`` is seeded from ``seed``, ``r`` and ``k``, so a resumed run is bit-exact).
     """
 
     source: str = "auto"
@@ -99,9 +102,14 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 500
     global_coupling: bool = False
+    pool_size: int | None = None
 
     def __post_init__(self) -> None:
         check_schedule(self)
+        if self.pool_size is not None:
+            from otcfm.loader import check_pool_size
+
+            check_pool_size(self.pool_size, self.batch_size)
         for name in ("batch_size", "hidden", "depth"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -344,10 +352,24 @@ def train(
     semidiscrete = fm.coupler if isinstance(fm.coupler, SemidiscreteCoupler) else None
     dataset = None
     if semidiscrete is not None:
+        if config.pool_size is not None:
+            raise ValueError("pool_size: the semidiscrete coupler pairs with the whole dataset; pools are for others")
         dataset = _fit_semidiscrete(semidiscrete, config, source, target, out if resume else None, device_, progress)
         global_coupling, paired = False, fm  # every rank pairs its batch with the whole dataset itself
+    pools = None
+    if config.pool_size is not None:
+        if global_coupling:
+            raise ValueError("pool_size: pools couple each rank's own samples; leave global_coupling off with pools")
+        from otcfm.loader import PoolStream
+
+        rank_seed = distributed.stream_seed(config.seed, "pools", distributed.world()[0])
+        pools = PoolStream(source, target, fm.coupler, config.pool_size, config.batch_size, rank_seed)
+        paired = FlowMatcher(coupler="paired", path=fm.path, time_sampler=fm.time_sampler)
 
     def step_loss(net: nn.Module, step: int, generator: torch.Generator) -> torch.Tensor:
+        if pools is not None:
+            x0, x1 = pools.batch(step)
+            return paired.loss(net, x0.to(device_), x1.to(device_), generator)
         x0 = source(config.batch_size, generator).to(device_)
         if dataset is not None:
             return fm.loss(net, x0, dataset, generator)
