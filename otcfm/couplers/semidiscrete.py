@@ -369,7 +369,7 @@ class SemidiscreteCoupler(Coupler):
         generator: torch.Generator | None = None,
         *,
         seconds: float = 0.0,
-        batch_size: int = 4096,
+        batch_size: int = 1024,
     ) -> SemidiscreteFit:
         """Report the assignment error and semi-dual objective of the current potentials on fresh samples.
 
