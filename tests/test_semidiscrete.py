@@ -307,6 +307,27 @@ def test_cli_trains_with_the_semidiscrete_coupler(tmp_path: Path) -> None:
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "semidiscrete" in otcfm.checkpoint.load(tmp_path / "run" / "checkpoint.pt")
+    from otcfm.cli import main
+
+    reflow = [
+        "reflow",
+        "--teacher",
+        str(tmp_path / "run"),
+        "--pairs",
+        "32",
+        "--solver-steps",
+        "2",
+        "--train-steps",
+        "2",
+        "--batch-size",
+        "16",
+        "--no-progress",
+        "--out",
+        str(tmp_path / "reflow"),
+    ]
+    assert main(reflow) == 0  # a semidiscrete teacher: its samples are the pairs, the 2-RF trains on them
+    model, _ = otcfm.load_model(tmp_path / "reflow")
+    assert model(torch.zeros(3, 4), torch.zeros(3)).shape == (3, 4)
 
 
 def test_scale_benchmark_quick(tmp_path: Path) -> None:
