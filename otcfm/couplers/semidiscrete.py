@@ -156,7 +156,8 @@ class SemidiscreteCoupler(Coupler):
         a, data = _flat(x0), _flat(x1)
         classes = self._source_classes(y0, a.shape[0], generator, a.device)
         g = self.potentials.to(device=data.device, dtype=data.dtype)
-        j = _partners(a, data, g, self.absolute_epsilon(), self._chunk(a.shape[0]), self.labels, classes, generator)
+        labels = None if self.labels is None else self.labels.to(data.device)
+        j = _partners(a, data, g, self.absolute_epsilon(), self._chunk(a.shape[0]), labels, classes, generator)
         if self.online_lr is not None:
             counts = torch.bincount(j, minlength=data.shape[0]).to(g.dtype)
             step = self.online_lr * float(self.mean_cost or 1.0)
