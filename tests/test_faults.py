@@ -138,7 +138,12 @@ def kill_and_resume_trials(tmp_path: Path, trials: int, seed: int = 0) -> dict[s
     was never interrupted. Returns counts; raises AssertionError on any mismatch, traceback or leftover file."""
     steps = 60
     reference = tmp_path / "reference"
-    assert _cli_train(reference, steps).wait() == 0
+    process = _cli_train(reference, steps)
+    while not (reference / "checkpoint.pt").exists() and process.poll() is None:
+        time.sleep(0.01)
+    started = time.monotonic()
+    assert process.wait() == 0
+    training = time.monotonic() - started  # from the first checkpoint to the end: where a signal must land
     expected = checkpoint.load(reference / "checkpoint.pt")
     rng = random.Random(seed)
     counts = {"sigint": 0, "sigkill": 0, "finished_first": 0}
@@ -148,7 +153,7 @@ def kill_and_resume_trials(tmp_path: Path, trials: int, seed: int = 0) -> dict[s
         deadline = time.monotonic() + 120
         while not (out / "checkpoint.pt").exists() and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)  # training has started once the first checkpoint (step 1) is written
-        time.sleep(rng.uniform(0.0, 1.5))  # training 60 steps takes about 1-2 s
+        time.sleep(rng.uniform(0.0, 0.9 * training))  # within the reference run's training time
         kind = rng.choice((signal.SIGINT, signal.SIGKILL))
         process.send_signal(kind)
         _, stderr = process.communicate(timeout=120)
