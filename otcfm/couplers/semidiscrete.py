@@ -134,6 +134,7 @@ class SemidiscreteCoupler(Coupler):
         self.mean_cost: float | None = None
         self.steps = 0
         self._verified: tuple[Any, ...] | None = None
+        self._square: tuple[Any, Tensor] | None = None
 
     # ----------------------------------------------------------------------------------------------- pairing
 
@@ -157,7 +158,10 @@ class SemidiscreteCoupler(Coupler):
         classes = self._source_classes(y0, a.shape[0], generator, a.device)
         g = self.potentials.to(device=data.device, dtype=data.dtype)
         labels = None if self.labels is None else self.labels.to(data.device)
-        j = _partners(a, data, g, self.absolute_epsilon(), self._chunk(a.shape[0]), labels, classes, generator)
+        if self._square is None or self._square[0] != self._verified:  # |y|^2 of the dataset, once per dataset
+            self._square = (self._verified, (data * data).sum(1))
+        chunk = self._chunk(a.shape[0])
+        j = _partners(a, data, g, self.absolute_epsilon(), chunk, labels, classes, generator, self._square[1])
         if self.online_lr is not None:
             counts = torch.bincount(j, minlength=data.shape[0]).to(g.dtype)
             step = self.online_lr * float(self.mean_cost or 1.0)
@@ -409,7 +413,8 @@ class SemidiscreteCoupler(Coupler):
                 counts += share.to(counts.dtype)
                 transform = (x * x).sum(1) - epsilon * (lse - math.log(n))
             else:
-                j, transform = _partners_and_transform(x, flat, g, 0.0, chunk, self.labels, classes, None)
+                j, best = _partners_and_transform(x, flat, g, 0.0, chunk, self.labels, classes, None)
+                transform = (x * x).sum(1) - best
                 counts += torch.bincount(j, minlength=n).to(counts.dtype)
             transform_sum += float(transform.double().sum())
             done += b
@@ -541,6 +546,31 @@ def _masked(scores: Tensor, labels: Tensor | None, classes: Tensor | None, start
     return scores.masked_fill(labels[None, start:stop] != classes[:, None], -math.inf)
 
 
+_BLOCK = 256  # columns per block of the two-level row maximum
+
+
+def _row_max(scores: Tensor) -> tuple[Tensor, Tensor]:
+    """``scores.max(dim=1)`` of a ``(B, n)`` block, about 5x faster on the CPU for long rows.
+
+    ``max`` with indices is a slow reduction, ``amax`` a vectorised one: take the ``amax`` of blocks of
+    :data:`_BLOCK` columns, then the index inside each row's best block only. Ties go to the first index.
+    """
+    b, n = scores.shape
+    full = n - n % _BLOCK
+    if full < 4 * _BLOCK:
+        return scores.max(dim=1)
+    block_max = scores[:, :full].unflatten(1, (full // _BLOCK, _BLOCK)).amax(dim=2)
+    _, block = block_max.max(dim=1)
+    columns = block[:, None] * _BLOCK + torch.arange(_BLOCK, device=scores.device)
+    value, offset = scores.gather(1, columns).max(dim=1)
+    index = block * _BLOCK + offset
+    if full < n:
+        tail_value, tail_index = scores[:, full:].max(dim=1)
+        better = tail_value > value
+        value, index = torch.where(better, tail_value, value), torch.where(better, tail_index + full, index)
+    return value, index
+
+
 def _partners_and_transform(
     x: Tensor,
     data: Tensor,
@@ -550,29 +580,49 @@ def _partners_and_transform(
     labels: Tensor | None,
     classes: Tensor | None,
     generator: torch.Generator | None,
+    square: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Partners ``(B,)`` and the c-transform ``g^{c,epsilon}(x)`` ``(B,)`` of source samples ``x: (B, D)``."""
-    n, h = data.shape[0], g - (data * data).sum(1)
+    """Partners ``(B,)`` of source samples ``x: (B, D)`` and their score ``max_j 2 x.y_j + h_j`` ``(B,)``.
+
+    ``epsilon = 0``: the argmax, and ``|x|^2 - score`` is the c-transform ``min_j c(x, y_j) - g_j``.
+    ``epsilon > 0``: a draw from the softmax of ``score / epsilon`` by Gumbel-max (the score then carries the
+    Gumbel noise). ``square``: ``|y|^2`` of the data, if known.
+    """
+    n, h = data.shape[0], g - ((data * data).sum(1) if square is None else square)
     best = torch.full((x.shape[0],), -math.inf, dtype=x.dtype, device=x.device)
     partner = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-    lse = torch.full_like(best, -math.inf)
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
         scores = _masked(_scores(x, data, h, start, stop), labels, classes, start, stop)
         if epsilon > 0:
-            scores = scores / epsilon
-            lse = torch.logaddexp(lse, torch.logsumexp(scores, dim=1))
-            gumbel = -torch.log(
-                -torch.log(_random.rand(tuple(scores.shape), generator, x.device, x.dtype).clamp_min_(1e-30))
-            )
-            scores = scores + gumbel
-        value, index = scores.max(dim=1)
+            value, index = _gumbel_max(scores.div_(epsilon), generator)
+        else:
+            value, index = _row_max(scores)
         better = value > best
         best = torch.where(better, value, best)
         partner = torch.where(better, index + start, partner)
-    square = (x * x).sum(1)
-    transform = square - best if epsilon == 0 else square - epsilon * (lse - math.log(n))
-    return partner, transform
+    return partner, best
+
+
+#: Entries more than this below their row's maximum (in units of epsilon) are left out of a softmax draw: each has
+#: a probability below e^-30 (1e-13) relative to the maximum, so the draw's distribution moves by under N e^-30.
+_TAU = 30.0
+
+
+def _gumbel_max(logits: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """A draw from the softmax of each row of ``logits: (B, n)``: ``(perturbed maximum, index)``, each ``(B,)``.
+
+    Gumbel noise is drawn only for the candidates within :data:`_TAU` of their row's maximum (one vectorised
+    comparison), not for all ``B n`` entries: for a sharp softmax that is a handful per row.
+    """
+    rows, cols = (logits >= (logits.amax(dim=1) - _TAU)[:, None]).nonzero(as_tuple=True)
+    uniform = _random.rand((rows.shape[0],), generator, logits.device, logits.dtype).clamp_min_(1e-30)
+    noisy = logits[rows, cols] - torch.log(-torch.log(uniform))
+    value = torch.full((logits.shape[0],), -math.inf, dtype=logits.dtype, device=logits.device)
+    value = value.scatter_reduce(0, rows, noisy, reduce="amax")
+    winner = noisy == value[rows]
+    index = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+    return value, index.scatter_(0, rows[winner], cols[winner])
 
 
 def _partners(
@@ -584,9 +634,10 @@ def _partners(
     labels: Tensor | None,
     classes: Tensor | None,
     generator: torch.Generator | None,
+    square: Tensor | None = None,
 ) -> Tensor:
     """Partner index in ``data`` of each source sample: ``(B,)`` int64."""
-    return _partners_and_transform(x, data, g, epsilon, chunk, labels, classes, generator)[0]
+    return _partners_and_transform(x, data, g, epsilon, chunk, labels, classes, generator, square)[0]
 
 
 def _shares(
