@@ -400,20 +400,21 @@ class SemidiscreteCoupler(Coupler):
         flat = _flat(data.detach())
         n, device = flat.shape[0], flat.device
         g = self.potentials.to(device=device, dtype=flat.dtype)
+        labels = None if self.labels is None else self.labels.to(device)
         epsilon, chunk = self.absolute_epsilon(), self._chunk(batch_size)
         counts = torch.zeros(n, dtype=torch.float64, device=device)
         transform_sum, done = 0.0, 0
         while done < samples:
             b = min(batch_size, samples - done)
             x = _flat(draw(b, generator)).to(device=device, dtype=flat.dtype)
-            classes = None if self.labels is None else self.labels[_random.randint(n, (b,), generator, device)]
+            classes = None if labels is None else labels[_random.randint(n, (b,), generator, device)]
             if epsilon > 0:  # expected shares (softmax sums): no draws, and less noise than sampled partners
-                share, lse = _softmax_columns(x, flat, g, epsilon, chunk, self.labels, classes, True)
+                share, lse = _softmax_columns(x, flat, g, epsilon, chunk, labels, classes, True)
                 assert lse is not None
                 counts += share.to(counts.dtype)
                 transform = (x * x).sum(1) - epsilon * (lse - math.log(n))
             else:
-                j, best = _partners_and_transform(x, flat, g, 0.0, chunk, self.labels, classes, None)
+                j, best = _partners_and_transform(x, flat, g, 0.0, chunk, labels, classes, None)
                 transform = (x * x).sum(1) - best
                 counts += torch.bincount(j, minlength=n).to(counts.dtype)
             transform_sum += float(transform.double().sum())
