@@ -33,7 +33,7 @@ from otcfm._args import check_count, check_rate
 from otcfm.couplers.base import Pairing
 from otcfm.couplers.cost import condition_cost, squared_euclidean_cost
 from otcfm.couplers.plan import CostFn, OTCoupler, pairs_from_plan
-from otcfm.couplers.sinkhorn import ConvergenceWarning, SinkhornResult, _weights, absolute_epsilon
+from otcfm.couplers.sinkhorn import ConvergenceWarning, SinkhornResult, absolute_epsilon, marginal_weights
 
 __all__ = ["PartialCoupler", "UnbalancedCoupler", "partial_plan", "unbalanced_plan"]
 
@@ -71,7 +71,7 @@ def unbalanced_plan(
     _check(cost, epsilon, tol, max_iter)
     check_rate(reg_m, "reg_m")
     n0, n1 = cost.shape
-    log_a, log_b = torch.log(_weights(a, n0, cost, "a")), torch.log(_weights(b, n1, cost, "b"))
+    log_a, log_b = torch.log(marginal_weights(a, n0, cost, "a")), torch.log(marginal_weights(b, n1, cost, "b"))
     log_kernel = -cost / epsilon + log_a[:, None] + log_b[None, :]
     power = reg_m / (reg_m + epsilon)
     log_u, log_v = torch.zeros_like(log_a), torch.zeros_like(log_b)
@@ -109,7 +109,7 @@ def partial_plan(
     """
     _check(cost, epsilon, tol, max_iter)
     n0, n1 = cost.shape
-    a, b = _weights(a, n0, cost, "a"), _weights(b, n1, cost, "b")
+    a, b = marginal_weights(a, n0, cost, "a"), marginal_weights(b, n1, cost, "b")
     if not (isinstance(mass, (int, float)) and 0 < mass <= min(float(a.sum()), float(b.sum())) + 1e-12):
         raise ValueError(f"mass: expected a number in (0, 1], the fraction of the mass to transport, got {mass!r}")
     log_a, log_b, log_m = torch.log(a), torch.log(b), math.log(mass)

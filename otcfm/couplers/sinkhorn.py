@@ -22,6 +22,7 @@ __all__ = [
     "ConvergenceWarning",
     "SinkhornCoupler",
     "SinkhornResult",
+    "marginal_weights",
     "sinkhorn_plan",
 ]
 
@@ -59,7 +60,8 @@ class SinkhornResult:
     converged: bool
 
 
-def _weights(w: Tensor | None, n: int, like: Tensor, name: str) -> Tensor:
+def marginal_weights(w: Tensor | None, n: int, like: Tensor, name: str) -> Tensor:
+    """Checked marginal weights ``(n,)`` on ``like``'s device and dtype: uniform when ``w`` is None."""
     if w is None:
         return torch.full((n,), 1.0 / n, dtype=like.dtype, device=like.device)
     w = torch.as_tensor(w, dtype=like.dtype, device=like.device)
@@ -146,7 +148,7 @@ def _sinkhorn(
     if tol <= 0 or max_iter < 1:
         raise ValueError(f"tol, max_iter: expected tol > 0 and max_iter >= 1, got {tol}, {max_iter}")
     n0, n1 = cost.shape
-    a, b = _weights(a, n0, cost, "a"), _weights(b, n1, cost, "b")
+    a, b = marginal_weights(a, n0, cost, "a"), marginal_weights(b, n1, cost, "b")
     scale = float(cost.mean())
     eps = absolute_epsilon(epsilon, relative, cost)
     if scale > 0 and eps < MIN_RELATIVE_EPSILON * scale:
