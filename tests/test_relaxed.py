@@ -83,3 +83,16 @@ def test_renormalised_entropy() -> None:
     assert 0 <= otcfm.metrics.renormalised_entropy(sharp) < otcfm.metrics.renormalised_entropy(soft) <= 1
     with pytest.raises(ValueError, match="plan"):
         otcfm.metrics.renormalised_entropy(-torch.eye(3))
+
+
+def test_partial_log_form_equals_scaling_form(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The log-domain Dykstra (used where the kernel could underflow) gives the scaling form's plan (1e-12)."""
+    import otcfm.couplers.relaxed as relaxed
+
+    cost = _cost(20, 30, seed=2)
+    scaling = partial_plan(cost, 0.2, 0.7, tol=1e-300, max_iter=300)
+    monkeypatch.setattr(relaxed, "_SCALING_RANGE", 0.0)
+    logs = partial_plan(cost, 0.2, 0.7, tol=1e-300, max_iter=300)
+    assert (scaling.plan - logs.plan).abs().max() <= 1e-12 * scaling.plan.max()
+    tiny = partial_plan(cost, 1e-3, 0.7, max_iter=50)  # cost / epsilon spans thousands: only the log form is finite
+    assert bool(torch.isfinite(tiny.plan).all()) and float(tiny.plan.sum()) == pytest.approx(0.7)

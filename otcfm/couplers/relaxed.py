@@ -100,7 +100,8 @@ def partial_plan(
 ) -> SinkhornResult:
     """Entropic partial OT plan of ``cost: (B0, B1)`` moving total mass ``mass`` (absolute ``epsilon``).
 
-    Dykstra's iterations in log form; stops when the plan changes by less than ``tol`` in Frobenius norm
+    Dykstra's iterations (multiplicative where the kernel cannot underflow, else in log form); stops when the plan
+    changes by less than ``tol`` in Frobenius norm
     (checked every 10 iterations, as POT does) or after ``max_iter``. ``error`` is that change; ``f, g`` are
     zero (the projections keep no potentials).
 
@@ -112,6 +113,10 @@ def partial_plan(
     a, b = marginal_weights(a, n0, cost, "a"), marginal_weights(b, n1, cost, "b")
     if not (isinstance(mass, (int, float)) and 0 < mass <= min(float(a.sum()), float(b.sum())) + 1e-12):
         raise ValueError(f"mass: expected a number in (0, 1], the fraction of the mass to transport, got {mass!r}")
+    if float(cost.max() - cost.min()) / epsilon < _SCALING_RANGE:
+        result = _partial_scaling(cost, epsilon, mass, a, b, tol, max_iter)
+        if result is not None:
+            return result
     log_a, log_b, log_m = torch.log(a), torch.log(b), math.log(mass)
     log_p = -cost / epsilon
     log_p = log_p + (log_m - torch.logsumexp(log_p.reshape(-1), 0))
@@ -135,6 +140,41 @@ def partial_plan(
                 break
     zeros0, zeros1 = torch.zeros_like(log_a), torch.zeros_like(log_b)
     return SinkhornResult(torch.exp(log_p), zeros0, zeros1, epsilon, iterations, error, error < tol)
+
+
+#: Below this range of ``cost / epsilon`` the kernel cannot underflow and Dykstra runs in the scaling form, about
+#: 3x faster than the log form (no exp/log per entry and iteration).
+_SCALING_RANGE = 600.0
+
+
+def _partial_scaling(
+    cost: Tensor, epsilon: float, mass: float, a: Tensor, b: Tensor, tol: float, max_iter: int
+) -> SinkhornResult | None:
+    """:func:`partial_plan`'s iterations in multiplicative form; None if a value under- or overflowed."""
+    p = torch.exp((cost.min() - cost) / epsilon)
+    p = p * (mass / p.sum())
+    q1, q2, q3 = (torch.ones_like(p) for _ in range(3))
+    error, iterations = math.inf, 0
+    while iterations < max_iter:
+        previous = p
+        shifted = p * q1  # projection 1: rows at most a
+        projected = shifted * torch.clamp(a / shifted.sum(1), max=1.0)[:, None]
+        q1 = q1 * p / projected
+        shifted = projected * q2  # projection 2: columns at most b
+        second = shifted * torch.clamp(b / shifted.sum(0), max=1.0)[None, :]
+        q2 = q2 * projected / second
+        shifted = second * q3  # projection 3: total mass m
+        p = shifted * (mass / shifted.sum())
+        q3 = q3 * second / p
+        iterations += 1
+        if iterations % 10 == 0 or iterations == max_iter:
+            error = float(torch.linalg.matrix_norm(previous - p))
+            if not (math.isfinite(error) and bool(torch.isfinite(q1).all() and torch.isfinite(q2).all())):
+                return None
+            if error < tol:
+                break
+    zeros0, zeros1 = torch.zeros_like(a), torch.zeros_like(b)
+    return SinkhornResult(p, zeros0, zeros1, epsilon, iterations, error, error < tol)
 
 
 class _RelaxedCoupler(OTCoupler):
