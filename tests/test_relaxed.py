@@ -18,10 +18,17 @@ def _cost(n0: int, n1: int, seed: int = 0) -> torch.Tensor:
     return torch.cdist(x0, x1) ** 2
 
 
+@pytest.mark.parametrize("form", ["scaling", "log"])
 @pytest.mark.parametrize("n0, n1", [(20, 20), (15, 25)])
 @pytest.mark.parametrize("epsilon, reg_m", [(0.1, 1.0), (0.05, 0.5), (0.5, 10.0)])
-def test_unbalanced_plan_equals_pot(n0: int, n1: int, epsilon: float, reg_m: float) -> None:
-    """Same fixed point as POT's sinkhorn_knopp_unbalanced (reg_type 'kl'): max deviation <= 1e-10 x max entry."""
+def test_unbalanced_plan_equals_pot(
+    monkeypatch: pytest.MonkeyPatch, form: str, n0: int, n1: int, epsilon: float, reg_m: float
+) -> None:
+    """Same fixed point as POT's sinkhorn_knopp_unbalanced (reg_type 'kl'): max deviation <= 1e-10 x max entry,
+    in the scaling form (where the kernel is in range) and in the log form."""
+    import otcfm.couplers.relaxed as relaxed
+
+    monkeypatch.setattr(relaxed, "_SCALING_RANGE", 1e9 if form == "scaling" else 0.0)
     cost = _cost(n0, n1)
     a, b = np.full(n0, 1 / n0), np.full(n1, 1 / n1)
     expected = ot.unbalanced.sinkhorn_knopp_unbalanced(

@@ -1,9 +1,9 @@
 r"""Entropic OT with relaxed marginals: unbalanced (KL-penalised marginals) and partial (a fraction of the mass).
 
-Both solve their problem in the log domain on the inputs' device, so they stay finite at any epsilon that float
-arithmetic resolves, and both return the plan; pairs are then ``B0`` draws with replacement from the whole plan
-(as TorchCFM does with these plans): a source sample whose row carries little mass, an outlier the relaxed problem
-chose not to transport, is rarely used.
+Both solve their problem on the inputs' device: on the kernel itself where it cannot underflow (fast), in the log
+domain otherwise (finite at any epsilon that float arithmetic resolves), and both return the plan. Pairs are then
+``B0`` draws with replacement from the whole plan (as TorchCFM does with these plans): a source sample whose row
+carries little mass, an outlier the relaxed problem chose not to transport, is rarely used.
 
 - Unbalanced (Chizat et al. 2018; POT's ``sinkhorn_knopp_unbalanced`` with ``reg_type="kl"``):
 
@@ -33,7 +33,7 @@ from otcfm._args import check_count, check_rate
 from otcfm.couplers.base import Pairing
 from otcfm.couplers.cost import condition_cost, squared_euclidean_cost
 from otcfm.couplers.plan import CostFn, OTCoupler, pairs_from_plan
-from otcfm.couplers.sinkhorn import ConvergenceWarning, SinkhornResult, absolute_epsilon, marginal_weights
+from otcfm.couplers.sinkhorn import ConvergenceWarning, SinkhornResult, _matvec, absolute_epsilon, marginal_weights
 
 __all__ = ["PartialCoupler", "UnbalancedCoupler", "partial_plan", "unbalanced_plan"]
 
@@ -72,8 +72,12 @@ def unbalanced_plan(
     check_rate(reg_m, "reg_m")
     n0, n1 = cost.shape
     log_a, log_b = torch.log(marginal_weights(a, n0, cost, "a")), torch.log(marginal_weights(b, n1, cost, "b"))
-    log_kernel = -cost / epsilon + log_a[:, None] + log_b[None, :]
     power = reg_m / (reg_m + epsilon)
+    if float(cost.abs().max()) / epsilon < _SCALING_RANGE:  # the kernel itself is in range (no shift: see below)
+        result = _unbalanced_scaling(cost, epsilon, power, log_a.exp(), log_b.exp(), tol, max_iter)
+        if result is not None:
+            return result
+    log_kernel = -cost / epsilon + log_a[:, None] + log_b[None, :]
     log_u, log_v = torch.zeros_like(log_a), torch.zeros_like(log_b)
     error, iterations = math.inf, 0
     while iterations < max_iter:
@@ -145,6 +149,32 @@ def partial_plan(
 #: Below this range of ``cost / epsilon`` the kernel cannot underflow and Dykstra runs in the scaling form, about
 #: 3x faster than the log form (no exp/log per entry and iteration).
 _SCALING_RANGE = 600.0
+
+
+def _unbalanced_scaling(
+    cost: Tensor, epsilon: float, power: float, a: Tensor, b: Tensor, tol: float, max_iter: int
+) -> SinkhornResult | None:
+    """:func:`unbalanced_plan`'s iterations on the kernel itself (POT's form); None if a value under- or overflowed.
+
+    Unlike balanced OT, the fixed point is not invariant to a constant factor of the kernel (the marginal
+    penalties weigh the total mass), so the kernel is ``exp(-C / epsilon) a b^T`` exactly, used only when
+    ``|C| / epsilon`` is in range.
+    """
+    kernel = torch.exp(-cost / epsilon) * a[:, None] * b[None, :]
+    u, v = torch.ones_like(a), torch.ones_like(b)
+    error, iterations = math.inf, 0
+    while iterations < max_iter:
+        previous_u, previous_v = u, v
+        u = (a / _matvec(kernel, v)) ** power
+        v = (b / _matvec(kernel, u, transpose=True)) ** power
+        iterations += 1
+        error = float(torch.maximum((u.log() - previous_u.log()).abs().max(), (v.log() - previous_v.log()).abs().max()))
+        if not math.isfinite(error):
+            return None
+        if error < tol:
+            break
+    plan = kernel.mul_(u[:, None]).mul_(v[None, :])
+    return SinkhornResult(plan, epsilon * u.log(), epsilon * v.log(), epsilon, iterations, error, error < tol)
 
 
 def _partial_scaling(
