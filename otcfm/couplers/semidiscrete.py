@@ -414,7 +414,7 @@ class SemidiscreteCoupler(Coupler):
                 counts += share.to(counts.dtype)
                 transform = (x * x).sum(1) - epsilon * (lse - math.log(n))
             else:
-                j, best = _partners_and_transform(x, flat, g, 0.0, chunk, labels, classes, None)
+                j, best = _partners_and_scores(x, flat, g, 0.0, chunk, labels, classes, None)
                 transform = (x * x).sum(1) - best
                 counts += torch.bincount(j, minlength=n).to(counts.dtype)
             transform_sum += float(transform.double().sum())
@@ -572,7 +572,7 @@ def _row_max(scores: Tensor) -> tuple[Tensor, Tensor]:
     return value, index
 
 
-def _partners_and_transform(
+def _partners_and_scores(
     x: Tensor,
     data: Tensor,
     g: Tensor,
@@ -638,7 +638,7 @@ def _partners(
     square: Tensor | None = None,
 ) -> Tensor:
     """Partner index in ``data`` of each source sample: ``(B,)`` int64."""
-    return _partners_and_transform(x, data, g, epsilon, chunk, labels, classes, generator, square)[0]
+    return _partners_and_scores(x, data, g, epsilon, chunk, labels, classes, generator, square)[0]
 
 
 def _shares(
