@@ -13,6 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import otcfm
+from otcfm import _random
 from otcfm.couplers import (
     COUPLERS,
     ConvergenceWarning,
@@ -380,3 +381,28 @@ def test_custom_cost_errors() -> None:
         SinkhornCoupler(cost=lambda a, b: torch.full((4, 4), float("nan")))(_batch(0, 4), _batch(1, 4))
     with pytest.raises(TypeError, match="cost"):
         ExactCoupler(cost=3)  # type: ignore[arg-type]
+
+
+@given(seed=st.integers(0, 2**16), cols=st.integers(1, 300))
+def test_row_draws_never_pick_a_zero_weight(seed: int, cols: int) -> None:
+    """The two-level inverse draw of pairs_from_plan: a column without mass is never drawn (any width)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.rand(50, cols, generator=g, dtype=torch.float64)
+    w[w < 0.7] = 0.0
+    w[:, torch.randint(cols, (1,), generator=g)] = 1e-300  # every row keeps some mass, some of it tiny
+    j = _random.multinomial(w, g, torch.device("cpu"))
+    assert j.shape == (50,) and bool((w.gather(1, j[:, None]) > 0).all())
+
+
+@pytest.mark.parametrize("cols", [3, 64, 65, 200])
+def test_row_draws_follow_the_row_weights(cols: int) -> None:
+    """Frequencies of 100,000 draws per row within 5 standard errors of w / sum(w) (rows wider than a block too)."""
+    g = torch.Generator().manual_seed(cols)
+    w = torch.rand(3, cols, generator=g, dtype=torch.float64)
+    w[:, ::3] = 0.0
+    n = 100_000
+    j = _random.multinomial(w.repeat(n, 1), g, torch.device("cpu")).reshape(n, 3)
+    for r in range(3):
+        p = w[r] / w[r].sum()
+        freq = torch.bincount(j[:, r], minlength=cols).double() / n
+        assert bool(((freq - p).abs() <= 5 * (p * (1 - p) / n).sqrt() + 1e-12).all())
