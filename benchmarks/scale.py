@@ -3,6 +3,9 @@
     python benchmarks/scale.py            # about 15 minutes on 2 CPU cores
     python benchmarks/scale.py --docs     # the same, then its section of docs/benchmarks.md
     python benchmarks/scale.py --quick    # seconds; for tests
+    python benchmarks/scale.py --part pools      # OT pools larger than the batch (benchmarks/_pools.py), ~15 min
+    python benchmarks/scale.py --part sinkhorn   # Sinkhorn on 16,384 and 65,536 points vs GeomLoss
+                                                 # (benchmarks/_large_sinkhorn.py), ~10 min
 
 Tasks: gaussian -> mixture (d = 32, 8 separated Gaussians, a finite dataset of N = 20,000 draws) and
 noise -> digits (64 pixels, the 1,437 training images). Couplers: independent, minibatch exact OT at B = 256 and
@@ -286,6 +289,10 @@ def tables(done: dict[tuple[str, str], dict], args: argparse.Namespace) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny settings, for tests")
+    parser.add_argument("--part", choices=["semidiscrete", "pools", "sinkhorn"], default="semidiscrete",
+                        help="what to measure (see the docstring)")  # fmt: skip
+    parser.add_argument("--pool-steps", type=int, default=1000, help="training steps of each pool set-up")
+    parser.add_argument("--large-iterations", type=int, default=3, help="iterations timed at 65,536 points")
     parser.add_argument("--tasks", nargs="+", default=["mixture", "digits"], choices=["mixture", "digits"])
     parser.add_argument("--n", type=int, default=20_000, help="size of the finite mixture dataset")
     parser.add_argument("--fit-steps", type=int, default=1000, help="SGD steps of each semidiscrete fit")
@@ -310,12 +317,15 @@ def main(argv: list[str] | None = None) -> int:
             100,
             2,
         )
+        args.pool_steps = 3
     torch.set_num_threads(args.threads)
     args.out = args.out / ("quick" if args.quick else "default")
     args.out.mkdir(parents=True, exist_ok=True)
-    results = args.out / "results.jsonl"
+    results = args.out / ("results.jsonl" if args.part == "semidiscrete" else f"{args.part}.jsonl")
     done = {(r["task"], r["coupler"]): r for r in read_jsonl(results)}
     started = time.perf_counter()
+    if args.part != "semidiscrete":
+        return other_part(args, argv, done, results, started)
     for task in args.tasks:
         run_task(task, args, done, results)
     text = tables(done, args)
@@ -341,6 +351,29 @@ with the target variance and the cost ratio.
 """,
             args.docs,
         )
+    return 0
+
+
+def other_part(args: argparse.Namespace, argv: list[str] | None, done: dict, results: Path, started: float) -> int:
+    """The "pools" or "sinkhorn" part: run what is missing, print its table, and write its docs section if asked."""
+    import _large_sinkhorn
+    import _pools
+
+    def record(task: str, key: str, values: dict) -> None:
+        entry = {"task": task, "coupler": key, **values}
+        done[task, key] = entry
+        with results.open("a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+    module = _pools if args.part == "pools" else _large_sinkhorn
+    text = module.run(args, done, record)
+    seconds = time.perf_counter() - started
+    print(f"\n{text}\n\n{seconds:.0f} s this run; {machine()}")
+    if args.docs is not None:
+        title = "OT pools larger than the batch" if args.part == "pools" else "Sinkhorn on 10^4-10^5 points vs GeomLoss"
+        about = (module.__doc__ or "").split("\n", 2)[2].strip()
+        body = f"## {title}\n\nCommand: `{rerun_command(__file__, argv)}` ({machine()}).\n\n{about}\n\n{text}\n"
+        write_section(f"scale-{args.part}", body, args.docs)
     return 0
 
 

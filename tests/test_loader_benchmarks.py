@@ -151,3 +151,28 @@ def test_digits_benchmark_quick(tmp_path: Path, digits_cache: Path, capsys: pyte
     printed = capsys.readouterr().out
     assert "feature classifier: test accuracy" in printed and "| distilled |" in printed
     assert (tmp_path / "quick" / "digits.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("part", ["pools", "sinkhorn"])
+def test_scale_benchmark_large_coupling_parts_quick(tmp_path: Path, part: str) -> None:
+    """scale.py --part pools / sinkhorn: every set-up measured (subprocesses included), a docs section, a resume."""
+    import json
+
+    docs = tmp_path / "benchmarks.md"
+    docs.write_text("# Benchmarks\n")
+    args = ["--quick", "--part", part, "--out", str(tmp_path), "--docs", str(docs)]
+    assert _load("scale").main(args) == 0
+    results = tmp_path / "quick" / f"{part}.jsonl"
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    text = docs.read_text()
+    assert f"<!-- scale-{part}:start -->" in text and f"--part {part}" in text
+    if part == "pools":
+        measured = {r["coupler"]: r for r in rows if "cost_ratio" in r}
+        assert set(measured) == set(_load("_pools").QUICK)
+        assert measured["exact B=256"]["entropy"] == 0.0 and 0 < measured["sinkhorn 0.05 P=16384"]["entropy"] < 1
+        assert set(measured["exact P=1024"]["quality"]) == {"1", "2", "4", "100"}
+    else:
+        ours = [r for r in rows if r["coupler"] == "otcfm"]
+        assert len(ours) == 2 and ours[0]["error"] <= 1e-3 and ours[1]["iterations"] == 2
+    assert _load("scale").main(args) == 0  # resumes: nothing appended
+    assert len(results.read_text().splitlines()) == len(rows)

@@ -48,6 +48,29 @@ class BlockwiseSinkhorn:
     error: float
     converged: bool
 
+    def renormalised_entropy(self, x0: Tensor, x1: Tensor, memory_budget: int = 2**28) -> float:
+        """:func:`otcfm.metrics.renormalised_entropy` of this implicit plan on the clouds it was solved for.
+
+        Computed on row blocks of ``log P_kl = (f_k + g_l - C_kl) / epsilon`` under ``memory_budget``:
+        ``H = -sum P log P`` of the plan normalised to mass 1, then ``(H - log max(n0, n1)) / log min(n0, n1)``.
+        """
+        a, b = x0.reshape(x0.shape[0], -1).to(self.f.dtype), x1.reshape(x1.shape[0], -1).to(self.f.dtype)
+        n0, n1 = a.shape[0], b.shape[0]
+        if (n0, n1) != (self.f.shape[0], self.g.shape[0]) or min(n0, n1) < 2:
+            raise ValueError(f"x0, x1: expected the {self.f.shape[0]} x {self.g.shape[0]} clouds of this solve")
+        a_sq, b_sq = (a * a).sum(1), (b * b).sum(1)
+        mass, weighted = 0.0, 0.0  # sum P and sum P log P, in float64
+        rows = _block(memory_budget, n1, a.element_size())
+        for start in range(0, n0, rows):
+            stop = min(start + rows, n0)
+            log_p = torch.addmm(self.g - b_sq, a[start:stop], b.T, alpha=2.0)
+            log_p.add_((self.f[start:stop] - a_sq[start:stop])[:, None]).div_(self.epsilon)
+            p = log_p.exp()
+            mass += float(p.sum(dtype=torch.float64))
+            weighted += float((p * log_p).sum(dtype=torch.float64))
+        entropy = math.log(mass) - weighted / mass
+        return (entropy - math.log(max(n0, n1))) / math.log(min(n0, n1))
+
 
 def _block(budget: int, other: int, itemsize: int) -> int:
     return max(1, budget // (3 * other * itemsize))
