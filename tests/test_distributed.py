@@ -13,13 +13,14 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import otcfm
 from otcfm import distributed, reflow
-from otcfm.couplers import ExactCoupler
+from otcfm.couplers import ExactCoupler, SemidiscreteCoupler, SemidiscreteShard
 from otcfm.distributed import global_pairs
 from otcfm.flow import FlowMatcher
 from otcfm.training import CHECKPOINT_NAME, TrainConfig, build_model
@@ -142,3 +143,51 @@ def test_cli_train_under_torchrun(tmp_path: Path) -> None:
     assert done.stdout.count("W2 vs Euler steps") == 1  # rank 0 reports
     state = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
     assert state["world_size"] == 2 and len(state["losses"]) == 20
+
+
+def _semidiscrete_fit() -> tuple[torch.Tensor, SemidiscreteCoupler]:
+    g = torch.Generator().manual_seed(4)
+    data = otcfm.data.sample("mixture", 501, g, dim=6)  # 501 rows: shards of 251 and 250
+    coupler = SemidiscreteCoupler()
+    coupler.fit("gaussian", data, steps=100, generator=g, progress=False)
+    return data, coupler
+
+
+def _shard_pairs(rank: int, out: Path) -> None:
+    data, coupler = _semidiscrete_fit()
+    x0 = torch.randn(2 * B, 6, generator=torch.Generator().manual_seed(5))[rank * B : (rank + 1) * B]
+    shard = SemidiscreteShard.from_coupler(coupler, data)
+    hard = shard.pair(x0)
+    coupler.epsilon = 1e-9  # a softmax this sharp is the argmax: noise on each rank, one draw over both
+    soft = SemidiscreteShard.from_coupler(coupler, data).pair(x0, torch.Generator().manual_seed(6))
+    torch.save({"rows": shard.data.shape[0], "hard": hard, "soft": soft}, out / f"rank{rank}.pt")
+
+
+def test_sharded_semidiscrete_pairing_over_two_ranks_equals_the_whole_dataset_argmin(tmp_path: Path) -> None:
+    _spawn(_shard_pairs, tmp_path)
+    parts = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    data, coupler = _semidiscrete_fit()
+    x0 = torch.randn(2 * B, 6, generator=torch.Generator().manual_seed(5))
+    _, j = coupler(x0, data)  # one process, the whole dataset
+    assert [p["rows"] for p in parts] == [251, 250]  # each rank held its shard only
+    assert bool((j < 251).any() and (j >= 251).any())  # partners on both ranks: the all-reduces decide
+    for kind in ("hard", "soft"):
+        got_j = torch.cat([p[kind][0] for p in parts])
+        assert torch.equal(got_j, j)
+        assert torch.equal(torch.cat([p[kind][1] for p in parts]), data[j])  # partners sent by their owner
+
+
+def test_semidiscrete_shard_in_one_process_and_its_errors() -> None:
+    data, coupler = _semidiscrete_fit()
+    shard = SemidiscreteShard.from_coupler(coupler, data)
+    x0 = torch.randn(7, 6, generator=torch.Generator().manual_seed(1))
+    j, x1 = shard.pair(x0)
+    assert torch.equal(j, coupler(x0, data)[1]) and torch.equal(x1, data[j])
+    with pytest.raises(ValueError, match="x0"):
+        shard.pair(torch.randn(7, 5))
+    with pytest.raises(ValueError, match="potentials"):
+        SemidiscreteShard(data[:10], torch.zeros(9), 0)
+    with pytest.raises(ValueError, match="epsilon"):
+        SemidiscreteShard(data[:10], torch.zeros(10), 0, epsilon=-1.0)
+    with pytest.raises(ValueError, match="fitted on|dataset"):
+        SemidiscreteShard.from_coupler(coupler, data[:-1])

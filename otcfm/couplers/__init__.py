@@ -16,6 +16,7 @@ from otcfm.couplers.plan import OTCoupler, pairs_from_plan
 from otcfm.couplers.registry import COUPLERS, get_coupler
 from otcfm.couplers.relaxed import PartialCoupler, UnbalancedCoupler, partial_plan, unbalanced_plan
 from otcfm.couplers.semidiscrete import SemidiscreteCoupler, SemidiscreteFit
+from otcfm.couplers.shards import SemidiscreteShard
 from otcfm.couplers.sinkhorn import ConvergenceWarning, SinkhornCoupler, SinkhornResult, sinkhorn_plan
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "Pairing",
     "SemidiscreteCoupler",
     "SemidiscreteFit",
+    "SemidiscreteShard",
     "SinkhornCoupler",
     "SinkhornResult",
     "UnbalancedCoupler",

@@ -1,0 +1,152 @@
+r"""Semidiscrete pairing with the dataset and its potentials sharded over ``torch.distributed`` ranks.
+
+A dataset too large for one process (or one GPU) is split in contiguous row blocks, one per rank, each with its
+block of the fitted potentials ``g``. Every rank's source batch is scored against every shard: the batches are
+gathered, each rank finds the best partner in its own rows,
+
+.. math::
+    j^\star(x) = \arg\max_j\ 2\, x \cdot y_j + g_j - |y_j|^2 \quad (= \arg\min_j |x - y_j|^2 - g_j),
+
+and an all-reduce (max) over ranks picks the winner; a second all-reduce sends each winner's row to every rank.
+With ``epsilon > 0`` the scores carry Gumbel noise drawn independently on each rank, so the maximum over ranks is
+a draw from the softmax over the whole dataset. Communication per pairing: the gathered batch and ``3 B W``
+values per rank (``B`` samples per rank, ``W`` ranks) besides the partners' rows; no rank ever holds more
+than its shard.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from otcfm._checks import check_finite
+from otcfm.couplers.semidiscrete import SemidiscreteCoupler, _flat, _partners_and_scores
+
+__all__ = ["SemidiscreteShard"]
+
+
+class SemidiscreteShard:
+    """This rank's rows of a semidiscrete coupling: pairs its source batch with the whole (sharded) dataset.
+
+    Args:
+        data: this rank's rows of the dataset, ``(N_r, ...)``: rows ``offset`` to ``offset + N_r - 1`` of it.
+        potentials: their fitted potentials ``g``, ``(N_r,)``, in cost units.
+        offset: index of ``data[0]`` in the whole dataset.
+        epsilon: absolute entropic regularisation (``coupler.absolute_epsilon()``); 0 for the hard assignment.
+        memory_budget: bytes for one block of scores.
+        group: process group; the default group when None (a single process without one).
+
+    Every rank of ``group`` must call :meth:`pair` together, with batches of the same shape.
+    Use :meth:`from_coupler` to cut the shards from a fitted :class:`SemidiscreteCoupler`.
+    """
+
+    def __init__(
+        self,
+        data: Tensor,
+        potentials: Tensor,
+        offset: int,
+        epsilon: float = 0.0,
+        memory_budget: int = 2**28,
+        group: dist.ProcessGroup | None = None,
+    ) -> None:
+        if not isinstance(data, Tensor) or data.ndim < 2 or data.shape[0] == 0 or not data.is_floating_point():
+            raise ValueError(f"data: expected a non-empty floating-point tensor (N_r, ...), got {_shape(data)}")
+        if not isinstance(potentials, Tensor) or potentials.shape != (data.shape[0],):
+            raise ValueError(f"potentials: expected a tensor of shape ({data.shape[0]},), got {_shape(potentials)}")
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise ValueError(f"offset: expected an integer >= 0, got {offset!r}")
+        if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not (math.isfinite(epsilon)):
+            raise ValueError(f"epsilon: expected a finite number >= 0, got {epsilon!r}")
+        if epsilon < 0:
+            raise ValueError(f"epsilon: expected a finite number >= 0, got {epsilon!r}")
+        self.data = check_finite(data, "data")
+        self.potentials = check_finite(potentials.to(device=data.device, dtype=data.dtype), "potentials")
+        self.offset, self.epsilon, self.memory_budget, self.group = offset, float(epsilon), memory_budget, group
+        flat = _flat(self.data)
+        self._h_square = (flat * flat).sum(1)
+
+    @classmethod
+    def from_coupler(
+        cls, coupler: SemidiscreteCoupler, data: Tensor, group: dist.ProcessGroup | None = None
+    ) -> SemidiscreteShard:
+        """This rank's shard of a fitted coupler: rows ``torch.tensor_split(arange(N), world_size)[rank]``.
+
+        ``data`` is the whole dataset the potentials were fitted on (checked by its fingerprint); only this
+        rank's rows are kept (a view: free the rest by dropping ``data``). Labels are not supported here.
+        """
+        coupler.check_dataset(data)
+        if coupler.labels is not None:
+            raise ValueError("coupler: potentials fitted with labels cannot be sharded (pair within classes unsharded)")
+        from otcfm.distributed import world  # here: otcfm.distributed imports otcfm.couplers
+
+        rank, size = world(group)
+        start, stop = _bounds(data.shape[0], rank, size)
+        assert coupler.potentials is not None
+        return cls(
+            data[start:stop], coupler.potentials[start:stop], start, coupler.absolute_epsilon(),
+            coupler.memory_budget, group,
+        )  # fmt: skip
+
+    def pair(self, x0: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """Partners of this rank's source batch ``x0: (B, ...)`` in the whole dataset.
+
+        Args:
+            x0: source samples with the dataset's sample shape; the same ``B`` on every rank.
+            generator: randomness of the entropic draw (unused for ``epsilon = 0``). Each rank draws its
+                noise from a stream derived from one draw of ``generator`` and its rank, so ranks that pass
+                identically seeded generators still draw independent noise.
+
+        Returns:
+            ``(j, x1)``: global partner indices ``(B,)`` (int64) and the partners ``(B, ...)``, row ``k`` of
+            ``x1`` paired with row ``k`` of ``x0``; train on them with ``coupler="paired"``.
+        """
+        if not isinstance(x0, Tensor) or x0.shape[1:] != self.data.shape[1:] or x0.shape[0] == 0:
+            raise ValueError(
+                f"x0: expected a non-empty batch of shape (B, {tuple(self.data.shape[1:])}), got {_shape(x0)}"
+            )
+        x0 = check_finite(x0.to(device=self.data.device, dtype=self.data.dtype), "x0")
+        from otcfm.distributed import gather_batch, stream_seed, world
+
+        rank, size = world(self.group)
+        batch = x0.shape[0]
+        sources = gather_batch(_flat(x0), self.group)  # (W B, D), rank order
+        noise = None
+        if self.epsilon > 0:  # independent Gumbel noise per rank, reproducible from the caller's generator
+            base = int(torch.randint(2**62, (1,), generator=generator))
+            noise = torch.Generator(device=self.data.device).manual_seed(stream_seed(base, "shard", rank))
+        chunk = max(1, self.memory_budget // (8 * sources.shape[0]))
+        local, best = _partners_and_scores(
+            sources, _flat(self.data), self.potentials, self.epsilon, chunk, None, None, noise, self._h_square
+        )
+        winner = best.clone()
+        index = local + self.offset
+        if size > 1:
+            dist.all_reduce(winner, op=dist.ReduceOp.MAX, group=self.group)
+            index = torch.where(best == winner, index, torch.full_like(index, -1))  # ties: the largest index
+            dist.all_reduce(index, op=dist.ReduceOp.MAX, group=self.group)
+        mine = (index >= self.offset) & (index < self.offset + self.data.shape[0])
+        partners = torch.zeros((sources.shape[0], *self.data.shape[1:]), dtype=self.data.dtype, device=self.data.device)
+        partners[mine] = self.data[index[mine] - self.offset]
+        if size > 1:
+            dist.all_reduce(partners, group=self.group)  # each row is non-zero on its owner only
+        rows = slice(rank * batch, (rank + 1) * batch)
+        return index[rows], partners[rows]
+
+    def __repr__(self) -> str:
+        return (
+            f"SemidiscreteShard(rows {self.offset}..{self.offset + self.data.shape[0] - 1}, epsilon={self.epsilon:g})"
+        )
+
+
+def _bounds(n: int, rank: int, size: int) -> tuple[int, int]:
+    """Rows ``[start, stop)`` of rank ``rank``: the split of ``torch.tensor_split`` (first ranks one row more)."""
+    per, extra = divmod(n, size)
+    start = rank * per + min(rank, extra)
+    return start, start + per + (1 if rank < extra else 0)
+
+
+def _shape(x: object) -> str:
+    return str(tuple(x.shape)) if isinstance(x, Tensor) else type(x).__name__
