@@ -203,7 +203,7 @@ def pot_sinkhorn_table(n: int, dims: list[int], repeats: int, seed: int) -> str:
     return markdown_table(header, rows)
 
 
-def _steps_per_second(d: int, coupler: str, helper: bool, steps: int, seed: int) -> float:
+def _steps_per_second(d: int, coupler: str, helper: bool, steps: int, seed: int, pool: int | None = None) -> float:
     torch.manual_seed(seed)
     model = otcfm.models.MLP(d, hidden=HIDDEN[d], depth=3)
     opt = torch.optim.Adam(model.parameters(), 1e-4)
@@ -220,7 +220,7 @@ def _steps_per_second(d: int, coupler: str, helper: bool, steps: int, seed: int)
         def target(n: int, gen: torch.Generator) -> torch.Tensor:
             return draw(n, gen)[1]
 
-        batches = iter(coupled_loader(source, target, coupler, 256, seed=seed, num_workers=1))
+        batches = iter(coupled_loader(source, target, coupler, 256, seed=seed, num_workers=1, pool_size=pool))
         fm = otcfm.FlowMatcher(coupler="paired")
     else:
         fm = otcfm.FlowMatcher(coupler=coupler)
@@ -240,19 +240,30 @@ def _steps_per_second(d: int, coupler: str, helper: bool, steps: int, seed: int)
     return steps / (time.perf_counter() - start)
 
 
-def throughput_table(dims: list[int], steps: int, repeats: int, seed: int) -> str:
+#: (coupler, background worker, pool size) of the throughput table; pools only where d >= 64
+SETUPS = [("independent", False, None), ("exact", False, None), ("independent", True, None), ("exact", True, None)]
+POOL_SETUPS = [("exact", True, 1024), ("sinkhorn", True, 1024), ("sinkhorn", True, 4096)]
+#: timed steps of a pool set-up: 5x the batches its loader holds ready (4 hand-overs of 8), so a worker slower
+#: than training shows in the rate instead of being hidden by the batches it prepared during the warm-up
+POOL_STEPS = 5 * 4 * 8
+
+
+def throughput_table(
+    dims: list[int], steps: int, repeats: int, seed: int, pool_steps: int = POOL_STEPS, pools: list | None = None
+) -> str:
     """Steps/s of each set-up, median of ``repeats`` runs taken in turn (timings here drift 20-50% between runs)."""
-    setups = (("independent", False), ("exact", False), ("independent", True), ("exact", True))
     rows = []
     for d in dims:
-        rates: dict[tuple[str, bool], list[float]] = {setup: [] for setup in setups}
+        setups = SETUPS + ((POOL_SETUPS if pools is None else pools) if d >= 64 else [])
+        rates: dict[tuple, list[float]] = {setup: [] for setup in setups}
         for repeat in range(repeats):
-            for coupler, helper in setups:
-                rates[coupler, helper].append(_steps_per_second(d, coupler, helper, steps, seed + repeat))
-        base = float(np.median(rates["independent", False]))
-        for (coupler, helper), values in rates.items():
+            for coupler, helper, pool in setups:
+                n = pool_steps if pool else steps
+                rates[coupler, helper, pool].append(_steps_per_second(d, coupler, helper, n, seed + repeat, pool))
+        base = float(np.median(rates["independent", False, None]))
+        for (coupler, helper, pool), values in rates.items():
             rate = float(np.median(values))
-            mode = "background worker" if helper else "inline"
+            mode = ("background worker" if helper else "inline") + (f", pools of {pool}" if pool else "")
             rows.append([d, f"MLP 3x{HIDDEN[d]}", coupler, mode, f"{rate:.1f}", f"{rate / base:.2f}"])
         print(f"  throughput d={d} done", flush=True)
     return markdown_table(["d", "model", "coupler", "coupling", "steps/s", "/ independent inline"], rows)
@@ -266,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # single-threaded main process: the background worker gets the other core
     if args.quick:
-        dims, sizes, reps, eps_list, sk_n, sk_iter, steps, tdims = [2], [64], {64: 1}, [1e-2], 32, 200, 3, [2]
+        dims, sizes, reps, eps_list, sk_n, sk_iter, steps, tdims = [2], [64], {64: 1}, [1e-2], 32, 200, 3, [2, 64]
         step_repeats = 1
     else:
         dims, sizes = [2, 64, 784], [64, 256, 1024, 2048]
@@ -291,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     kernel = pot_sinkhorn_table(64 if args.quick else 1024, dims, 1 if args.quick else 5, args.seed)
     print(kernel)
     print("training throughput at batch 256 ...", flush=True)
-    throughput = throughput_table(tdims, steps, step_repeats, args.seed)
+    quick_pools = [("sinkhorn", True, 512)] if args.quick else None
+    throughput = throughput_table(tdims, steps, step_repeats, args.seed, 3 if args.quick else POOL_STEPS, quick_pools)
     print(throughput)
     peer = "TorchCFM 1.0.7" if OTPlanSampler is not None else "TorchCFM not installed: its rows are missing"
     body = f"""## Couplers: speed, optimality, unique pairs
@@ -322,8 +334,10 @@ criterion) and iteration limit {sk_iter}; "error" is the final target-marginal v
 ### Training throughput, batch 256
 
 Steps per second of a flow-matching training step (Adam, MLP depth 3), coupling inline or in one background
-`DataLoader` worker (`otcfm.loader.coupled_loader` + `FlowMatcher(coupler="paired")`): median of
-{step_repeats} runs of {steps} steps, the four set-ups taking turns.
+`DataLoader` worker (`otcfm.loader.coupled_loader` + `FlowMatcher(coupler="paired")`), and for d >= 64 with
+OT pools of P samples coupled once and served as P / 256 batches in the worker (`coupled_loader(pool_size=P)`):
+median of {step_repeats} runs of {steps} steps ({POOL_STEPS} for pools, so that batches the worker prepared during
+the warm-up cannot hide a worker slower than training), the set-ups taking turns.
 
 {throughput}
 """
