@@ -101,7 +101,8 @@ class PoolDraw:
 
 
 def entropy_of_pool(setup: str, x0: torch.Tensor, x1: torch.Tensor) -> float:
-    """Renormalised entropy of the coupling of one pool: 0 for exact OT (a permutation), else of its plan."""
+    """Renormalised entropy of the coupling of one pool ``(x0, x1)``: 0 for exact OT (a permutation), else of its
+    Sinkhorn plan (from the potentials, blockwise, above the dense budget)."""
     name, options, _, _ = SETUPS[setup]
     if name == "exact":
         return 0.0
@@ -171,7 +172,7 @@ def run(args: argparse.Namespace, done: dict, record) -> str:  # noqa: ANN001
             "target_variance": target_variance_of_pairs(
                 pool, evaluation, generator=torch.Generator().manual_seed(2)
             ).total,
-            "entropy": entropy_of_pool(setup, draw.pairs[0][0], draw.pairs[0][1]),
+            "entropy": entropy_of_pool(setup, source(pool_size, g), target(pool_size, g)),  # a pool's clouds
         }
         if model is not None:
             values["quality"] = quality("mixture", model, x0_eval, held_out, None)
