@@ -189,7 +189,8 @@ def global_pairs(
     ally1 = gather_batch(y1, group) if y1 is not None else None
     rank, size = world(group)
     if rank == 0:
-        i, j = coupler(all0, all1, y0=ally0, y1=ally1, generator=generator)
+        # every rank scanned its own batch above (so a bad batch raises on its rank, not as a hang elsewhere)
+        i, j = coupler(all0, all1, y0=ally0, y1=ally1, generator=generator, finite=False)
         order = torch.argsort(i)
         pairs = torch.stack([i[order], j[order]]).to(x0.device)
     else:
