@@ -9,9 +9,9 @@ gathered, each rank finds the best partner in its own rows,
 
 and an all-reduce (max) over ranks picks the winner; a second all-reduce sends each winner's row to every rank.
 With ``epsilon > 0`` the scores carry Gumbel noise drawn independently on each rank, so the maximum over ranks is
-a draw from the softmax over the whole dataset. Communication per pairing: the gathered batch and ``3 B W``
-values per rank (``B`` samples per rank, ``W`` ranks) besides the partners' rows; no rank ever holds more
-than its shard.
+a draw from the softmax over the whole dataset. Communication per pairing (``B`` samples per rank, ``W`` ranks):
+the gathered batch, two all-reduces of ``W B`` numbers and one of the ``W B`` partner rows; no rank holds more of
+the dataset than its shard.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ class SemidiscreteShard:
         self.potentials = check_finite(potentials.to(device=data.device, dtype=data.dtype), "potentials")
         self.offset, self.epsilon, self.memory_budget, self.group = offset, float(epsilon), memory_budget, group
         flat = _flat(self.data)
-        self._h_square = (flat * flat).sum(1)
+        self._square = (flat * flat).sum(1)
 
     @classmethod
     def from_coupler(
@@ -119,14 +119,15 @@ class SemidiscreteShard:
             noise = torch.Generator(device=self.data.device).manual_seed(stream_seed(base, "shard", rank))
         chunk = max(1, self.memory_budget // (8 * sources.shape[0]))
         local, best = _partners_and_scores(
-            sources, _flat(self.data), self.potentials, self.epsilon, chunk, None, None, noise, self._h_square
+            sources, _flat(self.data), self.potentials, self.epsilon, chunk, None, None, noise, self._square
         )
         winner = best.clone()
         index = local + self.offset
         if size > 1:
             dist.all_reduce(winner, op=dist.ReduceOp.MAX, group=self.group)
-            index = torch.where(best == winner, index, torch.full_like(index, -1))  # ties: the largest index
-            dist.all_reduce(index, op=dist.ReduceOp.MAX, group=self.group)
+            # ties go to the smallest index, as in one process
+            index = torch.where(best == winner, index, torch.full_like(index, torch.iinfo(index.dtype).max))
+            dist.all_reduce(index, op=dist.ReduceOp.MIN, group=self.group)
         mine = (index >= self.offset) & (index < self.offset + self.data.shape[0])
         partners = torch.zeros((sources.shape[0], *self.data.shape[1:]), dtype=self.data.dtype, device=self.data.device)
         partners[mine] = self.data[index[mine] - self.offset]
