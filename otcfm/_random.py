@@ -57,8 +57,8 @@ def multinomial(weights: Tensor, generator: torch.Generator | None, device: torc
 
     Row ``r`` gives ``k`` with probability ``w_rk / sum_k w_rk``, by inversion in two levels: one uniform per
     row is searched in the running sums of blocks of :data:`_BLOCK` columns, then within the chosen block
-    (float64 sums). One pass over ``weights`` that vectorises: ``torch.multinomial`` draws the same law
-    15x slower (0.6 s for a 4096 x 4096 plan on one CPU thread), a full running sum 3x slower.
+    (float64 sums). One pass over ``weights`` that vectorises: for a 4096 x 4096 float64 plan on one CPU thread
+    (with other work running) 14 ms, against 120 ms for a full running sum and 590 ms for ``torch.multinomial``.
     """
     source = weights.device if generator is None else generator.device
     w = weights.to(device=source, dtype=torch.float64)
