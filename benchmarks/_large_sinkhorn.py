@@ -81,6 +81,7 @@ def worker(method: str, n: int, iterations: int) -> dict:
         else:
             out = blockwise_sinkhorn(x0, x1, eps, relative=False, tol=1e-3 / math.sqrt(n), max_iter=10_000)
         seconds = time.perf_counter() - started
+        extra = _peak_bytes() - before
         f, g, steps = out.f, out.g, out.iterations
         entropy = None if iterations else out.renormalised_entropy(x0, x1)
     else:
@@ -95,9 +96,9 @@ def worker(method: str, n: int, iterations: int) -> dict:
         started = time.perf_counter()
         big_f, big_g = loss(x0, x1)
         seconds = time.perf_counter() - started
+        extra = _peak_bytes() - before
         f, g = 2 * big_f.flatten() + eps * log_w, 2 * big_g.flatten() + eps * log_w  # to cost |x - y|^2, weights in
         steps, entropy = None, None
-    extra = _peak_bytes() - before
     return {
         "method": method, "n": n, "seconds": seconds, "iterations": steps, "extra_peak_gib": extra / 2**30,
         "error": marginal_error(x0, x1, f, g, eps), "entropy": entropy,

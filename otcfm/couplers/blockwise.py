@@ -77,14 +77,20 @@ def _block(budget: int, other: int, itemsize: int) -> int:
 
 
 def _lse_rows(x: Tensor, y: Tensor, x_sq: Tensor, y_sq: Tensor, pot_y: Tensor, eps: float, rows: int) -> Tensor:
-    """``LSE_l (pot_y_l - C_kl) / eps`` for each row ``k`` of ``x``: ``(n_x,)``, blocks of ``rows`` rows."""
+    """``LSE_l (pot_y_l - C_kl) / eps`` for each row ``k`` of ``x``: ``(n_x,)``, blocks of ``rows`` rows.
+
+    Every block is computed in one buffer, in place (a fresh block per step would cost a page fault per 4 KiB:
+    about a third of the time at 16,384 points).
+    """
     out = torch.empty(x.shape[0], dtype=x.dtype, device=x.device)
-    shift = pot_y - y_sq
+    shift = (pot_y - y_sq)[None, :]
+    buffer = torch.empty((min(rows, x.shape[0]), y.shape[0]), dtype=x.dtype, device=x.device)
     for start in range(0, x.shape[0], rows):
         stop = min(start + rows, x.shape[0])
-        scores = torch.addmm(shift[None, :], x[start:stop], y.T, alpha=2.0)  # pot_y - |y|^2 + 2 x.y
+        scores = torch.addmm(shift, x[start:stop], y.T, alpha=2.0, out=buffer[: stop - start])  # pot_y - |y|^2 + 2x.y
         scores.sub_(x_sq[start:stop, None]).div_(eps)  # (pot_y - C) / eps
-        out[start:stop] = torch.logsumexp(scores, dim=1)
+        top = scores.amax(dim=1, keepdim=True)
+        out[start:stop] = scores.sub_(top).exp_().sum(dim=1).log_().add_(top.squeeze(1))
     return out
 
 
