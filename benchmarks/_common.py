@@ -163,3 +163,27 @@ def write_section(name: str, body: str, path: Path = DOCS) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return path
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024  # kB
+    raise OSError(f"/proc/self/status has no {field}")
+
+
+def reset_peak_memory() -> int:
+    """Reset this process's peak resident set size (Linux, ``/proc/self/clear_refs``); return the current size.
+
+    ``peak_memory() - reset_peak_memory()`` around a computation is the extra memory it needed at its peak, not
+    hidden by an earlier, higher peak of the process (which ``ru_maxrss`` would keep).
+    """
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")
+    return _status_bytes("VmRSS")
+
+
+def peak_memory() -> int:
+    """Peak resident set size of this process since the last :func:`reset_peak_memory`, in bytes."""
+    return _status_bytes("VmHWM")

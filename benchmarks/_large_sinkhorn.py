@@ -1,12 +1,12 @@
 """Part "sinkhorn" of benchmarks/scale.py: the blockwise Sinkhorn at 16,384 and 65,536 points against GeomLoss.
 
 Every solve runs in its own subprocess (``python benchmarks/_large_sinkhorn.py METHOD N``), which prints one JSON
-line: seconds, iterations, the marginal error and the extra peak memory (the process's peak resident set after the
-solve minus the one before it, with the data and libraries loaded). Inputs: N(0, I) -> an 8-component Gaussian
-mixture in d = 64, float32 (the d = 64 task of benchmarks/couplers.py), epsilon 0.05 x the mean cost (our default),
-squared Euclidean cost. The marginal error is the L1 distance of the plan's row and column sums to the uniform
-weights (the larger of the two; 2 x the total variation), evaluated blockwise from the potentials after the timed
-region, in the same way for both solvers.
+line: seconds, iterations, the marginal error and the extra peak memory (the peak resident set during the solve
+minus the resident set before it, with the data and libraries loaded; the peak is reset first). Inputs: N(0, I) ->
+an 8-component Gaussian mixture in d = 64, float32 (the d = 64 task of benchmarks/couplers.py), epsilon 0.05 x the
+mean cost (our default), squared Euclidean cost. The marginal error is the L1 distance of the plan's row and column
+sums to the uniform weights (the larger of the two; 2 x the total variation), evaluated blockwise from the
+potentials after the timed region, in the same way for both solvers.
 
 - otcfm: ``blockwise_sinkhorn`` with its default memory budget (256 MiB of scores) and the L2 tolerance
   1e-3 / sqrt(N) on the target marginal, which guarantees an L1 error below 1e-3. At 65,536 points it makes a
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import resource
 import subprocess
 import sys
 import time
@@ -31,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import markdown_table  # noqa: E402
+from _common import markdown_table, peak_memory, reset_peak_memory  # noqa: E402
 
 from otcfm.couplers.blockwise import _lse_rows, blockwise_sinkhorn  # noqa: E402
 
@@ -60,10 +59,6 @@ def marginal_error(x0: torch.Tensor, x1: torch.Tensor, f: torch.Tensor, g: torch
     return max(float((rows - 1 / x0.shape[0]).abs().sum()), float((cols - 1 / x1.shape[0]).abs().sum()))
 
 
-def _peak_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
 def worker(method: str, n: int, iterations: int) -> dict:
     """One solve in this process (see the module docstring); ``method`` is "otcfm" or "geomloss-<scaling>".
 
@@ -74,14 +69,14 @@ def worker(method: str, n: int, iterations: int) -> dict:
     blockwise_sinkhorn(x0[:256], x1[:256], eps, relative=False, max_iter=2)  # load the kernels before the baseline
     log_w = -math.log(n)
     if method == "otcfm":
-        before = _peak_bytes()
+        before = reset_peak_memory()
         started = time.perf_counter()
         if iterations:  # a fixed number of iterations: the tolerance is never met
             out = blockwise_sinkhorn(x0, x1, eps, relative=False, tol=1e-30, max_iter=iterations)
         else:
             out = blockwise_sinkhorn(x0, x1, eps, relative=False, tol=1e-3 / math.sqrt(n), max_iter=10_000)
         seconds = time.perf_counter() - started
-        extra = _peak_bytes() - before
+        extra = peak_memory() - before
         f, g, steps = out.f, out.g, out.iterations
         entropy = None if iterations else out.renormalised_entropy(x0, x1)
     else:
@@ -92,11 +87,11 @@ def worker(method: str, n: int, iterations: int) -> dict:
             "sinkhorn", p=2, blur=math.sqrt(eps / 2), scaling=scaling, debias=False, potentials=True,
             backend="tensorized",
         )  # fmt: skip
-        before = _peak_bytes()
+        before = reset_peak_memory()
         started = time.perf_counter()
         big_f, big_g = loss(x0, x1)
         seconds = time.perf_counter() - started
-        extra = _peak_bytes() - before
+        extra = peak_memory() - before
         f, g = 2 * big_f.flatten() + eps * log_w, 2 * big_g.flatten() + eps * log_w  # to cost |x - y|^2, weights in
         steps, entropy = None, None
     return {

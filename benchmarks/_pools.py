@@ -6,7 +6,8 @@ each pair once. The same MLP 3x512 (Adam lr 1e-3, batch 256, the same seed) trai
 set-up. Reported per set-up:
 
 - coupling ms per training step: the median time of coupling one pool (all pools of the training run) over P / 256;
-- extra peak memory of coupling one pool, in a fresh subprocess (peak resident set after minus before);
+- extra peak memory of coupling one pool, in a fresh subprocess (peak resident set during the coupling minus the
+  resident set before it);
 - transport cost ratio (mean squared pair distance over W2^2, W2^2 being the dual of the epsilon = 0 semidiscrete
   fit of scale.py's semidiscrete part, loaded or fitted) and the target variance (the estimator of variance.py),
   on the pairs of the first training pools;
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import markdown_table  # noqa: E402
+from _common import markdown_table, peak_memory, reset_peak_memory  # noqa: E402
 
 import otcfm  # noqa: E402
 from otcfm.couplers import SemidiscreteCoupler, sinkhorn_plan  # noqa: E402
@@ -112,10 +112,6 @@ def entropy_of_pool(setup: str, x0: torch.Tensor, x1: torch.Tensor) -> float:
     return renormalised_entropy(sinkhorn_plan(torch.cdist(a.double(), b.double()) ** 2, options["epsilon"]).plan)
 
 
-def _peak_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
 def memory_worker(setup: str, pool_size: int, n: int) -> dict:
     """Extra peak memory and seconds of coupling one pool, in this (fresh) process."""
     torch.set_num_threads(2)
@@ -124,10 +120,10 @@ def memory_worker(setup: str, pool_size: int, n: int) -> dict:
     x0, x1 = source(pool_size, g), target(pool_size, g)
     coupler = coupler_of(setup)
     coupler(x0[:BATCH], x1[:BATCH], generator=g)  # load the kernels before the baseline
-    before = _peak_bytes()
+    before = reset_peak_memory()
     started = time.perf_counter()
     coupler(x0, x1, generator=g)
-    return {"seconds": time.perf_counter() - started, "extra_peak_gib": (_peak_bytes() - before) / 2**30}
+    return {"seconds": time.perf_counter() - started, "extra_peak_gib": (peak_memory() - before) / 2**30}
 
 
 def run(args: argparse.Namespace, done: dict, record) -> str:  # noqa: ANN001
