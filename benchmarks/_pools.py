@@ -159,7 +159,8 @@ def run(args: argparse.Namespace, done: dict, record) -> str:  # noqa: ANN001
         while sum(p[0].shape[0] for p in draw.pairs) < args.pool + args.pool // 4:  # pairs for the estimates
             draw.pool(g)
         x0s, x1s = (torch.cat([p[k] for p in draw.pairs]) for k in (0, 1))
-        pool, evaluation = (x0s[: args.pool], x1s[: args.pool]), (x0s[args.pool :], x1s[args.pool :])
+        end = args.pool + args.pool // 4
+        pool, evaluation = (x0s[: args.pool], x1s[: args.pool]), (x0s[args.pool : end], x1s[args.pool : end])
         values |= {
             "pool_size": pool_size,
             "coupling_ms": draw.ms_per_step(),
