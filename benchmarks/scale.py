@@ -372,7 +372,13 @@ def other_part(args: argparse.Namespace, argv: list[str] | None, done: dict, res
     if args.docs is not None:
         title = "OT pools larger than the batch" if args.part == "pools" else "Sinkhorn on 10^4-10^5 points vs GeomLoss"
         about = (module.__doc__ or "").split("\n", 2)[2].strip()
-        body = f"## {title}\n\nCommand: `{rerun_command(__file__, argv)}` ({machine()}).\n\n{about}\n\n{text}\n"
+        settings = (
+            f"--pool-steps {args.pool_steps}" if args.part == "pools" else f"--large-iterations {args.large_iterations}"
+        )
+        body = (
+            f"## {title}\n\nCommand: `{rerun_command(__file__, argv)}` ({machine()}; settings: {settings}).\n\n"
+            f"{about}\n\n{text}\n"
+        )
         write_section(f"scale-{args.part}", body, args.docs)
     return 0
 
