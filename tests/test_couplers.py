@@ -406,3 +406,15 @@ def test_row_draws_follow_the_row_weights(cols: int) -> None:
         p = w[r] / w[r].sum()
         freq = torch.bincount(j[:, r], minlength=cols).double() / n
         assert bool(((freq - p).abs() <= 5 * (p * (1 - p) / n).sqrt() + 1e-12).all())
+
+
+def test_reused_source_indices_are_never_stale() -> None:
+    """The arange an independent or paired coupling returns is reused across calls only while nobody modified it."""
+    x = torch.randn(6, 2, generator=torch.Generator().manual_seed(0))
+    for coupler in (IndependentCoupler(), get_coupler("paired")):
+        first = coupler(x, x).i
+        assert coupler(x, x).i is first  # no new tensor per step
+        first[0] = 5  # a caller's in-place change ...
+        assert coupler(x, x).i.tolist() == list(range(6))  # ... is never seen by the next pairing
+        with torch.inference_mode():
+            assert coupler(x, x).i.tolist() == list(range(6))

@@ -28,7 +28,7 @@ class IndependentCoupler(Coupler):
         self, x0: Tensor, x1: Tensor, y0: Tensor | None, y1: Tensor | None, generator: torch.Generator | None
     ) -> Pairing:
         n0, n1 = x0.shape[0], x1.shape[0]
-        i = torch.arange(n0, device=x0.device)
+        i = self._arange(n0, x0.device)
         if n0 == n1:
             return Pairing(i, _random.randperm(n1, generator, x0.device))
         return Pairing(i, _random.randint(n1, (n0,), generator, x0.device))
@@ -52,5 +52,5 @@ class PairedCoupler(Coupler):
             raise ValueError(
                 f"x0 and x1: the paired coupler needs equal batch sizes, got {x0.shape[0]} and {x1.shape[0]}"
             )
-        i = torch.arange(x0.shape[0], device=x0.device)
+        i = self._arange(x0.shape[0], x0.device)
         return Pairing(i, i)
