@@ -170,7 +170,8 @@ class FlowMatcher:
             self.path.check_source(x0)
         if not coupler.sources_in_order:
             x0 = x0.index_select(0, i)
-        x1 = x1.index_select(0, j)
+        if not coupler.targets_in_order:
+            x1 = x1.index_select(0, j)
         t = self.time_sampler(x0.shape[0], generator, x0.device, x0.dtype)
         noise = _random.randn(tuple(x0.shape), generator, x0.device, x0.dtype) if self._needs_noise else None
         shaped = (t if t.dtype == x0.dtype else t.to(x0.dtype)).reshape((-1,) + (1,) * (x0.ndim - 1))

@@ -74,7 +74,8 @@ def test_every_coupler_returns_a_valid_pairing(ready, name: str, seed: int, n: i
 )
 @pytest.mark.parametrize("n0, n1", [(12, 12), (8, 12), (12, 8)])
 def test_sources_in_order_is_kept(ready, coupler: Coupler, n0: int, n1: int) -> None:
-    """A coupler that declares ``sources_in_order`` returns ``i = arange(B0)`` (FlowMatcher then uses x0 as is)."""
+    """A coupler that declares ``sources_in_order`` returns ``i = arange(B0)`` (FlowMatcher then uses x0 as is),
+    one that declares ``targets_in_order`` also ``j = arange(B1)``."""
     if coupler.name == "paired" and n0 != n1:
         return
     x1 = _batch(1, n1)
@@ -83,8 +84,11 @@ def test_sources_in_order_is_kept(ready, coupler: Coupler, n0: int, n1: int) -> 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         i, _ = coupler(_batch(0, n0), x1, generator=torch.Generator().manual_seed(0))
+        _, j = coupler(_batch(0, n0), x1, generator=torch.Generator().manual_seed(0))
     if coupler.sources_in_order:
         assert torch.equal(i, torch.arange(n0))
+    if coupler.targets_in_order:  # FlowMatcher then uses x1 as is too
+        assert coupler.sources_in_order and torch.equal(j, torch.arange(n1))
     assert not (ExactCoupler(replace=True).sources_in_order or SinkhornCoupler(replace=True).sources_in_order)
 
 

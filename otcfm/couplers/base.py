@@ -48,6 +48,8 @@ class Coupler(ABC):
     #: Whether ``i`` is always ``arange(B0)``: every source sample once, in order (``x0[i]`` is ``x0``,
     #: so :class:`~otcfm.FlowMatcher` does not gather it).
     sources_in_order: bool = False
+    #: Whether ``j`` is always ``arange(B1)`` as well (the pairs as given), so the targets are not gathered either.
+    targets_in_order: bool = False
 
     def finite_checked_later(self) -> bool:
         """Whether :meth:`pair` itself rejects NaN/Inf inputs, so ``__call__`` can skip scanning them."""

@@ -44,6 +44,7 @@ class PairedCoupler(Coupler):
     name = "paired"
     one_to_one = True
     sources_in_order = True
+    targets_in_order = True
 
     def pair(
         self, x0: Tensor, x1: Tensor, y0: Tensor | None, y1: Tensor | None, generator: torch.Generator | None
