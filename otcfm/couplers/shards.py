@@ -7,7 +7,8 @@ gathered, each rank finds the best partner in its own rows,
 .. math::
     j^\star(x) = \arg\max_j\ 2\, x \cdot y_j + g_j - |y_j|^2 \quad (= \arg\min_j |x - y_j|^2 - g_j),
 
-and an all-reduce (max) over ranks picks the winner; a second all-reduce sends each winner's row to every rank.
+and an all-reduce (max) over ranks picks the winner (ties: the smallest index, as in one process); another one
+sends each winner's row to every rank.
 With ``epsilon > 0`` the scores carry Gumbel noise drawn independently on each rank, so the maximum over ranks is
 a draw from the softmax over the whole dataset. Communication per pairing (``B`` samples per rank, ``W`` ranks):
 the gathered batch, two all-reduces of ``W B`` numbers and one of the ``W B`` partner rows; no rank holds more of
