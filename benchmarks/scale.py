@@ -3,9 +3,9 @@
     python benchmarks/scale.py            # about 15 minutes on 2 CPU cores
     python benchmarks/scale.py --docs     # the same, then its section of docs/benchmarks.md
     python benchmarks/scale.py --quick    # seconds; for tests
-    python benchmarks/scale.py --part pools      # OT pools larger than the batch (benchmarks/_pools.py), ~15 min
+    python benchmarks/scale.py --part pools      # OT pools larger than the batch (benchmarks/_pools.py), ~11 min
     python benchmarks/scale.py --part sinkhorn   # Sinkhorn on 16,384 and 65,536 points vs GeomLoss
-                                                 # (benchmarks/_large_sinkhorn.py), ~10 min
+                                                 # (benchmarks/_large_sinkhorn.py), ~5 min
 
 Tasks: gaussian -> mixture (d = 32, 8 separated Gaussians, a finite dataset of N = 20,000 draws) and
 noise -> digits (64 pixels, the 1,437 training images). Couplers: independent, minibatch exact OT at B = 256 and
@@ -171,15 +171,20 @@ def ott_jax_fit(data: torch.Tensor, steps: int, batch: int, mean_cost: float) ->
     return summary, torch.as_tensor(jax.device_get(g).copy())
 
 
+def append_result(results: Path, done: dict[tuple[str, str], dict], task: str, key: str, values: dict) -> None:
+    """Record a finished measurement in ``done`` and append it to ``results`` (JSON lines), so a rerun resumes."""
+    entry = {"task": task, "coupler": key, **values}
+    done[task, key] = entry
+    with results.open("a") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
 def run_task(task: str, args: argparse.Namespace, done: dict[tuple[str, str], dict], results: Path) -> None:
     data, held_out, source = task_data(task, args.n if task == "mixture" else 1437, seed=0)
     n = data.shape[0]
 
     def record(coupler: str, values: dict) -> None:
-        entry = {"task": task, "coupler": coupler, **values}
-        done[task, coupler] = entry
-        with results.open("a") as f:
-            f.write(json.dumps(entry) + "\n")
+        append_result(results, done, task, coupler, values)
 
     fitted: dict[str, SemidiscreteCoupler] = {}
     for name, epsilon in (("semidiscrete", 0.0), ("semidiscrete-entropic", ENTROPIC)):
@@ -360,10 +365,7 @@ def other_part(args: argparse.Namespace, argv: list[str] | None, done: dict, res
     import _pools
 
     def record(task: str, key: str, values: dict) -> None:
-        entry = {"task": task, "coupler": key, **values}
-        done[task, key] = entry
-        with results.open("a") as f:
-            f.write(json.dumps(entry) + "\n")
+        append_result(results, done, task, key, values)
 
     module = _pools if args.part == "pools" else _large_sinkhorn
     text = module.run(args, done, record)

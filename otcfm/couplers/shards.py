@@ -59,9 +59,7 @@ class SemidiscreteShard:
             raise ValueError(f"potentials: expected a tensor of shape ({data.shape[0]},), got {_shape(potentials)}")
         if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
             raise ValueError(f"offset: expected an integer >= 0, got {offset!r}")
-        if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not (math.isfinite(epsilon)):
-            raise ValueError(f"epsilon: expected a finite number >= 0, got {epsilon!r}")
-        if epsilon < 0:
+        if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not 0 <= epsilon < math.inf:
             raise ValueError(f"epsilon: expected a finite number >= 0, got {epsilon!r}")
         self.data = check_finite(data, "data")
         self.potentials = check_finite(potentials.to(device=data.device, dtype=data.dtype), "potentials")
