@@ -79,7 +79,13 @@ def _add_common(parser: argparse.ArgumentParser, steps_flag: str, steps_default:
     """Options every training command shares (the engine's: optimisation, device, output, evaluation)."""
     parser.add_argument(steps_flag, type=_positive_int, default=steps_default, help="training steps (total)")
     parser.add_argument("--batch-size", type=_positive_int, default=256, help="samples per batch and side")
-    parser.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam learning rate")
+    parser.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam learning rate (peak rate of cosine)")
+    parser.add_argument(
+        "--lr-schedule",
+        default="constant",
+        choices=["constant", "cosine"],
+        help="cosine: decay the rate from --lr to 0 over the steps",
+    )
     parser.add_argument("--ema-decay", type=float, default=0.0, help="EMA of the weights, in [0, 1); 0: none")
     parser.add_argument("--grad-clip", type=_positive_float, default=None, help="clip the gradient norm")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast forward")
@@ -319,6 +325,7 @@ def _train(args: argparse.Namespace) -> int:
         steps=args.steps,
         batch_size=args.batch_size,
         lr=args.lr,
+        lr_schedule=args.lr_schedule,
         ema_decay=args.ema_decay,
         grad_clip=args.grad_clip,
         precision=args.precision,
@@ -416,6 +423,7 @@ def _reflow(args: argparse.Namespace) -> int:
         resume=args.resume,
         overwrite=args.overwrite,
         ema_decay=args.ema_decay,
+        lr_schedule=args.lr_schedule,
         grad_clip=args.grad_clip,
         precision=args.precision,
         device=args.device,

@@ -32,7 +32,17 @@ from otcfm import distributed
 from otcfm.models import model_spec
 from otcfm.runlock import run_lock
 
-__all__ = ["CHECKPOINT_NAME", "FORMAT_VERSION", "Fitted", "Schedule", "StepLoss", "fit", "resolve_device"]
+__all__ = [
+    "CHECKPOINT_NAME",
+    "FORMAT_VERSION",
+    "Fitted",
+    "LRSchedule",
+    "Schedule",
+    "StepLoss",
+    "fit",
+    "learning_rate",
+    "resolve_device",
+]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 FORMAT_VERSION = 2
@@ -40,6 +50,7 @@ FORMAT_VERSION = 2
 #: ``step_loss(net, step, generator) -> scalar loss``: ``net`` is the model (or its DDP / autocast wrapper).
 StepLoss = Callable[[nn.Module, int, torch.Generator], Tensor]
 Precision = Literal["fp32", "bf16"]
+LRSchedule = Literal["constant", "cosine"]
 
 
 @dataclass(frozen=True)
@@ -48,7 +59,9 @@ class Schedule:
 
     Attributes:
         steps: total optimisation steps (a resumed run continues up to this count).
-        lr: Adam learning rate, finite and > 0.
+        lr: Adam learning rate, finite and > 0 (the peak rate under ``lr_schedule="cosine"``).
+        lr_schedule: ``"constant"``, or ``"cosine"``: the rate of step ``k`` (from 0) is
+            ``lr * (1 + cos(pi k / steps)) / 2``, decaying to 0 over the run (:func:`learning_rate`).
         seed: seed of the run's generator.
         ema_decay: decay of an exponential moving average of the weights, in ``[0, 1)`` (0: none).
         grad_clip: clip the gradient norm to this value (None: no clipping).
@@ -64,9 +77,22 @@ class Schedule:
     grad_clip: float | None = None
     precision: Precision = "fp32"
     checkpoint_every: int = 500
+    lr_schedule: LRSchedule = "constant"
 
     def __post_init__(self) -> None:
         check_schedule(self)
+
+
+def learning_rate(lr: float, lr_schedule: LRSchedule, step: int, steps: int) -> float:
+    r"""The learning rate of step ``step`` (counted from 0) of a run of ``steps`` steps.
+
+    ``"constant"``: ``lr``. ``"cosine"``: :math:`\mathrm{lr} \cdot (1 + \cos(\pi k / K)) / 2` for step
+    :math:`k` of :math:`K`, from ``lr`` at the first step down to nearly 0 at the last (no warm-up). A function of
+    the step alone, so a resumed run follows the same rates as an uninterrupted one.
+    """
+    if lr_schedule == "constant":
+        return lr
+    return lr * 0.5 * (1.0 + math.cos(math.pi * step / steps))
 
 
 def check_schedule(s: Any) -> None:
@@ -83,6 +109,8 @@ def check_schedule(s: Any) -> None:
         raise ValueError(f"ema_decay: expected a number in [0, 1), got {s.ema_decay!r}")
     if s.grad_clip is not None and (not _finite_number(s.grad_clip) or s.grad_clip <= 0):
         raise ValueError(f"grad_clip: expected a finite number > 0 or None, got {s.grad_clip!r}")
+    if s.lr_schedule not in ("constant", "cosine"):
+        raise ValueError(f"lr_schedule: unknown value {s.lr_schedule!r}; expected one of 'constant', 'cosine'")
     if s.precision not in ("fp32", "bf16"):
         raise ValueError(f"precision: unknown value {s.precision!r}; expected one of 'bf16', 'fp32'")
 
@@ -154,7 +182,8 @@ def fit(
         model: the network; moved to ``device``.
         step_loss: ``(net, step, generator) -> loss`` for step ``step`` (0-based).
         schedule: steps, learning rate, seed, EMA, clipping, precision, checkpoint period.
-        run: JSON-like settings that identify the run; a resume must find the same (``steps`` excepted).
+        run: JSON-like settings that identify the run; a resume must find the same (``steps`` excepted,
+            unless ``run["lr_schedule"]`` is ``"cosine"``).
         out: directory of ``checkpoint.pt``; no checkpoints when None.
         resume: continue from ``out/checkpoint.pt`` when it exists.
         overwrite: replace a run already in ``out`` (otherwise an existing run there is an error).
@@ -289,6 +318,10 @@ def _run(
                 updating = True  # from here until the step is recorded, the state is mid-update
                 if schedule.grad_clip is not None:
                     nn.utils.clip_grad_norm_(model.parameters(), schedule.grad_clip)
+                if schedule.lr_schedule != "constant":
+                    rate = learning_rate(schedule.lr, schedule.lr_schedule, done, schedule.steps)
+                    for group in optimizer.param_groups:
+                        group["lr"] = rate
                 optimizer.step()
                 if ema is not None:
                     _ema_update(ema, model, schedule.ema_decay)
@@ -334,7 +367,9 @@ def _check_same_run(state: dict[str, Any], run: dict[str, Any], defaults: dict[s
     missing = object()
     differing = []
     for key, value in run.items():
-        if key == "steps":
+        if key == "steps":  # a constant rate may be extended; a cosine schedule is fixed by its length
+            if value != saved.get(key, value) and run.get("lr_schedule") == "cosine":
+                differing.append(f"steps: checkpoint {saved[key]!r} vs now {value!r} under lr_schedule 'cosine'")
             continue
         before = saved.get(key, defaults.get(key, missing))
         if before is not missing and before != value:

@@ -31,7 +31,7 @@ from otcfm import distributed
 from otcfm._checks import check_choice
 from otcfm.data import Sampler, draw
 from otcfm.data.sources import DataSource, as_source
-from otcfm.engine import Precision, Schedule, fit, resolve_device
+from otcfm.engine import LRSchedule, Precision, Schedule, fit, resolve_device
 from otcfm.flow import FlowMatcher
 from otcfm.solvers import METHODS, Method, check_output, check_velocity, integrate
 from otcfm.timesteps import TimeSampler
@@ -261,6 +261,7 @@ class RunOptions:
         resume: continue the run in ``out``.
         overwrite: replace a run in ``out`` (otherwise an existing run there is an error).
         ema_decay: EMA of the weights (0: none); the returned model then holds the EMA weights.
+        lr_schedule: ``"constant"`` or ``"cosine"`` (decay to 0 over the steps; :func:`otcfm.engine.learning_rate`).
         grad_clip: gradient-norm clipping (None: none).
         precision: ``"fp32"`` or ``"bf16"``.
         device: ``"cpu"``, ``"cuda"``, ``"auto"``; None keeps the model where it is.
@@ -273,6 +274,7 @@ class RunOptions:
     resume: bool = False
     overwrite: bool = False
     ema_decay: float = 0.0
+    lr_schedule: LRSchedule = "constant"
     grad_clip: float | None = None
     precision: Precision = "fp32"
     device: torch.device | str | None = None
@@ -394,6 +396,7 @@ def _fit(
         grad_clip=run.grad_clip,
         precision=run.precision,
         checkpoint_every=run.checkpoint_every,
+        lr_schedule=run.lr_schedule,
     )
     identity = {
         "stage": desc,
@@ -401,8 +404,10 @@ def _fit(
         "pairs": pairs.meta if isinstance(pairs, PairSet) else repr(pairs),
         "batch_size": batch_size,
         "lr": lr,
+        "steps": steps,
         "seed": seed,
         "ema_decay": run.ema_decay,
+        "lr_schedule": run.lr_schedule,
         "grad_clip": run.grad_clip,
         "precision": run.precision,
     }

@@ -29,7 +29,16 @@ from otcfm import checkpoint as ckpt
 from otcfm import distributed
 from otcfm.couplers import COUPLERS, Coupler, SemidiscreteCoupler, get_coupler
 from otcfm.data.sources import DataSource, as_source
-from otcfm.engine import CHECKPOINT_NAME, FORMAT_VERSION, Precision, Schedule, check_schedule, fit, resolve_device
+from otcfm.engine import (
+    CHECKPOINT_NAME,
+    FORMAT_VERSION,
+    LRSchedule,
+    Precision,
+    Schedule,
+    check_schedule,
+    fit,
+    resolve_device,
+)
 from otcfm.flow import FlowMatcher
 from otcfm.models import MLP, model_spec, rebuild_model
 from otcfm.paths import PATHS
@@ -65,7 +74,8 @@ class TrainConfig:
         depth: MLP hidden layers.
         steps: optimisation steps.
         batch_size: samples per batch on each side (per rank under torchrun).
-        lr: Adam learning rate.
+        lr: Adam learning rate (the peak rate under ``lr_schedule="cosine"``).
+        lr_schedule: ``"constant"`` or ``"cosine"`` (decay to 0 over ``steps``; :func:`otcfm.engine.learning_rate`).
         ema_decay: decay of an exponential moving average of the weights (0 disables it).
         grad_clip: clip the gradient norm to this value (None: no clipping).
         precision: ``"fp32"`` or ``"bf16"`` (autocast of the model's forward pass).
@@ -96,6 +106,7 @@ class TrainConfig:
     steps: int = 2000
     batch_size: int = 256
     lr: float = 1e-3
+    lr_schedule: LRSchedule = "constant"
     ema_decay: float = 0.0
     grad_clip: float | None = None
     precision: Precision = "fp32"
@@ -147,6 +158,7 @@ class TrainConfig:
         return Schedule(
             steps=self.steps,
             lr=self.lr,
+            lr_schedule=self.lr_schedule,
             seed=self.seed,
             ema_decay=self.ema_decay,
             grad_clip=self.grad_clip,

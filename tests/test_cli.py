@@ -53,6 +53,16 @@ def test_train_resume_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert "another config" in capsys.readouterr().err
 
 
+def test_lr_schedule_option_reaches_the_run(tmp_path: Path) -> None:
+    from otcfm import checkpoint
+
+    assert main(["train", "--out", str(tmp_path), "--lr-schedule", "cosine", *SMALL]) == 0
+    assert checkpoint.load(tmp_path / "checkpoint.pt")["config"]["lr_schedule"] == "cosine"
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--lr-schedule", "linear"])
+    assert info.value.code == 2
+
+
 def test_bad_arguments_exit_with_usage() -> None:
     with pytest.raises(SystemExit) as info:
         main(["train", "--coupler", "optimal"])

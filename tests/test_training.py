@@ -138,3 +138,51 @@ def test_exact_coupling_beats_independent_at_few_steps() -> None:
         w2[coupler] = otcfm.metrics.w2_by_steps(model, x0, ref, steps=(1, 2))
     assert w2["exact"][1] < 0.5 * w2["independent"][1]
     assert w2["exact"][2] < 0.7 * w2["independent"][2]
+
+
+def test_cosine_learning_rate_values() -> None:
+    """lr at the first step, lr / 2 half-way, decreasing to near 0; constant is lr throughout."""
+    from otcfm.engine import learning_rate
+
+    rates = [learning_rate(2e-3, "cosine", k, 100) for k in range(100)]
+    assert rates[0] == 2e-3 and rates[50] == pytest.approx(1e-3, rel=1e-12)
+    assert all(a > b for a, b in zip(rates[:-1], rates[1:], strict=True)) and 0 < rates[-1] < 1e-6
+    assert {learning_rate(2e-3, "constant", k, 100) for k in range(100)} == {2e-3}
+    with pytest.raises(ValueError, match="lr_schedule: unknown value 'step'"):
+        TrainConfig(lr_schedule="step")
+
+
+def test_cosine_schedule_sets_the_rate_of_each_step() -> None:
+    """Adam on a loss of constant gradient moves each weight by about the step's rate (|m / sqrt(v)| = 1).
+
+    Tolerance: Adam's eps (1e-8) against a unit gradient, relative 1e-6.
+    """
+    from otcfm.engine import Schedule, fit, learning_rate
+
+    net = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.zeros_(net.weight)
+    seen: list[float] = []
+    schedule = Schedule(steps=8, lr=0.1, lr_schedule="cosine", checkpoint_every=8)
+    fit(
+        net,
+        lambda n, step, g: n.weight.sum(),
+        schedule,
+        run={},
+        progress=False,
+        callback=lambda step, loss: seen.append(float(net.weight.detach())),
+    )
+    moves = [-(b - a) for a, b in zip([0.0, *seen[:-1]], seen, strict=True)]
+    assert moves == pytest.approx([learning_rate(0.1, "cosine", k, 8) for k in range(8)], rel=1e-6)
+
+
+def test_resume_with_cosine_schedule_equals_uninterrupted(tmp_path: Path) -> None:
+    """The rate is a function of the step: an interrupted cosine run resumes bit for bit; its length is fixed."""
+    config = dataclasses.replace(SMALL, lr_schedule="cosine", lr=1e-2)
+    full = train(config, out=tmp_path / "full", progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, out=tmp_path / "cut", progress=False, callback=_interrupt_at(7))
+    resumed = train(config, out=tmp_path / "cut", progress=False, resume=True)
+    _assert_same_run(full, resumed)
+    assert full.losses != train(SMALL, progress=False, lr=1e-2).losses  # the schedule changes the run
+    with pytest.raises(ValueError, match="steps: checkpoint 12 vs now 15 under lr_schedule 'cosine'"):
+        train(config, out=tmp_path / "full", progress=False, resume=True, steps=15)
