@@ -235,6 +235,13 @@ def test_bad_inputs_are_named() -> None:
         fitted(torch.randn(4, 3), _data(10))
     with pytest.raises(ValueError, match="y0: these potentials were fitted without labels"):
         fitted(torch.randn(4, 2), _data(10), y0=torch.zeros(4, dtype=torch.long))
+    data = _data(10)
+    fitted(torch.randn(4, 2), data)  # verified once: fingerprint and NaN/Inf scan
+    data[3, 1] = float("inf")  # an in-place change is seen (the tensor's version counter)
+    with pytest.raises(ValueError, match="x1: contains NaN or Inf"):
+        fitted(torch.randn(4, 2), data)
+    with pytest.raises(ValueError, match="x0: contains NaN or Inf"):
+        fitted(torch.full((4, 2), float("nan")), _data(10))
 
 
 def test_metrics() -> None:

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from otcfm import _random
 from otcfm._args import check_count, check_generator, check_rate
-from otcfm._checks import check_batch
+from otcfm._checks import check_batch, check_finite
 from otcfm.couplers.base import Coupler, Pairing, check_labels
 
 __all__ = ["SemidiscreteCoupler", "SemidiscreteFit", "noise_floor"]
@@ -149,10 +149,15 @@ class SemidiscreteCoupler(Coupler):
             raise ValueError("epsilon: a relative epsilon needs fitted potentials (call fit or load first)")
         return self.epsilon * self.mean_cost
 
+    def finite_checked_later(self) -> bool:
+        """:meth:`pair` scans the source batch itself, and the dataset once per tensor (with its fingerprint)."""
+        return True
+
     def pair(
         self, x0: Tensor, x1: Tensor, y0: Tensor | None, y1: Tensor | None, generator: torch.Generator | None
     ) -> Pairing:
         self.check_dataset(x1, y1)
+        check_finite(x0, "x0")
         assert self.potentials is not None
         a, data = _flat(x0), _flat(x1)
         classes = self._source_classes(y0, a.shape[0], generator, a.device)
@@ -195,7 +200,8 @@ class SemidiscreteCoupler(Coupler):
                 f"x1: expected the whole dataset of {n} points the potentials were fitted on, got {x1.shape[0]}"
             )
         key = (x1.data_ptr(), x1._version, tuple(x1.shape), x1.dtype, x1.device)
-        if key != self._verified:  # hashing is O(N d): once per dataset tensor, not per step
+        if key != self._verified:  # hashing and the NaN/Inf scan are O(N d): once per dataset tensor, not per step
+            check_finite(x1, "x1")
             found = fingerprint(x1)
             if found != self.fingerprint:
                 raise ValueError(
