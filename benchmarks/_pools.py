@@ -2,7 +2,7 @@
 
 On the gaussian -> mixture task of scale.py (d = 32, a finite dataset of N = 20,000 draws), each set-up couples
 pools of P source draws and P dataset draws with ``otcfm.loader.couple_pool`` and serves them as P / 256 batches,
-each pair once. The same MLP 3x512 (Adam lr 1e-3, batch 256, the same seed) trains ``--pool-steps`` steps on every
+each pair once. The same MLP 3x512 (scale.py's recipe, batch 256, the same seed) trains ``--pool-steps`` steps on every
 set-up. Reported per set-up:
 
 - coupling ms per training step: the median time of coupling one pool (all pools of the training run) over P / 256;

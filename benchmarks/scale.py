@@ -18,10 +18,15 @@ the whole dataset. Reported per coupler:
 - target variance of the linear path (the estimator of benchmarks/variance.py on pairs of the coupling) and the
   transport cost ratio: mean squared distance of its pairs over W2^2, W2^2 being the dual of the converged
   epsilon = 0 semidiscrete fit (a ratio near or above 1 for any coupling with the right marginals);
-- quality after training the same MLP 3x512 with Adam (lr 1e-3) for --steps steps at batch 256 with each of
+- quality after training the same MLP 3x512 with the recipe below for --steps steps at batch 256 with each of
   independent, exact (B = 256) and the two semidiscrete couplers: W2 to held-out draws (mixture; floor: W2
   between two independent draws of that size) and the Frechet distance of benchmarks/digits.py (digits; floor:
   train vs test) after 1, 2, 4 and 100 Euler steps. --train-all also trains exact at B = 1024 and Sinkhorn.
+
+Training recipe (every flow of scale.py and of its pools part): Adam at a peak rate of 3e-3 decayed to 0 by a
+cosine (``lr_schedule="cosine"`` of ``otcfm.train``), times drawn from a logit-normal centred at
+t = sigmoid(-1.5) = 0.18 (``LogitNormal(-1.5, 1)``), since few-step sampling evaluates the velocity at small t.
+Earlier runs used uniform times at a constant 1e-3; docs/benchmarks.md compares the two.
 
 Finished results are appended to OUT/results.jsonl, so a rerun resumes; torch runs on --threads threads (2).
 The entropic fit is measured on 20 N samples: its expected (softmax) shares carry less sampling noise than
@@ -47,12 +52,17 @@ from _common import add_docs_options, machine, markdown_table, median_ms, read_j
 
 import otcfm  # noqa: E402
 from otcfm.couplers import SemidiscreteCoupler  # noqa: E402
+from otcfm.engine import learning_rate  # noqa: E402
 from otcfm.metrics import target_variance_of_pairs, transport_cost_ratio, w2  # noqa: E402
 
 EULER = (1, 2, 4, 100)
 TRAINED = ("independent", "exact-256", "semidiscrete", "semidiscrete-entropic")
 COUPLERS = ("independent", "exact-256", "exact-1024", "sinkhorn", "semidiscrete", "semidiscrete-entropic")
 ENTROPIC = 0.01  # relative to the mean cost
+#: The training recipe (see the docstring): peak learning rate, its schedule, the time sampler. RECIPE names the
+#: results directory, so results of another recipe are never mixed in.
+LR, LR_SCHEDULE, TIME_SAMPLER = 3e-3, "cosine", otcfm.timesteps.LogitNormal(-1.5, 1.0)
+RECIPE = "lr3e-3-cosine-logitnormal-1.5"
 
 
 def task_data(task: str, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, Callable[..., torch.Tensor]]:
@@ -118,16 +128,18 @@ def train(draw: Pairs, steps: int, seed: int) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = otcfm.models.MLP(draw.data[0].numel(), hidden=512, depth=3)
-    fm = otcfm.FlowMatcher(coupler="paired", path="linear", sigma=0.0)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    fm = otcfm.FlowMatcher(coupler="paired", path="linear", sigma=0.0, time_sampler=TIME_SAMPLER)
+    optimizer = torch.optim.Adam(model.parameters(), lr=LR)
     g = torch.Generator().manual_seed(seed)
     from tqdm.auto import trange
 
-    for _ in trange(steps, desc=draw.name, unit="step", leave=False):
+    for step in trange(steps, desc=draw.name, unit="step", leave=False):
         x0, x1 = draw(g, 256)
         loss = fm.loss(model, x0, x1, g)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(LR, LR_SCHEDULE, step, steps)
         optimizer.step()
     return model.eval()
 
@@ -324,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         args.pool_steps = 3
     torch.set_num_threads(args.threads)
-    args.out = args.out / ("quick" if args.quick else "default")
+    args.out = args.out / f"{'quick' if args.quick else 'default'}-{RECIPE}"
     args.out.mkdir(parents=True, exist_ok=True)
     results = args.out / ("results.jsonl" if args.part == "semidiscrete" else f"{args.part}.jsonl")
     done = {(r["task"], r["coupler"]): r for r in read_jsonl(results)}
@@ -345,7 +357,8 @@ Command: `{rerun_command(__file__, argv)}` ({machine()}). Fit: seconds and assig
 potentials on {args.eval_factor} N fresh source samples (the sampling noise alone in parentheses). Coupling
 milliseconds per training step: median of {args.repeats}. Target variance: the estimator of `variance.py` on
 {args.pool} pairs; cost ratio: mean squared pair distance over W2^2 (the dual of the converged epsilon = 0 fit).
-Quality: MLP 3x512, Adam lr 1e-3, {args.steps} steps at batch 256 per coupler, then Euler steps; W2 to 2,000
+Quality: MLP 3x512, {args.steps} Adam steps at batch 256 per coupler (peak rate {LR:g}, {LR_SCHEDULE} decay,
+times from a logit-normal centred at t = 0.18), then Euler steps; W2 to 2,000
 held-out draws (mixture; floor: {args.eval_n} fresh draws of the target) or the Frechet distance of `digits.py`
 (floor: train vs test). The entropic fit (epsilon {ENTROPIC} x mean cost) is measured on {soft_factor} N
 samples with its expected (softmax) shares, whose noise is below the printed one. In d = 32 the W2 estimate at this n
