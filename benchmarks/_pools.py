@@ -2,8 +2,8 @@
 
 On the gaussian -> mixture task of scale.py (d = 32, a finite dataset of N = 20,000 draws), each set-up couples
 pools of P source draws and P dataset draws with ``otcfm.loader.couple_pool`` and serves them as P / 256 batches,
-each pair once. The same MLP 3x512 (scale.py's recipe, batch 256, the same seed) trains ``--pool-steps`` steps on every
-set-up. Reported per set-up:
+each pair once. The same MLP 3x512 (scale.py's --recipe, batch 256, the same seed) trains ``--pool-steps`` steps on
+every set-up. Reported per set-up:
 
 - coupling ms per training step: the median time of coupling one pool (all pools of the training run) over P / 256;
 - extra peak memory of coupling one pool, in a fresh subprocess (peak resident set during the coupling minus the
@@ -128,7 +128,7 @@ def memory_worker(setup: str, pool_size: int, n: int) -> dict:
 
 def run(args: argparse.Namespace, done: dict, record) -> str:  # noqa: ANN001
     """Measure and train every missing set-up; return the table of all of them."""
-    from scale import quality, train
+    from scale import RECIPES, quality, train
 
     setups = QUICK if args.quick else {name: spec[2] for name, spec in SETUPS.items()}
     data, source, target = mixture(args.n)
@@ -154,7 +154,7 @@ def run(args: argparse.Namespace, done: dict, record) -> str:  # noqa: ANN001
         values = json.loads(finished.stdout.strip().splitlines()[-1])
         draw = PoolDraw(setup, pool_size, data, source, target)
         trained = SETUPS[setup][3]
-        model = train(draw, args.pool_steps, seed=0) if trained else None
+        model = train(draw, args.pool_steps, 0, RECIPES[args.recipe]) if trained else None
         g = torch.Generator().manual_seed(0)
         while sum(p[0].shape[0] for p in draw.pairs) < args.pool + args.pool // 4:  # pairs for the estimates
             draw.pool(g)

@@ -23,10 +23,10 @@ the whole dataset. Reported per coupler:
   between two independent draws of that size) and the Frechet distance of benchmarks/digits.py (digits; floor:
   train vs test) after 1, 2, 4 and 100 Euler steps. --train-all also trains exact at B = 1024 and Sinkhorn.
 
-Training recipe (every flow of scale.py and of its pools part): Adam at a peak rate of 3e-3 decayed to 0 by a
-cosine (``lr_schedule="cosine"`` of ``otcfm.train``), times drawn from a logit-normal centred at
-t = sigmoid(-1.5) = 0.18 (``LogitNormal(-1.5, 1)``), since few-step sampling evaluates the velocity at small t.
-Earlier runs used uniform times at a constant 1e-3; docs/benchmarks.md compares the two.
+Training recipe (every flow of scale.py and of its pools part), --recipe tuned (the default): Adam at a peak rate
+of 3e-3 decayed to 0 by a cosine (``lr_schedule="cosine"`` of ``otcfm.train``), times drawn from a logit-normal
+centred at t = sigmoid(-1.5) = 0.18 (``LogitNormal(-1.5, 1)``), since few-step sampling evaluates the velocity at
+small t. --recipe plain: uniform times at a constant 1e-3 (the recipe of earlier runs).
 
 Finished results are appended to OUT/results.jsonl, so a rerun resumes; torch runs on --threads threads (2).
 The entropic fit is measured on 20 N samples: its expected (softmax) shares carry less sampling noise than
@@ -42,7 +42,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -52,17 +52,33 @@ from _common import add_docs_options, machine, markdown_table, median_ms, read_j
 
 import otcfm  # noqa: E402
 from otcfm.couplers import SemidiscreteCoupler  # noqa: E402
-from otcfm.engine import learning_rate  # noqa: E402
+from otcfm.engine import LRSchedule, learning_rate  # noqa: E402
 from otcfm.metrics import target_variance_of_pairs, transport_cost_ratio, w2  # noqa: E402
 
 EULER = (1, 2, 4, 100)
 TRAINED = ("independent", "exact-256", "semidiscrete", "semidiscrete-entropic")
 COUPLERS = ("independent", "exact-256", "exact-1024", "sinkhorn", "semidiscrete", "semidiscrete-entropic")
 ENTROPIC = 0.01  # relative to the mean cost
-#: The training recipe (see the docstring): peak learning rate, its schedule, the time sampler. RECIPE names the
-#: results directory, so results of another recipe are never mixed in.
-LR, LR_SCHEDULE, TIME_SAMPLER = 3e-3, "cosine", otcfm.timesteps.LogitNormal(-1.5, 1.0)
-RECIPE = "lr3e-3-cosine-logitnormal-1.5"
+
+
+class Recipe(NamedTuple):
+    """How every flow of this benchmark is trained, besides the model, steps and batch: Adam's peak rate, its
+    schedule (``otcfm.engine.learning_rate``) and the time sampler."""
+
+    lr: float
+    lr_schedule: LRSchedule
+    time_sampler: otcfm.timesteps.TimeSampler
+    about: str
+
+
+#: ``--recipe``: "tuned" (the default) or "plain" (the recipe of runs before 2026-11-24's session 7). The name is
+#: part of the results directory, so results of two recipes are never mixed.
+RECIPES = {
+    "tuned": Recipe(
+        3e-3, "cosine", otcfm.timesteps.LogitNormal(-1.5, 1.0), "peak rate 3e-3, cosine decay, logit-normal times"
+    ),
+    "plain": Recipe(1e-3, "constant", otcfm.timesteps.Uniform(), "constant rate 1e-3, uniform times"),
+}
 
 
 def task_data(task: str, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, Callable[..., torch.Tensor]]:
@@ -124,12 +140,12 @@ def pairs_of(draw: Pairs, n: int, generator: torch.Generator) -> tuple[torch.Ten
     return torch.cat(x0s)[:n], torch.cat(x1s)[:n]
 
 
-def train(draw: Pairs, steps: int, seed: int) -> nn.Module:
+def train(draw: Pairs, steps: int, seed: int, recipe: Recipe) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = otcfm.models.MLP(draw.data[0].numel(), hidden=512, depth=3)
-    fm = otcfm.FlowMatcher(coupler="paired", path="linear", sigma=0.0, time_sampler=TIME_SAMPLER)
-    optimizer = torch.optim.Adam(model.parameters(), lr=LR)
+    fm = otcfm.FlowMatcher(coupler="paired", path="linear", sigma=0.0, time_sampler=recipe.time_sampler)
+    optimizer = torch.optim.Adam(model.parameters(), lr=recipe.lr)
     g = torch.Generator().manual_seed(seed)
     from tqdm.auto import trange
 
@@ -139,7 +155,7 @@ def train(draw: Pairs, steps: int, seed: int) -> nn.Module:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(LR, LR_SCHEDULE, step, steps)
+            group["lr"] = learning_rate(recipe.lr, recipe.lr_schedule, step, steps)
         optimizer.step()
     return model.eval()
 
@@ -242,7 +258,7 @@ def run_task(task: str, args: argparse.Namespace, done: dict[tuple[str, str], di
         }
         if name in TRAINED or args.train_all:
             print(f"[{task}] training with {name}", flush=True)
-            values["quality"] = quality(task, train(draw, args.steps, seed=0), x0, held_out, features)
+            values["quality"] = quality(task, train(draw, args.steps, 0, RECIPES[args.recipe]), x0, held_out, features)
         record(name + ":measured", values)
     if task == "mixture" and (task, "ott-jax") not in done:
         summary, potentials = ott_jax_fit(data, args.fit_steps, 1024, fitted["semidiscrete"].mean_cost)
@@ -319,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pool", type=int, default=4096, help="pairs of the target-variance estimate")
     parser.add_argument("--eval-n", type=int, default=1000, help="generated samples per quality evaluation")
     parser.add_argument("--repeats", type=int, default=15, help="timed repeats of a coupling")
+    parser.add_argument("--recipe", choices=list(RECIPES), default="tuned", help="training recipe (see the docstring)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("runs/scale"))
     parser.add_argument("--cache", type=Path, help="directory of the digits classifier (default: the user cache)")
@@ -336,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         args.pool_steps = 3
     torch.set_num_threads(args.threads)
-    args.out = args.out / f"{'quick' if args.quick else 'default'}-{RECIPE}"
+    args.out = args.out / f"{'quick' if args.quick else 'default'}-{args.recipe}"
     args.out.mkdir(parents=True, exist_ok=True)
     results = args.out / ("results.jsonl" if args.part == "semidiscrete" else f"{args.part}.jsonl")
     done = {(r["task"], r["coupler"]): r for r in read_jsonl(results)}
@@ -357,8 +374,8 @@ Command: `{rerun_command(__file__, argv)}` ({machine()}). Fit: seconds and assig
 potentials on {args.eval_factor} N fresh source samples (the sampling noise alone in parentheses). Coupling
 milliseconds per training step: median of {args.repeats}. Target variance: the estimator of `variance.py` on
 {args.pool} pairs; cost ratio: mean squared pair distance over W2^2 (the dual of the converged epsilon = 0 fit).
-Quality: MLP 3x512, {args.steps} Adam steps at batch 256 per coupler (peak rate {LR:g}, {LR_SCHEDULE} decay,
-times from a logit-normal centred at t = 0.18), then Euler steps; W2 to 2,000
+Quality: MLP 3x512, {args.steps} Adam steps at batch 256 per coupler (--recipe {args.recipe}:
+{RECIPES[args.recipe].about}), then Euler steps; W2 to 2,000
 held-out draws (mixture; floor: {args.eval_n} fresh draws of the target) or the Frechet distance of `digits.py`
 (floor: train vs test). The entropic fit (epsilon {ENTROPIC} x mean cost) is measured on {soft_factor} N
 samples with its expected (softmax) shares, whose noise is below the printed one. In d = 32 the W2 estimate at this n
@@ -388,7 +405,9 @@ def other_part(args: argparse.Namespace, argv: list[str] | None, done: dict, res
         title = "OT pools larger than the batch" if args.part == "pools" else "Sinkhorn on 10^4-10^5 points vs GeomLoss"
         about = (module.__doc__ or "").split("\n", 2)[2].strip()
         settings = (
-            f"--pool-steps {args.pool_steps}" if args.part == "pools" else f"--large-iterations {args.large_iterations}"
+            f"--pool-steps {args.pool_steps}, --recipe {args.recipe}"
+            if args.part == "pools"
+            else f"--large-iterations {args.large_iterations}"
         )
         body = (
             f"## {title}\n\nCommand: `{rerun_command(__file__, argv)}` ({machine()}; settings: {settings}).\n\n"

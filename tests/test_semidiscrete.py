@@ -344,10 +344,11 @@ def test_scale_benchmark_quick(tmp_path: Path) -> None:
     scale = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(scale)
     assert scale.main(["--quick", "--tasks", "mixture", "--out", str(tmp_path)]) == 0
-    rows = [json.loads(line) for line in (tmp_path / "quick" / "results.jsonl").read_text().splitlines()]
+    results = tmp_path / "quick-tuned" / "results.jsonl"  # one directory per training recipe
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
     measured = {r["coupler"]: r for r in rows if r["coupler"].endswith(":measured")}
     assert set(measured) == {c + ":measured" for c in scale.COUPLERS}
     assert measured["exact-256:measured"]["target_variance"] < measured["independent:measured"]["target_variance"]
     assert set(measured["semidiscrete:measured"]["quality"]) == {"1", "2", "4", "100"}
     assert scale.main(["--quick", "--tasks", "mixture", "--out", str(tmp_path)]) == 0  # resumes: nothing appended
-    assert len((tmp_path / "quick" / "results.jsonl").read_text().splitlines()) == len(rows)
+    assert len(results.read_text().splitlines()) == len(rows)
