@@ -149,15 +149,28 @@ class SemidiscreteCoupler(Coupler):
             raise ValueError("epsilon: a relative epsilon needs fitted potentials (call fit or load first)")
         return self.epsilon * self.mean_cost
 
-    def finite_checked_later(self) -> bool:
-        """:meth:`pair` scans the source batch itself, and the dataset once per tensor (with its fingerprint)."""
-        return True
+    def __call__(
+        self,
+        x0: Tensor,
+        x1: Tensor,
+        *,
+        y0: Tensor | None = None,
+        y1: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        finite: bool = True,
+    ) -> Pairing:
+        """As :meth:`Coupler.__call__`, with ``x1`` the whole dataset: a dataset tensor already verified (fingerprint
+        and NaN/Inf scan, :meth:`check_dataset`) is not scanned again; ``finite`` then scans ``x0`` alone."""
+        verified = isinstance(x1, Tensor) and _dataset_key(x1) == self._verified
+        pairing = super().__call__(x0, x1, y0=y0, y1=y1, generator=generator, finite=finite and not verified)
+        if finite and verified:
+            check_finite(x0, "x0")
+        return pairing
 
     def pair(
         self, x0: Tensor, x1: Tensor, y0: Tensor | None, y1: Tensor | None, generator: torch.Generator | None
     ) -> Pairing:
         self.check_dataset(x1, y1)
-        check_finite(x0, "x0")
         assert self.potentials is not None
         a, data = _flat(x0), _flat(x1)
         classes = self._source_classes(y0, a.shape[0], generator, a.device)
@@ -199,7 +212,7 @@ class SemidiscreteCoupler(Coupler):
             raise ValueError(
                 f"x1: expected the whole dataset of {n} points the potentials were fitted on, got {x1.shape[0]}"
             )
-        key = (x1.data_ptr(), x1._version, tuple(x1.shape), x1.dtype, x1.device)
+        key = _dataset_key(x1)
         if key != self._verified:  # hashing and the NaN/Inf scan are O(N d): once per dataset tensor, not per step
             check_finite(x1, "x1")
             found = fingerprint(x1)
@@ -540,6 +553,11 @@ def _affine_warm_start(x: Tensor, data: Tensor) -> Tensor:
     scale = math.sqrt(spread_y / spread_x)
     shift = data.mean(0) - scale * x.mean(0)
     return (data * data).sum(1) - ((data - shift) ** 2).sum(1) / scale
+
+
+def _dataset_key(x1: Tensor) -> tuple[Any, ...]:
+    """What identifies a dataset tensor between calls: storage, in-place version, shape, dtype, device."""
+    return (x1.data_ptr(), x1._version, tuple(x1.shape), x1.dtype, x1.device)
 
 
 def _scores(x: Tensor, data: Tensor, h: Tensor, start: int, stop: int) -> Tensor:
