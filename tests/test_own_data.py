@@ -90,9 +90,10 @@ def test_cli_on_a_file_resume_reflow_distill(npy: Path, tmp_path: Path, capsys: 
     assert a["losses"] == b["losses"] and all(torch.equal(a["model"][k], v) for k, v in b["model"].items())
 
     common = ["--teacher", run, "--pairs", "64", "--solver-steps", "2", "--train-steps", "3", *small[6:]]
-    for command in ("reflow", "distill"):
+    for command, schedule in (("reflow", "constant"), ("distill", "cosine")):
         out = tmp_path / command
-        assert main([command, *common, "--out", str(out)]) == 0
+        assert main([command, *common, "--lr-schedule", schedule, "--out", str(out)]) == 0
+        assert checkpoint.load(out / "checkpoint.pt")["run"]["lr_schedule"] == schedule
         model, config = otcfm.load_model(out)
         assert model(torch.zeros(3, 5), torch.zeros(3)).shape == (3, 5) and config.target == str(npy)
     assert "one-step generator distilled from a coupler=exact teacher" in capsys.readouterr().out
