@@ -90,6 +90,10 @@ def learning_rate(lr: float, lr_schedule: LRSchedule, step: int, steps: int) -> 
     :math:`k` of :math:`K`, from ``lr`` at the first step down to nearly 0 at the last (no warm-up). A function of
     the step alone, so a resumed run follows the same rates as an uninterrupted one.
     """
+    if lr_schedule not in ("constant", "cosine"):
+        raise ValueError(f"lr_schedule: unknown value {lr_schedule!r}; expected one of 'constant', 'cosine'")
+    if not isinstance(steps, int) or steps < 1 or not 0 <= step < steps:
+        raise ValueError(f"step, steps: expected 0 <= step < steps with steps >= 1, got step={step!r}, steps={steps!r}")
     if lr_schedule == "constant":
         return lr
     return lr * 0.5 * (1.0 + math.cos(math.pi * step / steps))
@@ -182,8 +186,8 @@ def fit(
         model: the network; moved to ``device``.
         step_loss: ``(net, step, generator) -> loss`` for step ``step`` (0-based).
         schedule: steps, learning rate, seed, EMA, clipping, precision, checkpoint period.
-        run: JSON-like settings that identify the run; a resume must find the same (``steps`` excepted,
-            unless ``run["lr_schedule"]`` is ``"cosine"``).
+        run: JSON-like settings that identify the run; a resume must find the same (``steps`` excepted). The
+            engine itself also refuses another ``lr_schedule``, and another ``steps`` under ``"cosine"``.
         out: directory of ``checkpoint.pt``; no checkpoints when None.
         resume: continue from ``out/checkpoint.pt`` when it exists.
         overwrite: replace a run already in ``out`` (otherwise an existing run there is an error).
@@ -252,6 +256,7 @@ def _run(
         if state.get("optimizer") is None or state.get("generator") is None:
             raise ValueError(f"resume: {path} holds weights without training state")
         _check_same_run(state, run, run_defaults, path)
+        _check_same_schedule(state, schedule, path)
         model.load_state_dict(state["model"])
         if ema is not None:
             ema.load_state_dict(state["ema"])
@@ -292,6 +297,8 @@ def _run(
                     "model": model.state_dict(),
                     "ema": ema.state_dict() if ema is not None else None,
                     "step": len(losses),
+                    "lr_schedule": schedule.lr_schedule,
+                    "planned_steps": schedule.steps,
                     "optimizer": optimizer.state_dict(),
                     "generator": generator_state,
                     "losses": losses,
@@ -360,6 +367,18 @@ def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
                 target.copy_(source)
 
 
+def _check_same_schedule(state: dict[str, Any], schedule: Schedule, path: Path) -> None:
+    """A resume keeps the learning-rate schedule; under ``"cosine"`` also the run's length, which shapes the rates."""
+    saved = state.get("lr_schedule", "constant")  # checkpoints from before lr_schedule: a constant rate
+    differing = None
+    if saved != schedule.lr_schedule:
+        differing = f"lr_schedule: checkpoint {saved!r} vs now {schedule.lr_schedule!r}"
+    elif saved == "cosine" and state.get("planned_steps", schedule.steps) != schedule.steps:
+        differing = f"steps: checkpoint {state['planned_steps']!r} vs now {schedule.steps!r} under lr_schedule 'cosine'"
+    if differing is not None:
+        raise ValueError(f"resume: the checkpoint {path} was made with another config ({differing})")
+
+
 def _check_same_run(state: dict[str, Any], run: dict[str, Any], defaults: dict[str, Any], path: Path) -> None:
     saved = state.get("run", state.get("config"))  # format 1 recorded the TrainConfig only
     if not isinstance(saved, dict):
@@ -367,9 +386,7 @@ def _check_same_run(state: dict[str, Any], run: dict[str, Any], defaults: dict[s
     missing = object()
     differing = []
     for key, value in run.items():
-        if key == "steps":  # a constant rate may be extended; a cosine schedule is fixed by its length
-            if value != saved.get(key, value) and run.get("lr_schedule") == "cosine":
-                differing.append(f"steps: checkpoint {saved[key]!r} vs now {value!r} under lr_schedule 'cosine'")
+        if key == "steps":
             continue
         before = saved.get(key, defaults.get(key, missing))
         if before is not missing and before != value:

@@ -404,7 +404,6 @@ def _fit(
         "pairs": pairs.meta if isinstance(pairs, PairSet) else repr(pairs),
         "batch_size": batch_size,
         "lr": lr,
-        "steps": steps,
         "seed": seed,
         "ema_decay": run.ema_decay,
         "lr_schedule": run.lr_schedule,

@@ -319,7 +319,7 @@ def train(
             ``f(n, generator)``, and coupler / path / time-sampler instances.
         out: directory for ``checkpoint.pt``; no checkpoints when None.
         resume: continue from ``out/checkpoint.pt`` if it exists (its config and data must match, except
-            ``steps``, which may be raised).
+            ``steps``, which may be raised under a constant learning rate, not under ``lr_schedule="cosine"``).
         overwrite: replace a run already in ``out``; without it (or ``resume``) an existing run is an error.
         model: an ``nn.Module`` called as ``model(x, t)`` with ``x: (B, *sample_shape)``, ``t: (B,)``, or a
             ``"package.module:factory"`` name; by default the config's MLP (which flattens images). A user

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -237,11 +238,21 @@ def test_bad_inputs_are_named() -> None:
         fitted(torch.randn(4, 2), _data(10), y0=torch.zeros(4, dtype=torch.long))
     data = _data(10)
     fitted(torch.randn(4, 2), data)  # verified once: fingerprint and NaN/Inf scan
+    with pytest.raises(ValueError, match="x0: contains NaN or Inf"):  # x0 is scanned on every call, before pairing
+        fitted(torch.full((4, 2), float("nan")), data, y0=torch.zeros(4, dtype=torch.long))
     data[3, 1] = float("inf")  # an in-place change is seen (the tensor's version counter)
     with pytest.raises(ValueError, match="x1: contains NaN or Inf"):
         fitted(torch.randn(4, 2), data)
+    restored = pickle.loads(pickle.dumps(fitted))  # picklable; verifies its dataset again
+    assert torch.equal(restored.potentials, fitted.potentials)
+    assert restored(torch.randn(4, 2), _data(10)).j.shape == (4,)
+    online, _ = _fitted(_data(10), steps=5, online_lr=0.01)
+    data = _data(10)
+    online(torch.randn(4, 2), data)
+    before = online.potentials.clone()
     with pytest.raises(ValueError, match="x0: contains NaN or Inf"):
-        fitted(torch.full((4, 2), float("nan")), _data(10))
+        online(torch.full((4, 2), float("nan")), data)
+    assert torch.equal(online.potentials, before)  # a rejected batch leaves the online potentials alone
 
 
 def test_metrics() -> None:

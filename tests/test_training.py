@@ -150,6 +150,10 @@ def test_cosine_learning_rate_values() -> None:
     assert {learning_rate(2e-3, "constant", k, 100) for k in range(100)} == {2e-3}
     with pytest.raises(ValueError, match="lr_schedule: unknown value 'step'"):
         TrainConfig(lr_schedule="step")
+    with pytest.raises(ValueError, match="lr_schedule: unknown value 'linear'"):
+        learning_rate(1e-3, "linear", 0, 10)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="step, steps"):
+        learning_rate(1e-3, "cosine", 0, 0)
 
 
 def test_cosine_schedule_sets_the_rate_of_each_step() -> None:
@@ -186,3 +190,27 @@ def test_resume_with_cosine_schedule_equals_uninterrupted(tmp_path: Path) -> Non
     assert full.losses != train(SMALL, progress=False, lr=1e-2).losses  # the schedule changes the run
     with pytest.raises(ValueError, match="steps: checkpoint 12 vs now 15 under lr_schedule 'cosine'"):
         train(config, out=tmp_path / "full", progress=False, resume=True, steps=15)
+
+
+def test_engine_keeps_the_schedule_on_resume(tmp_path: Path) -> None:
+    """fit() itself refuses another lr_schedule (a checkpoint without one had a constant rate), and another steps
+    under cosine, whatever its caller records in ``run``."""
+    from otcfm.engine import Schedule, fit
+
+    def run(schedule: Schedule, out: Path, resume: bool = True) -> None:
+        net = torch.nn.Linear(2, 1)
+        fit(net, lambda n, step, g: n(torch.ones(1, 2)).sum(), schedule, run={}, out=out, resume=resume,
+            progress=False)  # fmt: skip
+
+    run(Schedule(steps=4, checkpoint_every=2), tmp_path / "constant", resume=False)
+    with pytest.raises(ValueError, match="lr_schedule: checkpoint 'constant' vs now 'cosine'"):
+        run(Schedule(steps=8, lr_schedule="cosine"), tmp_path / "constant")
+    state = checkpoint.load(tmp_path / "constant" / "checkpoint.pt")
+    del state["lr_schedule"], state["planned_steps"]  # as written before lr_schedule existed
+    checkpoint.atomic_save(state, tmp_path / "constant" / "checkpoint.pt")
+    with pytest.raises(ValueError, match="lr_schedule: checkpoint 'constant' vs now 'cosine'"):
+        run(Schedule(steps=8, lr_schedule="cosine"), tmp_path / "constant")
+    run(Schedule(steps=6), tmp_path / "constant")  # a constant rate may be extended
+    run(Schedule(steps=4, lr_schedule="cosine"), tmp_path / "cosine", resume=False)
+    with pytest.raises(ValueError, match="steps: checkpoint 4 vs now 6 under lr_schedule 'cosine'"):
+        run(Schedule(steps=6, lr_schedule="cosine"), tmp_path / "cosine")

@@ -94,13 +94,21 @@ class Coupler(ABC):
         Raises:
             ValueError: mismatched sample shapes, empty batches, NaN/Inf, labels of the wrong length.
         """
-        x0, x1 = check_pair(x0, x1, finite=finite and not self.finite_checked_later())
+        x0, x1 = check_pair(x0, x1, finite=False)
+        if finite and not self.finite_checked_later():
+            self.scan_inputs(x0, x1)
         check_generator(generator)
         if y0 is not None:
             check_labels(y0, x0.shape[0], "y0")
         if y1 is not None:
             check_labels(y1, x1.shape[0], "y1")
         return self.pair(x0, x1, y0, y1, generator)
+
+    def scan_inputs(self, x0: Tensor, x1: Tensor) -> None:
+        """Raise ``ValueError`` naming ``x0`` or ``x1`` if it holds NaN/Inf (queued on CUDA); :meth:`__call__`
+        runs it when ``finite`` unless :meth:`finite_checked_later`."""
+        check_finite(x0, "x0")
+        check_finite(x1, "x1")
 
     @abstractmethod
     def pair(

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -134,6 +135,7 @@ class SemidiscreteCoupler(Coupler):
         self.mean_cost: float | None = None
         self.steps = 0
         self._verified: tuple[Any, ...] | None = None
+        self._verified_tensor: weakref.ref[Tensor] | None = None
         self._square: tuple[Any, Tensor] | None = None
 
     # ----------------------------------------------------------------------------------------------- pairing
@@ -149,23 +151,12 @@ class SemidiscreteCoupler(Coupler):
             raise ValueError("epsilon: a relative epsilon needs fitted potentials (call fit or load first)")
         return self.epsilon * self.mean_cost
 
-    def __call__(
-        self,
-        x0: Tensor,
-        x1: Tensor,
-        *,
-        y0: Tensor | None = None,
-        y1: Tensor | None = None,
-        generator: torch.Generator | None = None,
-        finite: bool = True,
-    ) -> Pairing:
-        """As :meth:`Coupler.__call__`, with ``x1`` the whole dataset: a dataset tensor already verified (fingerprint
-        and NaN/Inf scan, :meth:`check_dataset`) is not scanned again; ``finite`` then scans ``x0`` alone."""
-        verified = isinstance(x1, Tensor) and _dataset_key(x1) == self._verified
-        pairing = super().__call__(x0, x1, y0=y0, y1=y1, generator=generator, finite=finite and not verified)
-        if finite and verified:
-            check_finite(x0, "x0")
-        return pairing
+    def scan_inputs(self, x0: Tensor, x1: Tensor) -> None:
+        """Scan ``x0`` for NaN/Inf, and the dataset ``x1`` only if it is not the tensor already verified (fingerprint
+        and scan, :meth:`check_dataset`): a scan of all ``N`` points on every call would cost a good part of a step."""
+        check_finite(x0, "x0")
+        if not self._is_verified(x1):
+            check_finite(x1, "x1")
 
     def pair(
         self, x0: Tensor, x1: Tensor, y0: Tensor | None, y1: Tensor | None, generator: torch.Generator | None
@@ -203,6 +194,21 @@ class SemidiscreteCoupler(Coupler):
             raise ValueError(f"y0: expected integer class labels of shape ({batch},)")
         return y0.to(device)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """For pickling: without the record of the last verified dataset tensor (the next call verifies again)."""
+        state = self.__dict__.copy()
+        state["_verified"] = state["_verified_tensor"] = None
+        return state
+
+    def _is_verified(self, x1: Tensor) -> bool:
+        """Whether ``x1`` is the tensor :meth:`check_dataset` verified last, unchanged since by torch's in-place ops.
+
+        Writes that bypass torch's version counter (through a NumPy view of the tensor, or ``.data``) are not seen:
+        pass a fresh tensor, or call :meth:`check_dataset` after such a write.
+        """
+        ref = self._verified_tensor
+        return ref is not None and ref() is x1 and _dataset_key(x1) == self._verified
+
     def check_dataset(self, x1: Tensor, y1: Tensor | None = None) -> None:
         """Raise ValueError unless ``x1`` (and ``y1``) are the dataset (and labels) the potentials were fitted on."""
         if self.potentials is None or self.fingerprint is None:
@@ -212,8 +218,7 @@ class SemidiscreteCoupler(Coupler):
             raise ValueError(
                 f"x1: expected the whole dataset of {n} points the potentials were fitted on, got {x1.shape[0]}"
             )
-        key = _dataset_key(x1)
-        if key != self._verified:  # hashing and the NaN/Inf scan are O(N d): once per dataset tensor, not per step
+        if not self._is_verified(x1):  # hashing and the NaN/Inf scan are O(N d): once per dataset tensor, not per step
             check_finite(x1, "x1")
             found = fingerprint(x1)
             if found != self.fingerprint:
@@ -221,7 +226,7 @@ class SemidiscreteCoupler(Coupler):
                     f"x1: these potentials were fitted on another dataset (fingerprint {self.fingerprint}, got "
                     f"{found}); fit again on this data or pass the data they were fitted on"
                 )
-            self._verified = key
+            self._verified, self._verified_tensor = _dataset_key(x1), weakref.ref(x1)
         if self.labels is not None and y1 is not None and not torch.equal(y1.to(self.labels.device), self.labels):
             raise ValueError("y1: not the labels the potentials were fitted with")
 
