@@ -29,6 +29,7 @@ __all__ = [
     "GlobalPairs",
     "barrier",
     "default_device",
+    "fail_together",
     "gather_batch",
     "global_pairs",
     "init_from_env",
@@ -124,6 +125,38 @@ def barrier() -> None:
         dist.barrier()
 
 
+def fail_together(
+    error: Exception | None, batch: int, device: torch.device, group: dist.ProcessGroup | None = None
+) -> None:
+    """Share the outcome of this rank's input checks before the collectives that follow them.
+
+    Without it, a bad input on one rank raises there while the other ranks wait at the next collective until the
+    process group's timeout (30 minutes by default). One all-reduce (MAX) of ``(failed rank + 1, B, -B)``, a
+    synchronisation on an accelerator; a single process only re-raises ``error``.
+
+    Args:
+        error: what this rank's checks raised, or None.
+        batch: this rank's batch size (collectives such as ``all_gather`` need the same on every rank).
+        device: where the flag tensor lives (CUDA for nccl).
+        group: process group; the default group when None.
+
+    Raises:
+        ``error`` on the rank that raised it; RuntimeError naming that rank on the others; ValueError on every
+        rank when the batch sizes differ.
+    """
+    rank, size = world(group)
+    if size > 1:
+        flag = torch.tensor([rank + 1 if error is not None else 0, batch, -batch], dtype=torch.int64, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+        failed, largest, smallest = (int(v) for v in flag.tolist())
+        if error is None and failed:
+            raise RuntimeError(f"rank {failed - 1} rejected its inputs (its own error says why); stopping here too")
+        if error is None and largest != -smallest:
+            raise ValueError(f"x0: every rank must pass the same batch size, got sizes from {-smallest} to {largest}")
+    if error is not None:
+        raise error
+
+
 def gather_batch(x: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:
     """Concatenate ``x: (B, ...)`` of every rank in rank order: ``(world_size * B, ...)``.
 
@@ -134,6 +167,10 @@ def gather_batch(x: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, x.contiguous(), group=group)
     return torch.cat(parts)
+
+
+def _device_of(x: object) -> torch.device:
+    return x.device if isinstance(x, Tensor) else default_device()
 
 
 class GlobalPairs(NamedTuple):
@@ -181,9 +218,14 @@ def global_pairs(
     Returns:
         :class:`GlobalPairs` ``(x0, x1, y0, y1)``, each with ``B`` rows.
     """
-    x0, x1 = check_pair(x0, x1, same_batch=True)
-    y0, y1 = check_labels(y0, x0.shape[0], "y0"), check_labels(y1, x1.shape[0], "y1")
-    coupler = get_coupler(coupler)
+    error: Exception | None = None
+    try:
+        x0, x1 = check_pair(x0, x1, same_batch=True)
+        y0, y1 = check_labels(y0, x0.shape[0], "y0"), check_labels(y1, x1.shape[0], "y1")
+        coupler = get_coupler(coupler)
+    except (TypeError, ValueError) as caught:
+        error = caught
+    fail_together(error, x0.shape[0] if error is None else 0, _device_of(x0), group)
     all0, all1 = gather_batch(x0, group), gather_batch(x1, group)
     ally0 = gather_batch(y0, group) if y0 is not None else None
     ally1 = gather_batch(y1, group) if y1 is not None else None

@@ -191,3 +191,42 @@ def test_semidiscrete_shard_in_one_process_and_its_errors() -> None:
         SemidiscreteShard(data[:10], torch.zeros(10), 0, epsilon=-1.0)
     with pytest.raises(ValueError, match="fitted on|dataset"):
         SemidiscreteShard.from_coupler(coupler, data[:-1])
+
+
+def _bad_input_on_one_rank(rank: int, out: Path) -> None:
+    x0, x1, _ = _batches()
+    mine = slice(rank * B, (rank + 1) * B)
+    data, coupler = _semidiscrete_fit()
+    shard = SemidiscreteShard.from_coupler(coupler, data)
+    nan = x0[mine].clone()
+    nan[0, 0] = float("nan") if rank == 1 else nan[0, 0]
+    attempts = {
+        "global NaN": lambda: global_pairs("exact", nan, x1[mine]),
+        "shard shape": lambda: shard.pair(torch.randn(B, 5 if rank == 1 else 6)),
+        "shard sizes": lambda: shard.pair(torch.randn(B - rank, 6)),
+        "global sizes": lambda: global_pairs("exact", x0[mine][: B - rank], x1[mine][: B - rank]),
+    }
+    caught = {}
+    for name, attempt in attempts.items():
+        try:
+            attempt()
+            caught[name] = "no error"
+        except (RuntimeError, ValueError) as error:
+            caught[name] = f"{type(error).__name__}: {error}"
+    torch.save(caught, out / f"rank{rank}.pt")
+
+
+def test_a_bad_batch_on_one_rank_raises_on_every_rank(tmp_path: Path) -> None:
+    """No rank is left waiting at a collective: the failing rank raises its own error, the others name it."""
+    _spawn(_bad_input_on_one_rank, tmp_path)
+    zero, one = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    for name in ("global NaN", "shard shape"):
+        assert zero[name].startswith("RuntimeError: rank 1 rejected its inputs"), zero[name]
+    assert one["global NaN"].startswith("ValueError: x0: contains NaN or Inf")
+    assert one["shard shape"].startswith("ValueError: x0: expected a non-empty batch of shape (B, (6,))")
+    for name in ("shard sizes", "global sizes"):
+        for caught in (zero, one):
+            assert (
+                caught[name]
+                == f"ValueError: x0: every rank must pass the same batch size, got sizes from {B - 1} to {B}"
+            )

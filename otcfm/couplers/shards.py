@@ -102,12 +102,18 @@ class SemidiscreteShard:
             ``(j, x1)``: global partner indices ``(B,)`` (int64) and the partners ``(B, ...)``, row ``k`` of
             ``x1`` paired with row ``k`` of ``x0``; train on them with ``coupler="paired"``.
         """
-        if not isinstance(x0, Tensor) or x0.shape[1:] != self.data.shape[1:] or x0.shape[0] == 0:
-            raise ValueError(
-                f"x0: expected a non-empty batch of shape (B, {tuple(self.data.shape[1:])}), got {_shape(x0)}"
-            )
-        x0 = check_finite(x0.to(device=self.data.device, dtype=self.data.dtype), "x0")
-        from otcfm.distributed import gather_batch, stream_seed, world
+        from otcfm.distributed import fail_together, gather_batch, stream_seed, world
+
+        error: Exception | None = None
+        try:  # a bad batch raises on every rank, not as a hang of the others at the collectives below
+            if not isinstance(x0, Tensor) or x0.shape[1:] != self.data.shape[1:] or x0.shape[0] == 0:
+                raise ValueError(
+                    f"x0: expected a non-empty batch of shape (B, {tuple(self.data.shape[1:])}), got {_shape(x0)}"
+                )
+            x0 = check_finite(x0.to(device=self.data.device, dtype=self.data.dtype), "x0")
+        except ValueError as caught:
+            error = caught
+        fail_together(error, x0.shape[0] if error is None else 0, self.data.device, self.group)
 
         rank, size = world(self.group)
         batch = x0.shape[0]
