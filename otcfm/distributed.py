@@ -148,11 +148,13 @@ def fail_together(
     if size > 1:
         flag = torch.tensor([rank + 1 if error is not None else 0, batch, -batch], dtype=torch.int64, device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-        failed, largest, smallest = (int(v) for v in flag.tolist())
+        failed, largest, negated_smallest = (int(v) for v in flag.tolist())
         if error is None and failed:
             raise RuntimeError(f"rank {failed - 1} rejected its inputs (its own error says why); stopping here too")
-        if error is None and largest != -smallest:
-            raise ValueError(f"x0: every rank must pass the same batch size, got sizes from {-smallest} to {largest}")
+        if error is None and largest != -negated_smallest:
+            raise ValueError(
+                f"x0: every rank must pass the same batch size, got sizes from {-negated_smallest} to {largest}"
+            )
     if error is not None:
         raise error
 
@@ -223,7 +225,7 @@ def global_pairs(
         x0, x1 = check_pair(x0, x1, same_batch=True)
         y0, y1 = check_labels(y0, x0.shape[0], "y0"), check_labels(y1, x1.shape[0], "y1")
         coupler = get_coupler(coupler)
-    except (TypeError, ValueError) as caught:
+    except Exception as caught:  # re-raised by fail_together, on this rank and (as a RuntimeError) on the others
         error = caught
     fail_together(error, x0.shape[0] if error is None else 0, _device_of(x0), group)
     all0, all1 = gather_batch(x0, group), gather_batch(x1, group)

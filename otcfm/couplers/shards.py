@@ -111,7 +111,7 @@ class SemidiscreteShard:
                     f"x0: expected a non-empty batch of shape (B, {tuple(self.data.shape[1:])}), got {_shape(x0)}"
                 )
             x0 = check_finite(x0.to(device=self.data.device, dtype=self.data.dtype), "x0")
-        except ValueError as caught:
+        except Exception as caught:  # re-raised by fail_together, on this rank and (as a RuntimeError) on the others
             error = caught
         fail_together(error, x0.shape[0] if error is None else 0, self.data.device, self.group)
 
