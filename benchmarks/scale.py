@@ -353,7 +353,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         args.pool_steps = 3
     torch.set_num_threads(args.threads)
-    args.out = args.out / f"{'quick' if args.quick else 'default'}-{args.recipe}"
+    # results per training recipe; the Sinkhorn part trains nothing, so its results do not depend on one
+    suffix = "" if args.part == "sinkhorn" else f"-{args.recipe}"
+    args.out = args.out / f"{'quick' if args.quick else 'default'}{suffix}"
     args.out.mkdir(parents=True, exist_ok=True)
     results = args.out / ("results.jsonl" if args.part == "semidiscrete" else f"{args.part}.jsonl")
     done = {(r["task"], r["coupler"]): r for r in read_jsonl(results)}
