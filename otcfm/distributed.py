@@ -232,15 +232,24 @@ def global_pairs(
     ally0 = gather_batch(y0, group) if y0 is not None else None
     ally1 = gather_batch(y1, group) if y1 is not None else None
     rank, size = world(group)
+    failure: Exception | None = None
     if rank == 0:
         # every rank scanned its own batch above (so a bad batch raises on its rank, not as a hang elsewhere)
-        i, j = coupler(all0, all1, y0=ally0, y1=ally1, generator=generator, finite=False)
-        order = torch.argsort(i)
-        pairs = torch.stack([i[order], j[order]]).to(x0.device)
+        try:
+            i, j = coupler(all0, all1, y0=ally0, y1=ally1, generator=generator, finite=False)
+            order = torch.argsort(i)
+            pairs = torch.stack([i[order], j[order]]).to(x0.device)
+        except Exception as caught:  # the others still get their broadcast: -1 everywhere says rank 0 failed
+            failure = caught
+            pairs = torch.full((2, all0.shape[0]), -1, dtype=torch.int64, device=x0.device)
     else:
         pairs = torch.empty(2, all0.shape[0], dtype=torch.int64, device=x0.device)
     if size > 1:
         dist.broadcast(pairs, dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+    if failure is not None:
+        raise failure
+    if rank > 0 and int(pairs[0, 0]) < 0:
+        raise RuntimeError("global_pairs: rank 0 failed to couple the global batch (its own error says why)")
     mine = slice(rank * x0.shape[0], (rank + 1) * x0.shape[0])
     i, j = pairs[0, mine], pairs[1, mine]
     return GlobalPairs(

@@ -193,6 +193,13 @@ def test_semidiscrete_shard_in_one_process_and_its_errors() -> None:
         SemidiscreteShard.from_coupler(coupler, data[:-1])
 
 
+class _Failing(ExactCoupler):
+    """A coupler whose solve fails (it runs on rank 0 only, inside global_pairs)."""
+
+    def pair(self, *args: object) -> object:
+        raise RuntimeError("solver failed")
+
+
 def _bad_input_on_one_rank(rank: int, out: Path) -> None:
     x0, x1, _ = _batches()
     mine = slice(rank * B, (rank + 1) * B)
@@ -206,6 +213,7 @@ def _bad_input_on_one_rank(rank: int, out: Path) -> None:
         "shard sizes": lambda: shard.pair(torch.randn(B - rank, 6)),
         "global sizes": lambda: global_pairs("exact", x0[mine][: B - rank], x1[mine][: B - rank]),
     }
+    attempts["rank 0 solver"] = lambda: global_pairs(_Failing(), x0[mine], x1[mine])
     caught = {}
     for name, attempt in attempts.items():
         try:
@@ -224,6 +232,8 @@ def test_a_bad_batch_on_one_rank_raises_on_every_rank(tmp_path: Path) -> None:
         assert zero[name].startswith("RuntimeError: rank 1 rejected its inputs"), zero[name]
     assert one["global NaN"].startswith("ValueError: x0: contains NaN or Inf")
     assert one["shard shape"].startswith("ValueError: x0: expected a non-empty batch of shape (B, (6,))")
+    assert zero["rank 0 solver"] == "RuntimeError: solver failed"
+    assert one["rank 0 solver"].startswith("RuntimeError: global_pairs: rank 0 failed to couple the global batch")
     for name in ("shard sizes", "global sizes"):
         for caught in (zero, one):
             assert (
