@@ -20,7 +20,7 @@ from otcfm import checkpoint as ckpt
 from otcfm.couplers import COUPLERS
 from otcfm.data import DATASETS
 from otcfm.data.sources import DataSource, as_source
-from otcfm.engine import CHECKPOINT_NAME
+from otcfm.engine import CHECKPOINT_NAME, LR_SCHEDULES
 from otcfm.paths import PATHS
 from otcfm.solvers import METHODS, integrate
 from otcfm.timesteps import TIME_SAMPLERS
@@ -83,7 +83,7 @@ def _add_common(parser: argparse.ArgumentParser, steps_flag: str, steps_default:
     parser.add_argument(
         "--lr-schedule",
         default="constant",
-        choices=["constant", "cosine"],
+        choices=list(LR_SCHEDULES),
         help="cosine: decay the rate from --lr to 0 over the steps",
     )
     parser.add_argument("--ema-decay", type=float, default=0.0, help="EMA of the weights, in [0, 1); 0: none")

@@ -22,7 +22,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -37,6 +37,7 @@ __all__ = [
     "FORMAT_VERSION",
     "Fitted",
     "LRSchedule",
+    "LR_SCHEDULES",
     "Schedule",
     "StepLoss",
     "fit",
@@ -51,6 +52,7 @@ FORMAT_VERSION = 2
 StepLoss = Callable[[nn.Module, int, torch.Generator], Tensor]
 Precision = Literal["fp32", "bf16"]
 LRSchedule = Literal["constant", "cosine"]
+LR_SCHEDULES: tuple[str, ...] = get_args(LRSchedule)
 
 
 @dataclass(frozen=True)
@@ -90,8 +92,7 @@ def learning_rate(lr: float, lr_schedule: LRSchedule, step: int, steps: int) -> 
     :math:`k` of :math:`K`, from ``lr`` at the first step down to nearly 0 at the last (no warm-up). A function of
     the step alone, so a resumed run follows the same rates as an uninterrupted one.
     """
-    if lr_schedule not in ("constant", "cosine"):
-        raise ValueError(f"lr_schedule: unknown value {lr_schedule!r}; expected one of 'constant', 'cosine'")
+    _check_lr_schedule(lr_schedule)
     if not isinstance(steps, int) or steps < 1 or not 0 <= step < steps:
         raise ValueError(f"step, steps: expected 0 <= step < steps with steps >= 1, got step={step!r}, steps={steps!r}")
     if lr_schedule == "constant":
@@ -113,10 +114,15 @@ def check_schedule(s: Any) -> None:
         raise ValueError(f"ema_decay: expected a number in [0, 1), got {s.ema_decay!r}")
     if s.grad_clip is not None and (not _finite_number(s.grad_clip) or s.grad_clip <= 0):
         raise ValueError(f"grad_clip: expected a finite number > 0 or None, got {s.grad_clip!r}")
-    if s.lr_schedule not in ("constant", "cosine"):
-        raise ValueError(f"lr_schedule: unknown value {s.lr_schedule!r}; expected one of 'constant', 'cosine'")
+    _check_lr_schedule(s.lr_schedule)
     if s.precision not in ("fp32", "bf16"):
         raise ValueError(f"precision: unknown value {s.precision!r}; expected one of 'bf16', 'fp32'")
+
+
+def _check_lr_schedule(value: Any) -> None:
+    if value not in LR_SCHEDULES:
+        expected = ", ".join(repr(name) for name in LR_SCHEDULES)
+        raise ValueError(f"lr_schedule: unknown value {value!r}; expected one of {expected}")
 
 
 def _finite_number(value: Any) -> bool:
