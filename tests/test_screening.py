@@ -1,0 +1,109 @@
+"""The certified bfloat16 screen of the semidiscrete argmax: the same partners as the float32 / float64 argmax."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import otcfm
+from otcfm.couplers import SemidiscreteCoupler
+from otcfm.couplers.screening import MAX_DIM, Screen
+
+
+def _best_in_float64(x: torch.Tensor, data: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Scores ``2 x.y_j + g_j - |y_j|^2`` in float64: ``(B, N)``."""
+    x, data, g = x.double(), data.double(), g.double()
+    return 2 * x @ data.T + g[None] - (data * data).sum(1)[None]
+
+
+@given(
+    seed=st.integers(0, 2**16),
+    n=st.integers(1, 700),
+    d=st.sampled_from([1, 2, 3, 32, 100]),
+    offset=st.sampled_from([0.0, 30.0, -1000.0]),
+    spread=st.sampled_from([1e-3, 1.0, 100.0]),
+)
+def test_screened_partner_is_the_float64_argmax(seed: int, n: int, d: int, offset: float, spread: float) -> None:
+    """Whatever the data's offset and the potentials' spread, the partner's float64 score is the row maximum up to
+    float32 rounding of the rescoring (1e-5 of the scores' scale), and its returned score is that score."""
+    g = torch.Generator().manual_seed(seed)
+    data = torch.randn(n, d, generator=g) * 3 + offset
+    potentials = torch.randn(n, generator=g) * spread
+    x = torch.randn(33, d, generator=g) * 2
+    partner, best = Screen(data).argmax(x, potentials)
+    scores = _best_in_float64(x, data, potentials)
+    scale = scores.abs().amax(1) + 1.0
+    chosen = scores.gather(1, partner[:, None])[:, 0]
+    assert ((scores.amax(1) - chosen) <= 1e-5 * scale).all()
+    assert ((best.double() - chosen).abs() <= 1e-5 * scale).all()
+
+
+def test_screened_partners_equal_the_float32_ones_in_high_dimension() -> None:
+    """784-d data (MNIST-sized rows) and generic potentials: exactly the partners of the float32 argmax."""
+    g = torch.Generator().manual_seed(0)
+    data, x = torch.rand(3000, 784, generator=g), torch.randn(64, 784, generator=g)
+    potentials = torch.randn(3000, generator=g) * 10
+    partner, _ = Screen(data).argmax(x, potentials)
+    assert torch.equal(partner, _best_in_float64(x, data, potentials).argmax(1))
+
+
+def test_ties_and_near_ties_fall_back_and_take_the_first_index() -> None:
+    """Identical points make every entry a candidate: the screen falls back to float32 scores and, as
+    ``torch.max``, returns the first of the tied points."""
+    data = torch.ones(2000, 4)
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
+    partner, _ = Screen(data).argmax(x, torch.zeros(2000))
+    assert torch.equal(partner, torch.zeros(8, dtype=torch.long))
+    two = torch.cat([torch.zeros(1, 3), torch.ones(300, 3)])  # point 1..300 tie: the first of them wins
+    partner, _ = Screen(two).argmax(torch.full((5, 3), 10.0), torch.zeros(301))
+    assert torch.equal(partner, torch.ones(5, dtype=torch.long))
+
+
+def test_prepared_potentials_follow_in_place_updates() -> None:
+    """The bfloat16 copy of the potentials is kept only while the tensor is unchanged (online updates change it)."""
+    g = torch.Generator().manual_seed(1)
+    data, x = torch.randn(500, 2, generator=g), torch.randn(16, 2, generator=g)
+    potentials, screen = torch.zeros(500), Screen(data)
+    before, _ = screen.argmax(x, potentials)
+    potentials[before[0]] -= 1e4  # that point can no longer win
+    after, _ = screen.argmax(x, potentials)
+    assert after[0] != before[0]
+    assert torch.equal(after, _best_in_float64(x, data, potentials).argmax(1))
+
+
+def test_screen_refuses_what_its_bound_does_not_cover() -> None:
+    with pytest.raises(ValueError, match="data: expected a float32 tensor"):
+        Screen(torch.zeros(10, 2, dtype=torch.float64))
+    with pytest.raises(ValueError, match=f"D <= {MAX_DIM}"):
+        Screen(torch.zeros(2, MAX_DIM + 1))
+    with pytest.raises(ValueError, match="screen: expected True, False or None"):
+        SemidiscreteCoupler(screen="yes")  # type: ignore[arg-type]
+
+
+def _coupler(data: torch.Tensor, **options: object) -> SemidiscreteCoupler:
+    coupler = SemidiscreteCoupler(**options)  # type: ignore[arg-type]
+    coupler.fit("gaussian", data, steps=50, batch_size=256, generator=torch.Generator().manual_seed(0), progress=False)
+    return coupler
+
+
+def test_coupler_with_and_without_screen_pairs_alike() -> None:
+    """``screen=True`` and ``screen=False`` give the same partners on a fitted problem, and the same fit."""
+    data = otcfm.data.sample("mixture", 3000, torch.Generator().manual_seed(0), dim=8)
+    on, off = _coupler(data, screen=True), _coupler(data, screen=False)
+    assert torch.equal(on.potentials, off.potentials)
+    x0 = torch.randn(256, 8, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(on(x0, data)[1], off(x0, data)[1])
+    assert pickle.loads(pickle.dumps(on))._screen is None  # the prepared dataset is not pickled
+
+
+def test_screen_is_used_only_where_it_applies() -> None:
+    """Never for entropic pairing, labels or float64 data; by default not for small datasets."""
+    data = torch.randn(300, 2, generator=torch.Generator().manual_seed(0))
+    assert SemidiscreteCoupler(screen=True)._screens(data, 64, 0.0)
+    assert not SemidiscreteCoupler(screen=True)._screens(data, 64, 0.5)
+    assert not SemidiscreteCoupler(screen=True)._screens(data.double(), 64, 0.0)
+    assert not SemidiscreteCoupler()._screens(data, 64, 0.0)  # 300 points: below SCREEN_MIN_POINTS
