@@ -64,7 +64,8 @@ def test_ties_and_near_ties_fall_back_and_take_the_first_index() -> None:
 
 
 def test_prepared_potentials_follow_in_place_updates() -> None:
-    """The bfloat16 copy of the potentials is kept only while the tensor is unchanged (online updates change it)."""
+    """The bfloat16 copy of the potentials is kept only while the tensor is the same object, unchanged (online
+    updates change it in place)."""
     g = torch.Generator().manual_seed(1)
     data, x = torch.randn(500, 2, generator=g), torch.randn(16, 2, generator=g)
     potentials, screen = torch.zeros(500), Screen(data)
@@ -73,6 +74,9 @@ def test_prepared_potentials_follow_in_place_updates() -> None:
     after, _ = screen.argmax(x, potentials)
     assert after[0] != before[0]
     assert torch.equal(after, _best_in_float64(x, data, potentials).argmax(1))
+    for seed in range(3):  # fresh tensors, which may land at a freed one's address with the same version
+        fresh = torch.randn(500, generator=torch.Generator().manual_seed(seed)) * 5
+        assert torch.equal(screen.argmax(x, fresh)[0], _best_in_float64(x, data, fresh).argmax(1))
 
 
 def test_screen_refuses_what_its_bound_does_not_cover() -> None:

@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -80,6 +80,11 @@ class Screen:
             raise ValueError(
                 f"data: expected a float32 tensor (N, D) with D <= {MAX_DIM}, got {data.dtype} {tuple(data.shape)}"
             )
+        if data.device.type == "cuda" and torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction:
+            raise ValueError(
+                "screen: the rounding bound needs float32 accumulation of bfloat16 products; set "
+                "torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False, or use screen=False"
+            )
         n, d = data.shape
         self.data, self.blocks = data, math.ceil(n / _BLOCK)
         self.square = (data * data).sum(1)
@@ -89,14 +94,15 @@ class Screen:
         padded[:n] = centred.to(torch.bfloat16)
         self.points = padded
         self.factor = _error_factor(d)
-        self._prepared: tuple[tuple[Any, ...], Tensor, Tensor, Tensor] | None = None
+        self._prepared: tuple[weakref.ref[Tensor], int, Tensor, Tensor, Tensor] | None = None
 
     def _right(self, g: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``[z_j, c_j, 1]`` in bfloat16 ``(N', D + 2)``, ``h: (N,)`` and ``max_j |c_j|`` for potentials ``g``;
-        kept while ``g`` is the same unchanged tensor (fixed potentials while training)."""
-        key = (g.data_ptr(), g._version, g.device, g.shape)
-        if self._prepared is not None and self._prepared[0] == key:
-            return self._prepared[1:]
+        kept while ``g`` is the same tensor object, unchanged by in-place ops (fixed potentials while training;
+        a temporary copy, or a new tensor at a freed one's address, is prepared afresh)."""
+        prepared = self._prepared
+        if prepared is not None and prepared[0]() is g and prepared[1] == g._version:
+            return prepared[2:]
         n = self.data.shape[0]
         h = g.to(self.square) - self.square
         low, high = torch.aminmax(h)
@@ -104,8 +110,9 @@ class Screen:
         column[:n, 0] = (h - (low + high) / 2) / 2  # c_j: centred on the midrange, so max |c_j| is least
         column[n:, 0], column[n:, 1] = -1e30, 0.0  # padded points: v = -1e30, below every real entry
         right = torch.cat([self.points, column.to(torch.bfloat16)], dim=1)
-        self._prepared = (key, right, h, (high - low) / 4)
-        return right, h, (high - low) / 4
+        reach = (high - low) / 4
+        self._prepared = (weakref.ref(g), g._version, right, h, reach)
+        return right, h, reach
 
     def argmax(self, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
         """``argmax_j 2 x.y_j + g_j - |y_j|^2`` of each row of ``x: (B, D)`` and that maximum, both ``(B,)``.

@@ -102,7 +102,8 @@ class SemidiscreteCoupler(Coupler):
             potentials keep adapting (off by default: the fitted potentials stay fixed).
         screen: score in bfloat16 first, then only the candidates in float32
             (:mod:`otcfm.couplers.screening`): the same partners, at about half the cost of the ``B x N x D``
-            product where bfloat16 products are fast. Used for ``epsilon = 0`` without labels. None (the
+            product where bfloat16 products are fast, for a bfloat16 copy of the dataset (half its float32 size).
+            Used for ``epsilon = 0`` without labels, in one process (not by :class:`SemidiscreteShard`). None (the
             default): on a CPU with AVX512-BF16 for datasets of at least 8,192 float32 points (the screen's fixed
             cost exceeds its gain below); True or False to choose.
         fit_steps, fit_batch_size, fit_lr: defaults of :meth:`fit`'s ``steps``, ``batch_size`` and ``lr``
