@@ -12,6 +12,12 @@ from hypothesis import strategies as st
 import otcfm
 from otcfm.couplers import SemidiscreteCoupler
 from otcfm.couplers.screening import MAX_DIM, Screen
+from otcfm.couplers.semidiscrete import _partners_and_scores
+
+
+def _pair(screen: Screen, x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The coupler's pairing through ``screen``: its answer, or the float32 scores when it returns None."""
+    return _partners_and_scores(x, screen.data, g, 0.0, 2**20, None, None, None, None, screen)
 
 
 def _best_in_float64(x: torch.Tensor, data: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -34,7 +40,7 @@ def test_screened_partner_is_the_float64_argmax(seed: int, n: int, d: int, offse
     data = torch.randn(n, d, generator=g) * 3 + offset
     potentials = torch.randn(n, generator=g) * spread
     x = torch.randn(33, d, generator=g) * 2
-    partner, best = Screen(data).argmax(x, potentials)
+    partner, best = _pair(Screen(data), x, potentials)
     scores = _best_in_float64(x, data, potentials)
     scale = scores.abs().amax(1) + 1.0
     chosen = scores.gather(1, partner[:, None])[:, 0]
@@ -47,20 +53,58 @@ def test_screened_partners_equal_the_float32_ones_in_high_dimension() -> None:
     g = torch.Generator().manual_seed(0)
     data, x = torch.rand(3000, 784, generator=g), torch.randn(64, 784, generator=g)
     potentials = torch.randn(3000, generator=g) * 10
-    partner, _ = Screen(data).argmax(x, potentials)
-    assert torch.equal(partner, _best_in_float64(x, data, potentials).argmax(1))
+    found = Screen(data).argmax(x, potentials)
+    assert found is not None  # screened, not the float32 fallback
+    assert torch.equal(found[0], _best_in_float64(x, data, potentials).argmax(1))
 
 
 def test_ties_and_near_ties_fall_back_and_take_the_first_index() -> None:
-    """Identical points make every entry a candidate: the screen falls back to float32 scores and, as
-    ``torch.max``, returns the first of the tied points."""
-    data = torch.ones(2000, 4)
+    """Identical points make every entry a candidate: the screen declines (None), the float32 scores decide and,
+    as ``torch.max``, return the first of the tied points; a few ties are settled by the screen alike."""
+    screen = Screen(torch.ones(2000, 4))
     x = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
-    partner, _ = Screen(data).argmax(x, torch.zeros(2000))
-    assert torch.equal(partner, torch.zeros(8, dtype=torch.long))
-    two = torch.cat([torch.zeros(1, 3), torch.ones(300, 3)])  # point 1..300 tie: the first of them wins
-    partner, _ = Screen(two).argmax(torch.full((5, 3), 10.0), torch.zeros(301))
-    assert torch.equal(partner, torch.ones(5, dtype=torch.long))
+    assert screen.argmax(x, torch.zeros(2000)) is None and (screen.calls, screen.fallbacks) == (1, 1)
+    assert torch.equal(_pair(screen, x, torch.zeros(2000))[0], torch.zeros(8, dtype=torch.long))
+    assert screen.paying  # fewer than 8 calls: not judged yet
+    for _ in range(8):
+        screen.argmax(x, torch.zeros(2000))
+    assert not screen.paying  # the automatic choice stops screening this dataset
+    two = torch.cat([torch.zeros(1, 3), torch.ones(30, 3)])  # points 1..30 tie: the first of them wins
+    found = Screen(two).argmax(torch.full((5, 3), 10.0), torch.zeros(31))
+    assert found is not None and torch.equal(found[0], torch.ones(5, dtype=torch.long))
+
+
+@pytest.mark.parametrize(
+    ("scale", "screened"), [(1e-19, False), (1e-15, False), (1e-12, True), (1e15, True), (1e19, False)]
+)
+def test_tiny_and_huge_scales(scale: float, screened: bool) -> None:
+    """Scores near the float32 subnormals (which bfloat16 products flush to zero) or rows whose bound overflows:
+    the partners are those of the float32 scores without the screen (the screen scales rows by powers of two, or
+    declines: scores below 2^-90, or a norm that overflows), and in range."""
+    g = torch.Generator().manual_seed(3)
+    data = torch.randn(1000, 8, generator=g) * (scale if scale < 1 else 1.0)
+    x = torch.randn(32, 8, generator=g) * scale
+    potentials = (data * data).sum(1)
+    screen = Screen(data)
+    partner, _ = _pair(screen, x, potentials)
+    plain, _ = _partners_and_scores(x, data, potentials, 0.0, 2**20, None, None, None)
+    assert (partner < 1000).all() and torch.equal(partner, plain)
+    assert screen.fallbacks == (0 if screened else 1)
+
+
+def test_inference_mode_and_an_outlier() -> None:
+    """Inference tensors (no version counter) are prepared afresh each call; one far outlier widens the window
+    (more candidates) but not the answer."""
+    g = torch.Generator().manual_seed(4)
+    data, x = torch.randn(3000, 16, generator=g), torch.randn(64, 16, generator=g)
+    data[7] = 400.0
+    potentials = torch.randn(3000, generator=g)
+    with torch.inference_mode():
+        inference_potentials = potentials.clone()
+        partner, _ = _pair(Screen(data), x, inference_potentials)
+        again, _ = _pair(Screen(data), x, inference_potentials)
+    assert torch.equal(partner, again)
+    assert torch.equal(partner, _best_in_float64(x, data, potentials).argmax(1))
 
 
 def test_prepared_potentials_follow_in_place_updates() -> None:
@@ -69,14 +113,14 @@ def test_prepared_potentials_follow_in_place_updates() -> None:
     g = torch.Generator().manual_seed(1)
     data, x = torch.randn(500, 2, generator=g), torch.randn(16, 2, generator=g)
     potentials, screen = torch.zeros(500), Screen(data)
-    before, _ = screen.argmax(x, potentials)
+    before, _ = _pair(screen, x, potentials)
     potentials[before[0]] -= 1e4  # that point can no longer win
-    after, _ = screen.argmax(x, potentials)
+    after, _ = _pair(screen, x, potentials)
     assert after[0] != before[0]
     assert torch.equal(after, _best_in_float64(x, data, potentials).argmax(1))
     for seed in range(3):  # fresh tensors, which may land at a freed one's address with the same version
         fresh = torch.randn(500, generator=torch.Generator().manual_seed(seed)) * 5
-        assert torch.equal(screen.argmax(x, fresh)[0], _best_in_float64(x, data, fresh).argmax(1))
+        assert torch.equal(_pair(screen, x, fresh)[0], _best_in_float64(x, data, fresh).argmax(1))
 
 
 def test_screen_refuses_what_its_bound_does_not_cover() -> None:

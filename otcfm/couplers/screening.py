@@ -9,26 +9,31 @@ significant bits. The screen makes it exact anyway:
    (``m`` the midrange of ``h``), ``argmax_j 2 x.y_j + h_j = argmax_j t_j`` for ``t_j = x.z_j + c_j`` (the
    terms dropped are constant along a row). With ``K = 1.05 (|x| max_j |z_j| + max_j |c_j|)``, every
    ``v_j = t_j + K`` lies in ``[0.047 K, 2K]``.
-2. Compute ``v_j`` in one bfloat16 product of ``[x, 1, K]`` and ``[z_j, c_j, 1]`` (float32
-   accumulation, a bfloat16 result). Its error in each entry is at most ``E = K (2u + u^2 + 2 (1 + u)^2
-   (gamma + u (1 + gamma)))``, with ``u = 2^-8`` the unit roundoff of bfloat16 (the rounding of the inputs and
-   of the result) and ``gamma = (D + 2) 2^-24 / (1 - (D + 2) 2^-24)`` the float32 accumulation's; the rounding of
-   ``K`` itself shifts a whole row alike and changes no comparison. ``E < 0.02 K`` for ``D <= 30,000`` (the
+2. Compute ``v_j`` in one bfloat16 product of ``[x, 1, K]`` and ``[z_j, c_j, 1]`` (float32 accumulation, a
+   bfloat16 result), each row divided by a power of two near its ``K`` and ``z`` by one near ``max |z_j|``
+   (exact scalings, so every product is below 2 in magnitude whatever the data's scale). Its error in each
+   entry is at most ``E = K (2u + u^2 + 2 (1 + u)^2 (gamma + u (1 + gamma)))``, with ``u = 2^-8`` the unit
+   roundoff of bfloat16 (the rounding of the inputs and of the result) and ``gamma = (D + 2) 2^-24 /
+   (1 - (D + 2) 2^-24)`` the float32 accumulation's; the rounding of ``K`` itself shifts a whole row alike and
+   changes no comparison. Subnormals flushed to zero add at most ``(D + 2) 2^-124`` (in units of the row's
+   scale) while ``2^-90 <= K <= 2^100``; other batches go to float32. ``E < 0.02 K`` for ``D <= 30,000`` (the
    screen's limit), so the computed values stay positive.
 3. The true argmax ``j*`` then satisfies ``v~_j* >= max_j v~_j - 2E``. Candidates are the entries within ``2E`` of
    their row's screened maximum (found block by block: a row's blocks of 128 columns whose maximum is within
-   ``2E``, then the entries of those blocks), usually a handful per row. They are scored again exactly in
-   float32 and the best one wins.
+   ``2E``, then the entries of those blocks), a handful per row on the benchmarks' data. They are scored again
+   exactly in float32 and the best one wins.
 
 Because ``v > 0``, the order of bfloat16 values is the order of their bits read as int16, so the block maxima
-are one integer reduction. When a row has too many candidates (data with many near-ties), the screen falls back
-to the float32 scores, so the result never depends on the data being benign.
+are one integer reduction. When the batch has too many candidates (data with many near-ties, or an outlier that
+inflates ``max |z_j|``), :meth:`Screen.argmax` returns None and the caller scores in float32, so the result never
+depends on the data being benign; an automatic choice stops screening a dataset that keeps falling back.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import threading
 import weakref
 from pathlib import Path
 
@@ -39,6 +44,9 @@ __all__ = ["MAX_DIM", "Screen", "fast_bfloat16"]
 
 _U = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits)
 _BLOCK = 128  # columns per block of the screened row maximum
+#: A batch with a row whose ``K`` lies outside ``[_SMALLEST, _LARGEST]`` goes to the float32 scores: there the
+#: flush of bfloat16 subnormals to zero, or overflow, would escape the bound (``K = 0``: all scores tie).
+_SMALLEST, _LARGEST = 2.0**-90, 2.0**100
 MAX_DIM = 30_000  # the error bound keeps the screened values positive up to this dimension
 _MAX_CANDIDATES = 64  # mean candidates per row beyond which the float32 scores are cheaper
 
@@ -73,77 +81,118 @@ class Screen:
 
     Args:
         data: ``(N, D)`` float32 dataset.
+        memory_budget: bytes for the float32 rescoring of the candidates at once.
+
+    Attributes:
+        calls, fallbacks: calls of :meth:`argmax`, and those that returned None (too many candidates).
     """
 
-    def __init__(self, data: Tensor) -> None:
+    def __init__(self, data: Tensor, memory_budget: int = 2**28) -> None:
         if data.ndim != 2 or data.dtype != torch.float32 or not 0 < data.shape[1] <= MAX_DIM:
             raise ValueError(
                 f"data: expected a float32 tensor (N, D) with D <= {MAX_DIM}, got {data.dtype} {tuple(data.shape)}"
             )
-        if data.device.type == "cuda" and torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction:
-            raise ValueError(
-                "screen: the rounding bound needs float32 accumulation of bfloat16 products; set "
-                "torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False, or use screen=False"
-            )
+        _check_accumulation(data.device)
         n, d = data.shape
-        self.data, self.blocks = data, math.ceil(n / _BLOCK)
+        self.data, self.blocks, self.memory_budget = data, math.ceil(n / _BLOCK), memory_budget
         self.square = (data * data).sum(1)
         centred = data - data.mean(0)
-        self.radius = centred.norm(dim=1).max()  # max_j |z_j|
-        padded = torch.zeros(self.blocks * _BLOCK, d, dtype=torch.bfloat16, device=data.device)
-        padded[:n] = centred.to(torch.bfloat16)
-        self.points = padded
+        self.radius = centred.norm(dim=1).max()  # R = max_j |z_j|
+        exponent = int(torch.frexp(self.radius).exponent) if bool(self.radius > 0) else 0
+        self.unit = 2.0**exponent  # z is stored as z / unit (a power of two: exact), of norm below 1
+        self.right = torch.zeros(self.blocks * _BLOCK, d + 2, dtype=torch.bfloat16, device=data.device)
+        self.right[:n, :d] = (centred / self.unit).to(torch.bfloat16)
         self.factor = _error_factor(d)
-        self._prepared: tuple[weakref.ref[Tensor], int, Tensor, Tensor, Tensor] | None = None
+        self.calls = self.fallbacks = 0
+        self._lock = threading.Lock()  # self.right's last two columns are rewritten when the potentials change
+        self._prepared: tuple[weakref.ref[Tensor], int, Tensor, Tensor] | None = None
 
-    def _right(self, g: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``[z_j, c_j, 1]`` in bfloat16 ``(N', D + 2)``, ``h: (N,)`` and ``max_j |c_j|`` for potentials ``g``;
-        kept while ``g`` is the same tensor object, unchanged by in-place ops (fixed potentials while training;
-        a temporary copy, or a new tensor at a freed one's address, is prepared afresh)."""
+    @property
+    def paying(self) -> bool:
+        """False once more than a quarter of at least 8 calls fell back (data with many near-ties): the
+        screen then costs more than it saves, and the automatic choice stops using it."""
+        return self.calls < 8 or 4 * self.fallbacks <= self.calls
+
+    def _prepare(self, g: Tensor) -> tuple[Tensor, Tensor]:
+        """Write ``[c_j, 1]`` for potentials ``g`` into the last two columns of :attr:`right` (under the lock);
+        return ``h: (N,)`` and ``max_j |c_j|``. Kept while ``g`` is the same tensor object, unchanged by
+        in-place ops (fixed potentials while training); a temporary copy, an inference tensor, or a new
+        tensor at a freed one's address is prepared afresh. Writes that bypass torch's version counter
+        (``g.data``, a NumPy view) are not seen: assign new potentials instead."""
+        version = None if g.is_inference() else g._version  # read first: an update racing this call re-prepares
         prepared = self._prepared
-        if prepared is not None and prepared[0]() is g and prepared[1] == g._version:
-            return prepared[2:]
+        if version is not None and prepared is not None and prepared[0]() is g and prepared[1] == version:
+            return prepared[2], prepared[3]
         n = self.data.shape[0]
         h = g.to(self.square) - self.square
         low, high = torch.aminmax(h)
-        column = torch.ones(self.points.shape[0], 2, dtype=torch.float32, device=h.device)
-        column[:n, 0] = (h - (low + high) / 2) / 2  # c_j: centred on the midrange, so max |c_j| is least
-        column[n:, 0], column[n:, 1] = -1e30, 0.0  # padded points: v = -1e30, below every real entry
-        right = torch.cat([self.points, column.to(torch.bfloat16)], dim=1)
-        reach = (high - low) / 4
-        self._prepared = (weakref.ref(g), g._version, right, h, reach)
-        return right, h, reach
+        c = (h - (low + high) / 2) / 2  # c_j: centred on the midrange, so max |c_j| is least
+        self.right[:n, -2], self.right[:n, -1] = c.to(torch.bfloat16), 1.0
+        self.right[n:, -2], self.right[n:, -1] = -1.0, 0.0  # padded points: v < 0, below every real entry
+        reach = c.abs().amax()
+        self._prepared = None if version is None else (weakref.ref(g), version, h, reach)
+        return h, reach
 
-    def argmax(self, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
-        """``argmax_j 2 x.y_j + g_j - |y_j|^2`` of each row of ``x: (B, D)`` and that maximum, both ``(B,)``.
+    def argmax(self, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor] | None:
+        """``argmax_j 2 x.y_j + g_j - |y_j|^2`` of each row of ``x: (B, D)`` and that maximum, both ``(B,)``;
+        None when the screen cannot decide cheaply (too many candidates, or rows too large or too small for
+        the bound): the caller then scores in float32.
 
         Args:
             x: ``(B, D)`` float32 source samples.
             g: ``(N,)`` potentials.
         """
+        _check_accumulation(x.device)
         n, b = self.data.shape[0], x.shape[0]
-        right, h, reach = self._right(g)
-        # K of each row, 5% above |x| max|z_j| + max|c_j|: v = t + K >= 0 even after the rounding errors
-        bound = (x.norm(dim=1) * self.radius + reach) * 1.05
-        left = torch.cat([x, torch.ones(b, 1, dtype=x.dtype, device=x.device), bound[:, None]], dim=1)
-        screened = (left.to(torch.bfloat16) @ right.T).view(b * self.blocks, _BLOCK)
+        # K of each row, 5% above |x| R + max|c_j|: v = t + K >= 0 even after the rounding errors. Each row is
+        # then divided by a power of two s near K (exact), so every product is below 2 and the bound is scale-free.
+        with self._lock:
+            self.calls += 1
+            h, reach = self._prepare(g)
+            bound = (x.norm(dim=1) * self.radius + reach) * 1.05
+            smallest, largest = (float(v) for v in torch.aminmax(bound))
+            if not (_SMALLEST <= smallest and largest <= _LARGEST):  # NaN fails too
+                self.fallbacks += 1
+                return None
+            scale = torch.ldexp(torch.ones_like(bound), -torch.frexp(bound).exponent)[:, None]  # 1 / s
+            ones = torch.ones(b, 1, dtype=x.dtype, device=x.device)
+            left = torch.cat([x * self.unit, ones, bound[:, None]], dim=1).mul_(scale)
+            screened = (left.to(torch.bfloat16) @ self.right.T).view(b * self.blocks, _BLOCK)
         block_max = screened.view(torch.int16).amax(dim=1).view(torch.bfloat16).float().view(b, self.blocks)
-        threshold = block_max.amax(dim=1) - 2 * self.factor * bound  # (B,); v > 0: int16 bits order as values
+        window = 2 * (self.factor * bound * scale[:, 0] + (x.shape[1] + 2) * 2.0**-124)  # 2E, in units of s
+        threshold = block_max.amax(dim=1) - window  # (B,); v > 0: int16 bits order as the values
         rows, blocks = (block_max >= threshold[:, None]).nonzero(as_tuple=True)
         if rows.shape[0] > _MAX_CANDIDATES * b:
-            return self._float32(x, h)
+            self.fallbacks += 1
+            return None
         values = screened.index_select(0, rows * self.blocks + blocks)  # (P, BLOCK) bfloat16
+        del screened
         entry, offset = (values >= threshold.index_select(0, rows)[:, None]).nonzero(as_tuple=True)
         rows, columns = rows.index_select(0, entry), blocks.index_select(0, entry) * _BLOCK + offset
         if rows.shape[0] > _MAX_CANDIDATES * b:
-            return self._float32(x, h)
-        pairs = x.index_select(0, rows) * self.data.index_select(0, columns)
-        exact = 2 * pairs.sum(1) + h.index_select(0, columns)
+            self.fallbacks += 1
+            return None
+        exact = self._rescore(x, h, rows, columns)
         best = torch.full((b,), -math.inf, dtype=x.dtype, device=x.device).scatter_reduce(0, rows, exact, "amax")
         won = exact == best.index_select(0, rows)
         partner = torch.full((b,), n, dtype=torch.long, device=x.device)
         return partner.scatter_reduce_(0, rows[won], columns[won], "amin"), best  # ties: the first index
 
-    def _float32(self, x: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
-        value, index = torch.addmm(h[None], x, self.data.T, alpha=2.0).max(dim=1)
-        return index, value
+    def _rescore(self, x: Tensor, h: Tensor, rows: Tensor, columns: Tensor) -> Tensor:
+        """``2 x_r.y_c + h_c`` in float32 for the candidates ``(rows, columns)``, in chunks under the budget."""
+        step = max(1, self.memory_budget // (12 * x.shape[1]))  # three (chunk, D) float32 tensors at a time
+        parts = []
+        for start in range(0, rows.shape[0], step):
+            r, c = rows[start : start + step], columns[start : start + step]
+            products = x.index_select(0, r) * self.data.index_select(0, c)
+            parts.append(2 * products.sum(1) + h.index_select(0, c))
+        return torch.cat(parts) if len(parts) != 1 else parts[0]
+
+
+def _check_accumulation(device: torch.device) -> None:
+    """The bound needs float32 accumulation of the bfloat16 products; cuBLAS may reduce in bfloat16."""
+    if device.type == "cuda" and torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction:
+        raise ValueError(
+            "screen: the rounding bound needs float32 accumulation of bfloat16 products; set "
+            "torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False, or use screen=False"
+        )

@@ -103,9 +103,10 @@ class SemidiscreteCoupler(Coupler):
         screen: score in bfloat16 first, then only the candidates in float32
             (:mod:`otcfm.couplers.screening`): the same partners, at about half the cost of the ``B x N x D``
             product where bfloat16 products are fast, for a bfloat16 copy of the dataset (half its float32 size).
-            Used for ``epsilon = 0`` without labels, in one process (not by :class:`SemidiscreteShard`). None (the
-            default): on a CPU with AVX512-BF16 for datasets of at least 8,192 float32 points (the screen's fixed
-            cost exceeds its gain below); True or False to choose.
+            Used for ``epsilon = 0`` without labels when the ``(B, N)`` bfloat16 scores fit ``memory_budget``, in
+            one process (not by :class:`SemidiscreteShard`). None (the default): on a CPU with AVX512-BF16 for
+            datasets of at least 8,192 float32 points (the screen's fixed cost exceeds its gain below), until a
+            quarter of the calls fall back to float32 (many near-ties); True or False to choose.
         fit_steps, fit_batch_size, fit_lr: defaults of :meth:`fit`'s ``steps``, ``batch_size`` and ``lr``
             (``otcfm.train`` fits with them: ``coupler_options={"fit_steps": 2000}``).
 
@@ -189,8 +190,8 @@ class SemidiscreteCoupler(Coupler):
         screen = None
         if self._screens(data, a.shape[0], epsilon):
             if self._screen is None or self._screen[0] != self._verified:  # once per dataset
-                self._screen = (self._verified, Screen(data))
-            screen = self._screen[1]
+                self._screen = (self._verified, Screen(data, self.memory_budget))
+            screen = self._screen[1] if self.screen or self._screen[1].paying else None
         j = _partners(a, data, g, epsilon, chunk, labels, classes, generator, self._square[1], screen)
         if self.online_lr is not None:
             counts = torch.bincount(j, minlength=data.shape[0]).to(g.dtype)
@@ -204,10 +205,10 @@ class SemidiscreteCoupler(Coupler):
     def _screens(self, data: Tensor, batch: int, epsilon: float) -> bool:
         """Whether pairing ``batch`` samples with ``data: (N, D)`` goes through a :class:`Screen`."""
         usable = epsilon == 0 and self.labels is None and data.dtype == torch.float32 and data.shape[1] <= MAX_DIM
+        usable = usable and 2 * batch * (data.shape[0] + 256) <= self.memory_budget  # (B, N) bfloat16 scores
         if self.screen is not None:
             return self.screen and usable
-        fits = 2 * batch * (data.shape[0] + 256) <= self.memory_budget  # the (B, N) bfloat16 scores at once
-        return usable and fits and data.shape[0] >= SCREEN_MIN_POINTS and fast_bfloat16(data.device)
+        return usable and data.shape[0] >= SCREEN_MIN_POINTS and fast_bfloat16(data.device)
 
     def _source_classes(
         self, y0: Tensor | None, batch: int, generator: torch.Generator | None, device: torch.device
@@ -344,7 +345,7 @@ class SemidiscreteCoupler(Coupler):
             state["g"] = _affine_warm_start(probe, flat)
         epsilon = self.absolute_epsilon()
         chunk = self._chunk(batch_size)
-        screen = Screen(flat) if self._screens(flat, batch_size, epsilon) else None
+        screen = Screen(flat, self.memory_budget) if self._screens(flat, batch_size, epsilon) else None
         square = (flat * flat).sum(1)
         g, average, averaged = state["g"], state["average"], state["averaged"]
         if generator is not None and state.get("generator") is not None:
@@ -458,7 +459,7 @@ class SemidiscreteCoupler(Coupler):
         g = self.potentials.to(device=device, dtype=flat.dtype)
         labels = None if self.labels is None else self.labels.to(device)
         epsilon, chunk = self.absolute_epsilon(), self._chunk(batch_size)
-        screen = Screen(flat) if self._screens(flat, batch_size, epsilon) else None
+        screen = Screen(flat, self.memory_budget) if self._screens(flat, batch_size, epsilon) else None
         counts = torch.zeros(n, dtype=torch.float64, device=device)
         transform_sum, done = 0.0, 0
         while done < samples:
@@ -656,7 +657,9 @@ def _partners_and_scores(
     if screen is not None:
         if epsilon > 0 or labels is not None:
             raise ValueError("screen: only for epsilon = 0 without labels")
-        return screen.argmax(x, g)
+        found = screen.argmax(x, g)
+        if found is not None:
+            return found
     n, h = data.shape[0], g - ((data * data).sum(1) if square is None else square)
     best = torch.full((x.shape[0],), -math.inf, dtype=x.dtype, device=x.device)
     partner = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
