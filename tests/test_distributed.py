@@ -33,10 +33,12 @@ def _run(rank: int, job: Callable[[int, Path], None], out: str, store: str) -> N
     torch.set_num_threads(1)
     # a file rendezvous: no TCP port to pick, so parallel test runs cannot race for one
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    finished = False
     try:
         job(rank, Path(out))
-    finally:
-        dist.destroy_process_group()
+        finished = True
+    finally:  # as otcfm's own launches end: a barrier first, so no rank tears down while the other still talks
+        distributed.shutdown(wait_for_all=finished)
 
 
 def _spawn(job: Callable[[int, Path], None], out: Path) -> None:

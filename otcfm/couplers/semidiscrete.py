@@ -358,7 +358,8 @@ class SemidiscreteCoupler(Coupler):
         ) as bar:
             for k in range(state["step"], steps):
                 x = sample(batch_size)
-                share = _shares(x, flat, g, epsilon, chunk, labels, classes(batch_size), screen, square)
+                active = screen if screen is not None and (self.screen or screen.paying) else None
+                share = _shares(x, flat, g, epsilon, chunk, labels, classes(batch_size), active, square)
                 g += (lr * self.mean_cost / math.sqrt(1.0 + k)) * (1.0 - n * share)
                 if k >= steps // 2:
                     averaged += 1
@@ -472,7 +473,8 @@ class SemidiscreteCoupler(Coupler):
                 counts += share.to(counts.dtype)
                 transform = (x * x).sum(1) - epsilon * (lse - math.log(n))
             else:
-                j, best = _partners_and_scores(x, flat, g, 0.0, chunk, labels, classes, None, None, screen)
+                active = screen if screen is not None and (self.screen or screen.paying) else None
+                j, best = _partners_and_scores(x, flat, g, 0.0, chunk, labels, classes, None, None, active)
                 transform = (x * x).sum(1) - best
                 counts += torch.bincount(j, minlength=n).to(counts.dtype)
             transform_sum += float(transform.double().sum())
