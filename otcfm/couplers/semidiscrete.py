@@ -105,8 +105,8 @@ class SemidiscreteCoupler(Coupler):
             product where bfloat16 products are fast, for a bfloat16 copy of the dataset (half its float32 size).
             Used for ``epsilon = 0`` without labels when the ``(B, N)`` bfloat16 scores fit ``memory_budget``, in
             one process (not by :class:`SemidiscreteShard`). None (the default): on a CPU with AVX512-BF16 for
-            datasets of at least 8,192 float32 points (the screen's fixed cost exceeds its gain below), until a
-            quarter of the calls fall back to float32 (many near-ties); True or False to choose.
+            datasets of at least 8,192 float32 points (the screen's fixed cost exceeds its gain below); True or
+            False to choose. A batch with too many near-ties is scored in float32 after all (exact either way).
         fit_steps, fit_batch_size, fit_lr: defaults of :meth:`fit`'s ``steps``, ``batch_size`` and ``lr``
             (``otcfm.train`` fits with them: ``coupler_options={"fit_steps": 2000}``).
 
@@ -191,7 +191,7 @@ class SemidiscreteCoupler(Coupler):
         if self._screens(data, a.shape[0], epsilon):
             if self._screen is None or self._screen[0] != self._verified:  # once per dataset
                 self._screen = (self._verified, Screen(data, self.memory_budget))
-            screen = self._screen[1] if self.screen or self._screen[1].paying else None
+            screen = self._screen[1]
         j = _partners(a, data, g, epsilon, chunk, labels, classes, generator, self._square[1], screen)
         if self.online_lr is not None:
             counts = torch.bincount(j, minlength=data.shape[0]).to(g.dtype)
@@ -358,8 +358,7 @@ class SemidiscreteCoupler(Coupler):
         ) as bar:
             for k in range(state["step"], steps):
                 x = sample(batch_size)
-                active = screen if screen is not None and (self.screen or screen.paying) else None
-                share = _shares(x, flat, g, epsilon, chunk, labels, classes(batch_size), active, square)
+                share = _shares(x, flat, g, epsilon, chunk, labels, classes(batch_size), screen, square)
                 g += (lr * self.mean_cost / math.sqrt(1.0 + k)) * (1.0 - n * share)
                 if k >= steps // 2:
                     averaged += 1
@@ -473,8 +472,7 @@ class SemidiscreteCoupler(Coupler):
                 counts += share.to(counts.dtype)
                 transform = (x * x).sum(1) - epsilon * (lse - math.log(n))
             else:
-                active = screen if screen is not None and (self.screen or screen.paying) else None
-                j, best = _partners_and_scores(x, flat, g, 0.0, chunk, labels, classes, None, None, active)
+                j, best = _partners_and_scores(x, flat, g, 0.0, chunk, labels, classes, None, None, screen)
                 transform = (x * x).sum(1) - best
                 counts += torch.bincount(j, minlength=n).to(counts.dtype)
             transform_sum += float(transform.double().sum())
