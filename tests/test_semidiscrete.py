@@ -266,7 +266,9 @@ def test_metrics() -> None:
         otcfm.metrics.transport_cost_ratio(x, x, 0.0)
 
 
-def test_train_fits_then_trains_and_resumes_bit_exact(tmp_path: Path) -> None:
+@pytest.mark.parametrize("screen", [None, True])
+def test_train_fits_then_trains_and_resumes_bit_exact(tmp_path: Path, screen: bool | None) -> None:
+    """Also with the bfloat16 screen forced on (by default it is off for 300 points)."""
     data = _data(300, d=3)
     settings = dict(
         target=data,
@@ -275,7 +277,7 @@ def test_train_fits_then_trains_and_resumes_bit_exact(tmp_path: Path) -> None:
         batch_size=32,
         hidden=16,
         depth=1,
-        coupler_options={"fit_steps": 30, "fit_batch_size": 128},
+        coupler_options={"fit_steps": 30, "fit_batch_size": 128, "screen": screen},
         progress=False,
     )
     whole = otcfm.train(steps=12, out=tmp_path / "whole", **settings)
