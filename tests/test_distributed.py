@@ -44,8 +44,8 @@ def _run(rank: int, job: Callable[[int, Path], None], out: str, store: str) -> N
 
 def _exit_at_once() -> None:
     """End a worker whose results are on disk without the interpreter's finalisation: there, gloo's worker threads
-    can still release work objects holding tensors and abort the process (SIGABRT, "terminate called without an
-    active exception"; pytorch/pytorch#179291), which two CI runs on 2026-11-24 hit after the work had finished."""
+    can still release work objects holding tensors and abort the process (pytorch/pytorch#179291), the likely cause
+    of a rank's SIGABRT ("terminate called without an active exception") in two CI runs on 2026-11-24."""
     import multiprocessing.util
 
     multiprocessing.util._exit_function()  # what the skipped exit does for this process's semaphores (tqdm's lock)
