@@ -140,7 +140,9 @@ def test_coupler_with_and_without_screen_pairs_alike() -> None:
     on, off = _coupler(data, screen=True), _coupler(data, screen=False)
     assert torch.equal(on.potentials, off.potentials)
     x0 = torch.randn(256, 8, generator=torch.Generator().manual_seed(1))
+    prepared = on._screen[2]  # made by the fit, used by its evaluation and then by pairing: one per dataset
     assert torch.equal(on(x0, data)[1], off(x0, data)[1])
+    assert on._screen[2] is prepared and off._screen is None
     assert pickle.loads(pickle.dumps(on))._screen is None  # the prepared dataset is not pickled
 
 

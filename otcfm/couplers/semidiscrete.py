@@ -153,7 +153,7 @@ class SemidiscreteCoupler(Coupler):
         self._verified: tuple[Any, ...] | None = None
         self._verified_tensor: weakref.ref[Tensor] | None = None
         self._square: tuple[Any, Tensor] | None = None
-        self._screen: tuple[Any, Screen] | None = None
+        self._screen: tuple[Any, Tensor, Screen] | None = None
 
     # ----------------------------------------------------------------------------------------------- pairing
 
@@ -187,12 +187,9 @@ class SemidiscreteCoupler(Coupler):
         if self._square is None or self._square[0] != self._verified:  # |y|^2 of the dataset, once per dataset
             self._square = (self._verified, (data * data).sum(1))
         chunk, epsilon = self._chunk(a.shape[0]), self.absolute_epsilon()
-        screen = None
-        if self._screens(data, a.shape[0], epsilon):
-            if self._screen is None or self._screen[0] != self._verified:  # once per dataset
-                self._screen = (self._verified, Screen(data, self.memory_budget))
-            screen = self._screen[1]
-        j = _partners(a, data, g, epsilon, chunk, labels, classes, generator, self._square[1], screen)
+        screen = self._screen_for(x1, data, a.shape[0], epsilon)
+        square = self._square[1]
+        j = _partners_and_scores(a, data, g, epsilon, chunk, labels, classes, generator, square, screen)[0]
         if self.online_lr is not None:
             counts = torch.bincount(j, minlength=data.shape[0]).to(g.dtype)
             step = self.online_lr * float(self.mean_cost or 1.0)
@@ -201,6 +198,17 @@ class SemidiscreteCoupler(Coupler):
 
     def _chunk(self, batch: int) -> int:
         return max(1, self.memory_budget // (8 * batch))
+
+    def _screen_for(self, data: Tensor, flat: Tensor, batch: int, epsilon: float) -> Screen | None:
+        """The :class:`Screen` of the dataset ``data: (N, ...)`` (flattened: ``flat``) when pairing ``batch``
+        samples goes through one, else None. One per dataset tensor, shared by :meth:`fit`, :meth:`evaluate` and
+        pairing; the record holds ``data``, so no other tensor can take its address while the key stands."""
+        if not self._screens(flat, batch, epsilon):
+            return None
+        key = _dataset_key(data)
+        if self._screen is None or self._screen[0] != key:
+            self._screen = (key, data, Screen(flat, self.memory_budget))
+        return self._screen[2]
 
     def _screens(self, data: Tensor, batch: int, epsilon: float) -> bool:
         """Whether pairing ``batch`` samples with ``data: (N, D)`` goes through a :class:`Screen`."""
@@ -345,7 +353,7 @@ class SemidiscreteCoupler(Coupler):
             state["g"] = _affine_warm_start(probe, flat)
         epsilon = self.absolute_epsilon()
         chunk = self._chunk(batch_size)
-        screen = Screen(flat, self.memory_budget) if self._screens(flat, batch_size, epsilon) else None
+        screen = self._screen_for(data, flat, batch_size, epsilon)
         square = (flat * flat).sum(1)
         g, average, averaged = state["g"], state["average"], state["averaged"]
         if generator is not None and state.get("generator") is not None:
@@ -459,7 +467,7 @@ class SemidiscreteCoupler(Coupler):
         g = self.potentials.to(device=device, dtype=flat.dtype)
         labels = None if self.labels is None else self.labels.to(device)
         epsilon, chunk = self.absolute_epsilon(), self._chunk(batch_size)
-        screen = Screen(flat, self.memory_budget) if self._screens(flat, batch_size, epsilon) else None
+        screen = self._screen_for(data, flat, batch_size, epsilon)
         counts = torch.zeros(n, dtype=torch.float64, device=device)
         transform_sum, done = 0.0, 0
         while done < samples:
@@ -697,22 +705,6 @@ def _gumbel_max(logits: Tensor, generator: torch.Generator | None) -> tuple[Tens
     return value, index.scatter_(0, rows[winner], cols[winner])
 
 
-def _partners(
-    x: Tensor,
-    data: Tensor,
-    g: Tensor,
-    epsilon: float,
-    chunk: int,
-    labels: Tensor | None,
-    classes: Tensor | None,
-    generator: torch.Generator | None,
-    square: Tensor | None = None,
-    screen: Screen | None = None,
-) -> Tensor:
-    """Partner index in ``data`` of each source sample: ``(B,)`` int64."""
-    return _partners_and_scores(x, data, g, epsilon, chunk, labels, classes, generator, square, screen)[0]
-
-
 def _shares(
     x: Tensor,
     data: Tensor,
@@ -726,7 +718,7 @@ def _shares(
 ) -> Tensor:
     """Share of the batch ``x: (B, D)`` each data point receives, ``(N,)``: partner counts / B, or mean softmax."""
     if epsilon == 0:
-        partner = _partners(x, data, g, 0.0, chunk, labels, classes, None, square, screen)
+        partner = _partners_and_scores(x, data, g, 0.0, chunk, labels, classes, None, square, screen)[0]
         return torch.bincount(partner, minlength=data.shape[0]).to(g.dtype) / x.shape[0]
     return _softmax_columns(x, data, g, epsilon, chunk, labels, classes)[0] / x.shape[0]  # type: ignore[operator]
 
