@@ -183,7 +183,7 @@ def draw_partners(
     a, b = x0.reshape(x0.shape[0], -1), x1.reshape(x1.shape[0], -1)
     g = g.to(device=a.device, dtype=a.dtype)
     shift = (g - (b * b).sum(1))[None, :]
-    rows = _block(memory_budget, b.shape[0], 8)  # the draw holds a float64 copy of the block
+    rows = _block(memory_budget, b.shape[0], 8)  # as if float64: the draw's own buffers come on top
     buffer = torch.empty((min(rows, a.shape[0]), b.shape[0]), dtype=a.dtype, device=a.device)
     partners = torch.empty(a.shape[0], dtype=torch.long, device=a.device)
     for start in range(0, a.shape[0], rows):
