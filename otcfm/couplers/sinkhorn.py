@@ -362,6 +362,13 @@ class SinkhornCoupler(OTCoupler):
         memory_budget: bytes a dense ``(B0, B1)`` float64 plan may take; a larger problem (default cost, no labels,
             no ``replace``) is solved blockwise (:func:`~otcfm.couplers.blockwise.blockwise_sinkhorn`) and each
             partner drawn from its row of the implicit plan. None: always dense.
+
+    Precision: dense problems are solved in float64, except those of at least :data:`FLOAT32_MIN_ENTRIES`
+    (2048 x 2048, e.g. OT pools) between float32 inputs with the default cost, no labels and no ``replace``, at an
+    epsilon of at least :data:`FLOAT32_MIN_EPSILON` of the mean cost: these are solved in float32 on the centred
+    clouds (the plan within about 1e-5 of the float64 one, relative to its largest entry), with the marginal
+    checked after every iteration and the kernel's buffers kept for the next call of the same shape. At 4096 x 4096
+    points in d = 32 that is about 4x faster than float64 on 2 CPU cores and takes the memory of one float64 plan.
     """
 
     name = "sinkhorn"
