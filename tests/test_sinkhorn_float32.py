@@ -167,3 +167,12 @@ def test_workspace_is_reused_private_to_a_call_and_not_pickled() -> None:
         copy(x0, x1, generator=torch.Generator().manual_seed(1)).j,
         coupler(x0, x1, generator=torch.Generator().manual_seed(1)).j,
     )
+
+
+@pytest.mark.usefixtures("small_threshold")
+def test_workspace_does_not_keep_buffers_above_its_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sinkhorn, "_KEPT_ENTRIES", 95 * 96)
+    x0, x1 = clouds(96, 3, seed=5)
+    coupler = SinkhornCoupler(0.05)
+    pairs = coupler(x0, x1, generator=torch.Generator().manual_seed(0))
+    assert coupler._workspace._buffers is None and torch.equal(pairs.i, torch.arange(96))
