@@ -57,18 +57,19 @@ def multinomial(weights: Tensor, generator: torch.Generator | None, device: torc
 
     Row ``r`` gives ``k`` with probability ``w_rk / sum_k w_rk``, by inversion in two levels: one uniform per
     row is searched in the running sums of blocks of :data:`_BLOCK` columns, then within the chosen block.
-    Block sums are taken in the weights' dtype (a float64 sum of float32 weights runs 20x slower, for no
-    accuracy the float32 weights have), running sums in float64. One pass over ``weights`` that vectorises:
-    for a 4096 x 4096 float64 plan on one CPU thread (with other work running) 14 ms, against 120 ms for a full
-    running sum and 590 ms for ``torch.multinomial``.
+    Block sums are taken in the weights' dtype, at least float32 (a float64 sum of float32 weights runs 20x
+    slower, for no accuracy the float32 weights have), running sums in float64. One pass over ``weights`` that
+    vectorises: for a 4096 x 4096 float64 plan on one CPU thread (with other work running) 14 ms, against 120 ms
+    for a full running sum and 590 ms for ``torch.multinomial``.
     """
     source = weights.device if generator is None else generator.device
     w = weights.to(device=source)
     rows, cols = w.shape
     whole = cols - cols % _BLOCK
-    sums = [w[:, :whole].reshape(rows, -1, _BLOCK).sum(2)] if whole else []
+    exact = torch.promote_types(w.dtype, torch.float32)  # half-precision weights are summed in float32
+    sums = [w[:, :whole].reshape(rows, -1, _BLOCK).sum(2, dtype=exact)] if whole else []
     if whole < cols:
-        sums.append(w[:, whole:].sum(1, keepdim=True))
+        sums.append(w[:, whole:].sum(1, keepdim=True, dtype=exact))
     cdf = torch.cat(sums, dim=1).double().cumsum_(1)  # (R, number of blocks)
     u = torch.rand((rows, 1), generator=generator, device=source, dtype=torch.float64).mul_(cdf[:, -1:])
     block = torch.searchsorted(cdf, _below(u, cdf[:, -1:]), right=True)  # first block whose running sum passes u

@@ -219,7 +219,8 @@ def test_sinkhorn_stays_finite_at_small_epsilon(relative_epsilon: float) -> None
         result = SinkhornCoupler(epsilon=relative_epsilon, max_iter=300).plan(x0, x1)
     assert torch.isfinite(result.plan).all() and torch.isfinite(result.f).all() and torch.isfinite(result.g).all()
     torch.testing.assert_close(result.plan.sum(1), torch.full((128,), 1 / 128, dtype=torch.float64), rtol=1e-6, atol=0)
-    i, j = SinkhornCoupler(epsilon=relative_epsilon, max_iter=20000, tol=1e-4)(x0, x1)
+    g = torch.Generator().manual_seed(0)  # seeded: at 0.01, 0.5% of draws have 76 or fewer distinct partners
+    i, j = SinkhornCoupler(epsilon=relative_epsilon, max_iter=20000, tol=1e-4)(x0, x1, generator=g)
     assert len(torch.unique(j)) > 0.6 * 128  # no collapse onto a few repeated partners
 
 

@@ -34,13 +34,33 @@ __all__ = [
 
 #: Smallest epsilon accepted, relative to the mean cost: below it float64 cannot resolve the plan.
 MIN_RELATIVE_EPSILON = 1e-7
-#: Dense plans of at least this many entries (2048 x 2048) between float32 inputs are solved in float32: half the
+#: Dense plans of at least this many entries (``n0 * n1``, e.g. 2048 x 2048) between float32 inputs are solved in
+#: float32 (see :class:`SinkhornCoupler` for the conditions): half the
 #: memory and two to four times faster than float64 (memory-bound kernel products), at epsilons float32 resolves.
 FLOAT32_MIN_ENTRIES = 2**22
-#: Smallest epsilon, relative to the mean cost, solved in float32: the float32 cost's rounding is then below 1e-4
-#: of epsilon. Smaller ones go to float64.
+#: Smallest epsilon, relative to the mean cost, solved in float32: the float32 cost's rounding is then a few 1e-4
+#: of epsilon on ordinary data (more with heavy tails). Smaller ones go to float64.
 FLOAT32_MIN_EPSILON = 1e-3
 _FLOAT32_TINY = 2.0**-100  # a mean cost below this may have lost entries to underflow: float64 rescales it
+_FLOAT32_LARGEST = 2.0**120  # costs (and their partial sums) must stay below this, well inside float32's range
+#: The float32 path needs ``tol >= _FLOAT32_TOL / sqrt(n1)``: about 1000x the float32 rounding of the target marginal
+#: (its error stalls near 2e-8 at 2048 points, where this asks for 1.3e-6); tighter tolerances go to float64.
+_FLOAT32_TOL = 1000 * 2.0**-24
+
+
+@dataclass(frozen=True)
+class _Float32Problem:
+    """The centred float32 clouds ``a: (n0, D)``, ``b: (n1, D)``, their squared norms, the mean cost and the
+    absolute epsilon: a problem the float32 path of :class:`SinkhornCoupler` can hold."""
+
+    a: Tensor
+    b: Tensor
+    a_sq: Tensor
+    b_sq: Tensor
+    mean: float
+    epsilon: float
+
+
 #: With ``anneal="auto"``, epsilon scaling is used below this fraction of the mean cost, where it saves
 #: iterations; above it plain scaling iterations converge in a few dozen steps and annealing costs kernels.
 ANNEAL_BELOW = 0.005
@@ -267,7 +287,7 @@ _EXP_ABSORB = math.exp(_ABSORB)  # the same test without a log: torch's log star
 def _matvec(matrix: Tensor, vector: Tensor, transpose: bool = False) -> Tensor:
     """``matrix @ vector`` (or ``matrix.T @ vector``). On the CPU through numpy's BLAS gemv on the same memory:
     2.4-3.5x faster than torch's CPU ``mv`` for a 1024 x 1024 float64 kernel (0.06 vs 0.14-0.18 ms, one thread)."""
-    if matrix.device.type != "cpu" or matrix.requires_grad or matrix.dtype != torch.float64:
+    if matrix.device.type != "cpu" or matrix.requires_grad:
         return (matrix.T if transpose else matrix) @ vector
     array = matrix.numpy()
     return torch.from_numpy((array.T if transpose else array) @ vector.numpy())
@@ -364,11 +384,13 @@ class SinkhornCoupler(OTCoupler):
             partner drawn from its row of the implicit plan. None: always dense.
 
     Precision: dense problems are solved in float64, except those of at least :data:`FLOAT32_MIN_ENTRIES`
-    (2048 x 2048, e.g. OT pools) between float32 inputs with the default cost, no labels and no ``replace``, at an
-    epsilon of at least :data:`FLOAT32_MIN_EPSILON` of the mean cost: these are solved in float32 on the centred
-    clouds (the plan within about 1e-5 of the float64 one, relative to its largest entry), with the marginal
-    checked after every iteration and the kernel's buffers (up to 8192 x 8192) kept for the next call of the same
-    shape. At 4096 x 4096
+    entries (``B0 * B1``, e.g. 2048 x 2048 OT pools) between float32 inputs with the default cost, no labels and
+    no ``replace``, at an epsilon of at least :data:`FLOAT32_MIN_EPSILON` of the mean cost, a ``tol`` float32 can
+    meet (at least about ``6e-5 / sqrt(B1)``) and costs far inside float32's range: these are solved in float32 on
+    the centred clouds (the plan within about 2e-4 of the float64 one, relative to its largest entry; 1e-5 at the
+    default epsilon), with the marginal checked after every iteration. The coupler keeps the two float32 buffers
+    (cost and kernel, up to 8192 x 8192 each) for the next call of the same shape; they go with the coupler.
+    At 4096 x 4096
     points in d = 32 that is about 4x faster than float64 on 2 CPU cores and takes the memory of one float64 plan.
     """
 
@@ -433,10 +455,11 @@ class SinkhornCoupler(OTCoupler):
             self._warn(blocks.converged, blocks.error, blocks.iterations, blocks.epsilon)
             j = draw_partners(x0, x1, blocks.g, blocks.epsilon, generator, self.memory_budget)
             return Pairing(torch.arange(x0.shape[0], device=x0.device), j.to(x0.device))
-        if x0.shape[0] * x1.shape[0] >= FLOAT32_MIN_ENTRIES and self._float32_fits(x0, x1, y1):
+        problem = self._float32_problem(x0, x1, y1) if x0.shape[0] * x1.shape[0] >= FLOAT32_MIN_ENTRIES else None
+        if problem is not None:
             with self._workspace.lease(x0.shape[0], x1.shape[0], x0.device) as (cost, kernel):
-                scaled = self._solve_float32(x0, x1, cost, kernel)
-                if scaled is not None:
+                scaled = self._solve_float32(problem, cost, kernel)
+                if math.isfinite(scaled.error):  # else (not seen; a guard) the float64 path below decides
                     self._warn(scaled.error <= self.tol, scaled.error, scaled.iterations, scaled.epsilon)
                     weights = scaled.kernel.mul_(scaled.v[None, :])  # row k of the plan, up to its factor u_k
                     j = _random.multinomial(weights, generator, x0.device)
@@ -445,35 +468,41 @@ class SinkhornCoupler(OTCoupler):
         self._warn(result.converged, result.error, result.iterations, result.epsilon)
         return pairs_from_plan(result.plan, generator, x0.device, self.replace)
 
-    def _float32_fits(self, x0: Tensor, x1: Tensor, y1: Tensor | None) -> bool:
-        """Float32 inputs, the default cost, no labels, no ``replace``, and an epsilon float32 resolves."""
+    def _float32_problem(self, x0: Tensor, x1: Tensor, y1: Tensor | None) -> _Float32Problem | None:
+        """The centred clouds, their squared norms and the absolute epsilon, if float32 can hold the problem:
+        float32 inputs, the default cost, no labels, no ``replace``, a tolerance above float32's marginal error
+        (:data:`_FLOAT32_TOL`), costs that neither overflow nor underflow, and an epsilon of at least
+        :data:`FLOAT32_MIN_EPSILON` of the mean cost; else None (the float64 path takes it)."""
         plain = self.cost is squared_euclidean_cost and y1 is None and not self.replace
-        relative_ok = not self.relative or self.epsilon >= FLOAT32_MIN_EPSILON
-        return plain and relative_ok and x0.dtype == torch.float32 and x1.dtype == torch.float32
-
-    def _solve_float32(self, x0: Tensor, x1: Tensor, cost: Tensor, kernel: Tensor) -> _Scaled | None:
-        """The scaling iterations on the float32 cost of the centred clouds (into the buffer ``cost``, kernels into
-        ``kernel``), checked every iteration (for free); None where float32 cannot hold the problem: squares that
-        overflow or underflow, or an absolute epsilon below :data:`FLOAT32_MIN_EPSILON` of the mean cost (the
-        float64 path takes those)."""
-        a, b = x0.reshape(x0.shape[0], -1), x1.reshape(x1.shape[0], -1)
+        if not (plain and x0.dtype == torch.float32 and x1.dtype == torch.float32):
+            return None
+        if (self.relative and self.epsilon < FLOAT32_MIN_EPSILON) or self.tol < _FLOAT32_TOL / math.sqrt(x1.shape[0]):
+            return None
+        a, b = x0.detach().reshape(x0.shape[0], -1), x1.detach().reshape(x1.shape[0], -1)
         centre = 0.5 * (a.mean(0) + b.mean(0))  # the cost is translation-invariant; centring keeps its rounding small
         a, b = a - centre, b - centre
         a_sq, b_sq = (a * a).sum(1), (b * b).sum(1)
-        # mean_kl |a_k - b_l|^2 from the clouds' moments; finite exactly when every square is
-        mean = float(a_sq.mean() + b_sq.mean() - 2.0 * (a.mean(0) @ b.mean(0)))
-        if not math.isfinite(mean):
-            check_pair(x0, x1)  # names x0 or x1 when the NaN/Inf came from an input; else the squares overflowed
-            return None
+        # |a_k - b_l|^2 and every partial sum of the product below are at most 2 (|a_k|^2 + |b_l|^2)
+        largest = 2.0 * (float(a_sq.max()) + float(b_sq.max()))
+        if not math.isfinite(largest):
+            check_pair(x0, x1)  # names x0 or x1 when the NaN/Inf came from an input
+        mean = float(a_sq.mean()) + float(b_sq.mean()) - 2.0 * float(a.mean(0) @ b.mean(0))  # mean_kl C_kl
         eps = self.epsilon * mean if self.relative else float(self.epsilon)
-        if not (mean > _FLOAT32_TINY and eps >= FLOAT32_MIN_EPSILON * mean):
+        if not (largest < _FLOAT32_LARGEST and mean > _FLOAT32_TINY and eps >= FLOAT32_MIN_EPSILON * mean):
             return None
+        return _Float32Problem(a, b, a_sq, b_sq, mean, eps)
+
+    def _solve_float32(self, problem: _Float32Problem, cost: Tensor, kernel: Tensor) -> _Scaled:
+        """The scaling iterations on the float32 cost (written into the buffer ``cost``, kernels into ``kernel``),
+        with the marginal checked every iteration (for free)."""
+        a, b, a_sq, b_sq = problem.a, problem.b, problem.a_sq, problem.b_sq
         # C = [a, |a|^2, 1] [-2b, 1, |b|^2]^T: one product writes the whole cost (rounding may leave -1e-7s)
         one0, one1 = torch.ones_like(a_sq[:, None]), torch.ones_like(b_sq[:, None])
         torch.mm(torch.cat([a, a_sq[:, None], one0], 1), torch.cat([-2.0 * b, one1, b_sq[:, None]], 1).T, out=cost)
         return _scaling(
-            cost, eps, None, None, False, self.tol, self.max_iter, self.anneal, fused=True, out=kernel, mean=mean
-        )
+            cost, problem.epsilon, None, None, False, self.tol, self.max_iter, self.anneal, fused=True, out=kernel,
+            mean=problem.mean,
+        )  # fmt: skip
 
     def _warn(self, converged: bool, error: float, iterations: int, epsilon: float) -> None:
         if not converged:
@@ -530,4 +559,5 @@ _KEPT_ENTRIES = 2**26  # 8192 x 8192
 
 
 def _fresh(n0: int, n1: int, device: torch.device) -> Tensor:
-    return torch.empty((n0, n1), dtype=torch.float32, device=device)
+    with torch.inference_mode(False):  # a normal tensor: one made under inference mode could not be reused outside
+        return torch.empty((n0, n1), dtype=torch.float32, device=device)
