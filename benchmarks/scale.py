@@ -3,7 +3,7 @@
     python benchmarks/scale.py            # about 15 minutes on 2 CPU cores
     python benchmarks/scale.py --docs     # the same, then its section of docs/benchmarks.md
     python benchmarks/scale.py --quick    # seconds; for tests
-    python benchmarks/scale.py --part pools      # OT pools larger than the batch (benchmarks/_pools.py), ~11 min
+    python benchmarks/scale.py --part pools      # OT pools larger than the batch (benchmarks/_pools.py), ~7 min
     python benchmarks/scale.py --part sinkhorn   # Sinkhorn on 16,384 and 65,536 points vs GeomLoss
                                                  # (benchmarks/_large_sinkhorn.py), ~5 min
 
