@@ -162,26 +162,17 @@ def sinkhorn_plan(
         raise ValueError(f"cost: expected a non-empty 2-D matrix, got shape {tuple(cost.shape)}")
     if not all_finite(cost):
         raise ValueError("cost: contains NaN or Inf")
-    return _sinkhorn(cost, epsilon, a, b, relative, tol, max_iter, anneal)
+    return _result(_scaling(cost, epsilon, a, b, relative, tol, max_iter, anneal), b, tol)
 
 
-def _sinkhorn(
-    cost: Tensor,
-    epsilon: float,
-    a: Tensor | None,
-    b: Tensor | None,
-    relative: bool,
-    tol: float,
-    max_iter: int,
-    anneal: bool | Literal["auto"],
-) -> SinkhornResult:
-    """:func:`sinkhorn_plan` of a non-empty finite 2-D cost (checked by the caller)."""
-    s = _scaling(cost, epsilon, a, b, relative, tol, max_iter, anneal)
-    plan = s.kernel.mul_(s.u[:, None]).mul_(s.v[None, :])
-    b = marginal_weights(b, cost.shape[1], cost, "b")
+def _result(scaled: _Scaled, b: Tensor | None, tol: float) -> SinkhornResult:
+    """The :class:`SinkhornResult` of :func:`_scaling`'s iterations: the dense plan (formed in the kernel's memory),
+    its potentials and its target marginal error against ``b`` (uniform when None)."""
+    plan = scaled.kernel.mul_(scaled.u[:, None]).mul_(scaled.v[None, :])
+    b = marginal_weights(b, plan.shape[1], plan, "b")
     error = float(torch.linalg.vector_norm(plan.sum(0) - b))
-    f, g = s.f + s.epsilon * s.u.log(), s.g + s.epsilon * s.v.log()
-    return SinkhornResult(plan, f, g, s.epsilon, s.iterations, error, error <= tol)
+    f, g = scaled.f + scaled.epsilon * scaled.u.log(), scaled.g + scaled.epsilon * scaled.v.log()
+    return SinkhornResult(plan, f, g, scaled.epsilon, scaled.iterations, error, error <= tol)
 
 
 @dataclass(frozen=True)
@@ -431,7 +422,7 @@ class SinkhornCoupler(OTCoupler):
         base, unit = self.scaled_base_cost(x0, x1)  # checked finite; the label term of checked labels keeps it so
         eps = absolute_epsilon(self.epsilon if self.relative else self.epsilon / unit / unit, self.relative, base)
         cost = condition_cost(base, y0, y1, self.label_weight, generator)
-        result = _sinkhorn(cost, eps, None, None, False, self.tol, self.max_iter, self.anneal)
+        result = _result(_scaling(cost, eps, None, None, False, self.tol, self.max_iter, self.anneal), None, self.tol)
         if unit == 1.0:
             return result
         square = unit * unit  # the inputs were rescaled (see scaled_base_cost): back to cost units (inf if beyond)
