@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
+from functools import partial
 from typing import Any, NamedTuple
 
 import torch
@@ -172,9 +173,12 @@ class FlowMatcher:
             x0 = x0.index_select(0, i)
         if not coupler.targets_in_order:
             x1 = x1.index_select(0, j)
-        t = self.time_sampler(x0.shape[0], generator, x0.device, x0.dtype)
-        noise = _random.randn(tuple(x0.shape), generator, x0.device, x0.dtype) if self._needs_noise else None
-        shaped = (t if t.dtype == x0.dtype else t.to(x0.dtype)).reshape((-1,) + (1,) * (x0.ndim - 1))
+        shape, device, dtype = x0.shape, x0.device, x0.dtype
+        t = self.time_sampler(shape[0], generator, device, dtype)
+        noise = _random.randn(tuple(shape), generator, device, dtype) if self._needs_noise else None
+        shaped = t if t.dtype == dtype else t.to(dtype)
+        # (B, 1, ..., 1); view(-1, 1) is the common case, spelled out: a tuple argument costs ~3 us cold
+        shaped = shaped.view(-1, 1) if len(shape) == 2 else shaped.reshape((-1,) + (1,) * (len(shape) - 1))
         x_t, u_t = self.path.interpolate(x0, x1, shaped, noise)
         return t, x_t, u_t, i, j
 
@@ -231,14 +235,12 @@ class FlowMatcher:
         return f"FlowMatcher(coupler={self.coupler!r}, path={self.path!r}, time_sampler={self.time_sampler!r})"
 
 
+# _mse(v, u): mean((v - u) ** 2) of two tensors of the same shape, F.mse_loss(v, u), one kernel each way.
 # F.mse_loss's own Python (a size check, broadcast_tensors, the reduction's name) costs about 1% of a
-# training step of a 2-D MLP (benchmarks/step.py); its kernel is called directly where it exists.
+# training step of a 2-D MLP (benchmarks/step.py); its kernel is called directly where it exists, bound
+# without a Python frame of ours (reduction 1: the mean, as in F.mse_loss).
 _MSE_KERNEL = getattr(torch._C._nn, "mse_loss", None)
-
-
-def _mse(v: Tensor, u: Tensor) -> Tensor:
-    """``mean((v - u) ** 2)`` of two tensors of the same shape: ``F.mse_loss(v, u)``, one kernel each way."""
-    return F.mse_loss(v, u) if _MSE_KERNEL is None else _MSE_KERNEL(v, u, 1)  # 1: mean, as in F.mse_loss
+_mse: Callable[[Tensor, Tensor], Tensor] = F.mse_loss if _MSE_KERNEL is None else partial(_MSE_KERNEL, reduction=1)
 
 
 def _warn_on_other_epsilon(coupler: Coupler, path: Path, epsilon: float) -> None:

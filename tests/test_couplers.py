@@ -423,3 +423,8 @@ def test_reused_source_indices_are_never_stale() -> None:
         assert coupler(x, x).i.tolist() == list(range(6))  # ... is never seen by the next pairing
         with torch.inference_mode():
             assert coupler(x, x).i.tolist() == list(range(6))
+    fresh = IndependentCoupler()
+    with torch.inference_mode():  # a first call here makes an inference tensor, which has no version counter ...
+        assert fresh(x, x).i.is_inference()
+    kept = fresh(x, x).i  # ... so it is not kept: outside inference mode a normal tensor is made and reused
+    assert not kept.is_inference() and fresh(x, x).i is kept

@@ -311,3 +311,38 @@ def test_step_benchmark_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert module.main(["--quick", "--tasks", "2-D", "--pairings", "independent", "--docs", str(docs)]) == 0
     text = docs.read_text()
     assert "kept" in text and "<!-- step:start -->" in text and "python benchmarks/step.py --quick" in text
+
+
+def _pair_faults() -> list[tuple[str, object, object, bool, type, str]]:
+    """``(label, x0, x1, same_batch, error, message)``: one fault each, of every condition check_pair tests."""
+    ok = torch.zeros(4, 3)
+    return [
+        ("x0 not a tensor", [[0.0]], ok, False, TypeError, "x0: expected a torch.Tensor"),
+        ("x1 not a tensor", ok, None, False, TypeError, "x1: expected a torch.Tensor"),
+        ("x0 integer", torch.zeros(4, 3, dtype=torch.long), ok, False, TypeError, "x0: expected a floating-point"),
+        ("x1 integer", ok, torch.zeros(4, 3, dtype=torch.long), False, TypeError, "x1: expected a floating-point"),
+        ("x0 1-D", torch.zeros(4), ok, False, ValueError, "x0: expected shape .* at least 2 dimensions"),
+        ("x1 1-D", ok, torch.zeros(4), False, ValueError, "x1: expected shape .* at least 2 dimensions"),
+        ("x0 empty", torch.zeros(0, 3), ok, False, ValueError, "x0: expected a non-empty batch"),
+        ("x1 empty", ok, torch.zeros(0, 3), False, ValueError, "x1: expected a non-empty batch"),
+        ("sample shapes", ok, torch.zeros(4, 2), False, ValueError, "expected the same sample shape"),
+        ("batch sizes", ok, torch.zeros(5, 3), True, ValueError, "expected the same batch size, got 4 and 5"),
+        ("devices", ok, torch.zeros(4, 3, device="meta"), False, ValueError, "expected the same device"),
+        ("dtypes", ok, ok.double(), False, ValueError, "expected the same dtype, got torch.float32 and torch.float64"),
+    ]
+
+
+@pytest.mark.parametrize("fault", _pair_faults(), ids=lambda fault: fault[0])
+def test_check_pair_names_each_fault(fault: tuple[str, object, object, bool, type, str]) -> None:
+    """check_pair tests all its conditions at once; whichever fails, the error names it."""
+    _, x0, x1, same_batch, error, message = fault
+    with pytest.raises(error, match=message):
+        checks.check_pair(x0, x1, same_batch=same_batch, finite=False)
+
+
+def test_check_pair_passes_valid_pairs() -> None:
+    """Different batch sizes are fine unless ``same_batch``; images and half precision too; both come back as given."""
+    x0, x1 = torch.zeros(4, 3), torch.ones(6, 3)
+    assert checks.check_pair(x0, x1) == (x0, x1)
+    images = torch.zeros(2, 1, 8, 8, dtype=torch.bfloat16)
+    assert checks.check_pair(images, images.clone(), same_batch=True)[0] is images

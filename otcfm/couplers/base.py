@@ -122,16 +122,15 @@ class Coupler(ABC):
         In a training step the model has just evicted the caches, and any tensor op then costs tens of
         microseconds (about 25 us for this one, 0.6% of a 2-D MLP step; ``benchmarks/step.py``). The reuse is
         guarded by the tensor's version counter: a caller that changes ``i`` in place gets a fresh one next time.
+        A tensor made under ``torch.inference_mode()`` has no version counter and is not kept.
         """
-        if torch.is_inference_mode_enabled():  # inference tensors have no version counter
-            return torch.arange(n, device=device)
-        key = (n, str(device))
         cache = self.__dict__.setdefault("_aranges", {})
-        hit = cache.get(key)
+        hit = cache.get((n, device))
         if hit is not None and hit[0]._version == hit[1]:
             return hit[0]
         fresh = torch.arange(n, device=device)
-        cache[key] = (fresh, fresh._version)
+        if not fresh.is_inference():
+            cache[(n, device)] = (fresh, fresh._version)
         return fresh
 
     def __repr__(self) -> str:

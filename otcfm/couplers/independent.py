@@ -27,11 +27,11 @@ class IndependentCoupler(Coupler):
     def pair(
         self, x0: Tensor, x1: Tensor, y0: Tensor | None, y1: Tensor | None, generator: torch.Generator | None
     ) -> Pairing:
-        n0, n1 = x0.shape[0], x1.shape[0]
-        i = self._arange(n0, x0.device)
+        n0, n1, device = x0.shape[0], x1.shape[0], x0.device
+        i = self._arange(n0, device)
         if n0 == n1:
-            return Pairing(i, _random.randperm(n1, generator, x0.device))
-        return Pairing(i, _random.randint(n1, (n0,), generator, x0.device))
+            return Pairing(i, _random.randperm(n1, generator, device))
+        return Pairing(i, _random.randint(n1, (n0,), generator, device))
 
 
 class PairedCoupler(Coupler):
