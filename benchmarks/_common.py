@@ -74,9 +74,13 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 def machine() -> str:
     """One line describing where a benchmark ran."""
     return (
-        f"{date.today().isoformat()}, {torch.get_num_threads()} torch threads on a {platform.machine()} CPU "
+        f"{date.today().isoformat()}, {_count(torch.get_num_threads(), 'torch thread')} on a {platform.machine()} CPU "
         f"({platform.processor() or 'unknown model'}), torch {torch.__version__}, Python {platform.python_version()}"
     )
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -1,6 +1,6 @@
 """Training-step benchmark: one full step with otcfm's FlowMatcher vs TorchCFM's matchers, side by side.
 
-    python benchmarks/step.py            # full run (about 8 minutes on 2 cores); prints the table
+    python benchmarks/step.py            # full run (about 12 minutes on an idle machine); prints the table
     python benchmarks/step.py --docs     # the same, then its section of docs/benchmarks.md
     python benchmarks/step.py --quick    # seconds; for tests
 
@@ -192,7 +192,9 @@ def compare(task: str, pairing: str, rounds: int, steps: int, warmup: int, seed:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny run, for tests")
-    parser.add_argument("--rounds", type=int, default=10, help="rounds, each with fresh copies of the networks")
+    parser.add_argument(
+        "--rounds", type=int, default=20, help="rounds, each with fresh copies of the networks (default: %(default)s)"
+    )
     parser.add_argument("--scale", type=float, default=1.0, help="multiply the number of steps per round")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
@@ -227,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     tasks = "; ".join(f"{name}: `x` (B, {', '.join(map(str, s))}), MLP 3x{h}" for name, (s, h) in TASKS.items())
     body = f"""## One training step: FlowMatcher vs TorchCFM
 
-Command: `{command}` ({time.perf_counter() - started:.0f} s). Measured {machine()}; one torch thread.
+Command: `{command}` ({time.perf_counter() - started:.0f} s). Measured {machine()}.
 Peer: {peer or "TorchCFM not installed: its columns are empty"}. Batch {BATCH}; {tasks}; Adam (lr 1e-4);
 8gaussians -> moons in 2-D, N(0, I) -> an 8-component Gaussian mixture otherwise, drawn before the timed
 region. Pairings: "independent" is `FlowMatcher(coupler="independent")` (a random permutation of the target
