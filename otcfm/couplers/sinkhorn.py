@@ -35,8 +35,8 @@ __all__ = [
 #: Smallest epsilon accepted, relative to the mean cost: below it float64 cannot resolve the plan.
 MIN_RELATIVE_EPSILON = 1e-7
 #: Dense plans of at least this many entries (``n0 * n1``, e.g. 2048 x 2048) between float32 inputs are solved in
-#: float32 (see :class:`SinkhornCoupler` for the conditions): half the
-#: memory and two to four times faster than float64 (memory-bound kernel products), at epsilons float32 resolves.
+#: float32 (see :class:`SinkhornCoupler` for the conditions): half the memory and two to four times faster than
+#: float64 (memory-bound kernel products), at epsilons float32 resolves.
 FLOAT32_MIN_ENTRIES = 2**22
 #: Smallest epsilon, relative to the mean cost, solved in float32: the float32 cost's rounding is then a few 1e-4
 #: of epsilon on ordinary data (more with heavy tails). Smaller ones go to float64.
@@ -107,8 +107,12 @@ def marginal_weights(w: Tensor | None, n: int, like: Tensor, name: str) -> Tenso
 
 def absolute_epsilon(epsilon: float, relative: bool, cost: Tensor) -> float:
     """``epsilon`` in cost units: times ``cost.mean()`` when ``relative`` (and the mean is positive)."""
-    scale = float(cost.mean())
-    return epsilon * scale if relative and scale > 0 else float(epsilon)
+    return _in_cost_units(epsilon, relative, float(cost.mean()))
+
+
+def _in_cost_units(epsilon: float, relative: bool, mean: float) -> float:
+    """:func:`absolute_epsilon` for a cost whose mean is ``mean``."""
+    return epsilon * mean if relative and mean > 0 else float(epsilon)
 
 
 def sinkhorn_plan(
@@ -217,7 +221,7 @@ def _scaling(
     n0, n1 = cost.shape
     a, b = marginal_weights(a, n0, cost, "a"), marginal_weights(b, n1, cost, "b")
     scale = float(cost.mean()) if mean is None else mean
-    eps = epsilon * scale if relative and scale > 0 else float(epsilon)
+    eps = _in_cost_units(epsilon, relative, scale)
     if scale > 0 and eps < MIN_RELATIVE_EPSILON * scale:
         raise ValueError(
             f"epsilon: {eps:.3g} is below {MIN_RELATIVE_EPSILON:g} of the mean cost ({scale:.3g}), too small to be "
@@ -381,8 +385,8 @@ class SinkhornCoupler(OTCoupler):
     the centred clouds (the plan within about 2e-4 of the float64 one, relative to its largest entry; 1e-5 at the
     default epsilon), with the marginal checked after every iteration. The coupler keeps the two float32 buffers
     (cost and kernel, up to 8192 x 8192 each) for the next call of the same shape; they go with the coupler.
-    At 4096 x 4096
-    points in d = 32 that is about 4x faster than float64 on 2 CPU cores and takes the memory of one float64 plan.
+    At 4096 x 4096 points in d = 32 that is about 4x faster than float64 on 2 CPU cores and takes the memory of
+    one float64 plan.
     """
 
     name = "sinkhorn"
@@ -478,7 +482,7 @@ class SinkhornCoupler(OTCoupler):
         if not math.isfinite(largest):
             check_pair(x0, x1)  # names x0 or x1 when the NaN/Inf came from an input
         mean = float(a_sq.mean()) + float(b_sq.mean()) - 2.0 * float(a.mean(0) @ b.mean(0))  # mean_kl C_kl
-        eps = self.epsilon * mean if self.relative else float(self.epsilon)
+        eps = _in_cost_units(self.epsilon, self.relative, mean)
         if not (largest < _FLOAT32_LARGEST and mean > _FLOAT32_TINY and eps >= FLOAT32_MIN_EPSILON * mean):
             return None
         return _Float32Problem(a, b, a_sq, b_sq, mean, eps)
