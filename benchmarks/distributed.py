@@ -68,15 +68,7 @@ def _worker(rank: int, world_size: int, port: int, settings: dict, out: str) -> 
         finished = True
     finally:  # a barrier first on success, so the ranks tear gloo down together (a rank that left early aborted)
         distributed.shutdown(wait_for_all=finished)
-    # The result is on disk: skip the interpreter's finalisation, where gloo's worker threads can still release
-    # work objects holding tensors and abort the process (pytorch/pytorch#179291; the likely cause of a rank's
-    # SIGABRT in CI on 2026-11-24).
-    import multiprocessing.util
-
-    multiprocessing.util._exit_function()  # what the skipped exit does for this process's semaphores (tqdm's lock)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    distributed.exit_worker()  # the result is on disk: no interpreter finalisation, where gloo can abort a rank
 
 
 def _free_port() -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from typing import NamedTuple
 
 import torch
@@ -29,6 +30,7 @@ __all__ = [
     "GlobalPairs",
     "barrier",
     "default_device",
+    "exit_worker",
     "fail_together",
     "gather_batch",
     "global_pairs",
@@ -82,6 +84,22 @@ def shutdown(wait_for_all: bool = True) -> None:
         if wait_for_all:
             barrier()
         dist.destroy_process_group()
+
+
+def exit_worker() -> None:
+    """End a spawned worker process (``torch.multiprocessing.spawn``) whose results are saved, after :func:`shutdown`.
+
+    Skips the interpreter's finalisation, where gloo's worker threads can still release work objects holding
+    tensors and abort the process ("terminate called without an active exception", pytorch/pytorch#179291; the
+    likely cause of a rank's SIGABRT in two CI runs on 2026-11-24). What the skipped exit would do for this
+    process's semaphores (tqdm's lock) and output streams is done first. Exit status 0.
+    """
+    import multiprocessing.util
+
+    multiprocessing.util._exit_function()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def default_device() -> torch.device:

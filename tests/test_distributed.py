@@ -39,19 +39,7 @@ def _run(rank: int, job: Callable[[int, Path], None], out: str, store: str) -> N
         finished = True
     finally:  # as otcfm's own launches end: a barrier first, so no rank tears down while the other still talks
         distributed.shutdown(wait_for_all=finished)
-    _exit_at_once()
-
-
-def _exit_at_once() -> None:
-    """End a worker whose results are on disk without the interpreter's finalisation: there, gloo's worker threads
-    can still release work objects holding tensors and abort the process (pytorch/pytorch#179291), the likely cause
-    of a rank's SIGABRT ("terminate called without an active exception") in two CI runs on 2026-11-24."""
-    import multiprocessing.util
-
-    multiprocessing.util._exit_function()  # what the skipped exit does for this process's semaphores (tqdm's lock)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    distributed.exit_worker()  # results are on disk: no interpreter finalisation, where gloo can abort a rank
 
 
 def _spawn(job: Callable[[int, Path], None], out: Path) -> None:
