@@ -7,30 +7,50 @@ docs/api.md). Booleans are not counts: ``steps=True`` is refused, not read as 1.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import torch
+from numpy import bool_ as numpy_bool
 
-__all__ = ["check_count", "check_generator", "check_rate"]
+__all__ = ["check_anneal", "check_count", "check_flag", "check_generator", "check_rate"]
 
 
 def check_count(value: Any, name: str, minimum: int = 1) -> int:
     """``value`` must be an integer ``>= minimum`` (not a bool, not a float)."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < minimum:
         expected = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-        raise (TypeError if not isinstance(value, (int, float)) else ValueError)(
+        raise (TypeError if not isinstance(value, numbers.Real) else ValueError)(
             f"{name}: expected {expected}, got {value!r}"
         )
-    return value
+    return int(value)
 
 
 def check_rate(value: Any, name: str, allow_zero: bool = False) -> float:
-    """``value`` must be a finite real number ``> 0`` (``>= 0`` with ``allow_zero``)."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
+    """``value`` must be a finite real number ``> 0`` (``>= 0`` with ``allow_zero``); numpy scalars count."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
         raise TypeError(f"{name}: expected a finite number, got {value!r}")
     if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
         raise ValueError(f"{name}: expected a finite number {'>=' if allow_zero else '>'} 0, got {value!r}")
     return float(value)
+
+
+def check_flag(value: Any, name: str) -> bool:
+    """``value`` must be ``True`` or ``False``: a string such as ``"False"`` is refused, not read as true."""
+    if not isinstance(value, (bool, numpy_bool)):
+        raise TypeError(f"{name}: expected True or False, got {value!r}")
+    return bool(value)
+
+
+def check_anneal(value: Any, name: str = "anneal") -> bool | str:
+    """Epsilon scaling: ``True``, ``False`` or ``"auto"``."""
+    if value == "auto" and isinstance(value, str):
+        return value
+    if not isinstance(value, (bool, numpy_bool)):
+        raise (TypeError if not isinstance(value, str) else ValueError)(
+            f"{name}: expected True, False or 'auto', got {value!r}"
+        )
+    return bool(value)
 
 
 def check_generator(generator: Any, name: str = "generator") -> torch.Generator | None:

@@ -34,10 +34,14 @@ DIM_DATASETS = ("gaussian", "mixture")
 
 
 def _key_value(text: str) -> tuple[str, Any]:
-    """``KEY=VALUE`` with VALUE read as JSON when it parses (``0.01``, ``true``, ``[1, 2]``), else as a string."""
+    """``KEY=VALUE`` with VALUE read as JSON when it parses (``0.01``, ``true``, ``[1, 2]``), else as a string;
+    ``true``, ``false`` and ``null`` in any case (``False``, ``None``) are the booleans and None."""
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    words = {"true": True, "false": False, "null": None, "none": None}
+    if value.lower() in words:
+        return key, words[value.lower()]
     try:
         return key, json.loads(value)
     except json.JSONDecodeError:

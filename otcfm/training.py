@@ -27,6 +27,7 @@ from torch import nn
 
 from otcfm import checkpoint as ckpt
 from otcfm import distributed
+from otcfm._args import check_flag
 from otcfm.couplers import COUPLERS, Coupler, SemidiscreteCoupler, get_coupler
 from otcfm.data.sources import DataSource, as_source
 from otcfm.engine import (
@@ -117,6 +118,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_schedule(self)
+        check_flag(self.global_coupling, "global_coupling")
         if self.pool_size is not None:
             from otcfm.loader import check_pool_size
 

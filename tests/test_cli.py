@@ -123,3 +123,14 @@ def test_cli_options_reach_the_run(tmp_path: Path) -> None:
     assert info.value.code == 2
     assert main(["train", "--out", "", *SMALL]) == 2
     assert main(["train", "--dim", "3", "--out", str(tmp_path / "y"), *SMALL]) == 2
+
+
+@pytest.mark.parametrize(
+    "text, value",
+    [("relative=False", False), ("replace=TRUE", True), ("label_weight=None", None), ("epsilon=0.5", 0.5)],
+)
+def test_option_words_in_any_case(text: str, value: object) -> None:
+    """``False`` typed as on a Python line is the boolean, not the (truthy) string 'False'."""
+    from otcfm.cli import _key_value
+
+    assert _key_value(text) == (text.partition("=")[0], value)

@@ -428,3 +428,37 @@ def test_reused_source_indices_are_never_stale() -> None:
         assert fresh(x, x).i.is_inference()
     kept = fresh(x, x).i  # ... so it is not kept: outside inference mode a normal tensor is made and reused
     assert not kept.is_inference() and fresh(x, x).i is kept
+
+
+@pytest.mark.parametrize(
+    "name, options, message",
+    [
+        ("sinkhorn", {"relative": "False"}, "relative: expected True or False"),
+        ("sinkhorn", {"anneal": "bogus"}, "anneal: expected True, False or 'auto'"),
+        ("exact", {"replace": "no"}, "replace: expected True or False"),
+        ("exact", {"label_weight": "x"}, "label_weight: expected a finite number"),
+        ("unbalanced", {"relative": 1}, "relative: expected True or False"),
+        ("semidiscrete", {"relative": "yes"}, "relative: expected True or False"),
+    ],
+)
+def test_flags_given_as_text_are_refused(name: str, options: dict, message: str) -> None:
+    """A string such as "False" is truthy: a yes/no option given one is refused, not read as True."""
+    with pytest.raises((TypeError, ValueError), match=message):
+        get_coupler(name, **options)
+
+
+def test_numpy_scalars_are_numbers() -> None:
+    coupler = get_coupler("sinkhorn", epsilon=np.float32(0.5), tol=np.float64(1e-4), max_iter=np.int64(50))
+    assert (coupler.epsilon, coupler.tol, coupler.max_iter) == (0.5, 1e-4, 50)
+    assert type(coupler.max_iter) is int
+
+
+def test_sinkhorn_plan_refuses_a_cost_that_is_not_a_float_tensor() -> None:
+    from otcfm.couplers import sinkhorn_plan
+
+    with pytest.raises(TypeError, match="cost: expected a floating-point torch.Tensor, got ndarray"):
+        sinkhorn_plan(np.ones((3, 3)), 0.1)
+    with pytest.raises(TypeError, match="cost: expected a floating-point torch.Tensor, got dtype torch.int64"):
+        sinkhorn_plan(torch.ones(3, 3, dtype=torch.long), 0.1)
+    with pytest.raises(ValueError, match="tol"):
+        sinkhorn_plan(torch.rand(3, 3), 0.1, tol=float("nan"))

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from otcfm import _random
-from otcfm._args import check_count, check_rate
+from otcfm._args import check_anneal, check_count, check_flag, check_rate
 from otcfm._checks import check_pair
 from otcfm.couplers.sinkhorn import ANNEAL_BELOW
 
@@ -132,6 +132,8 @@ def blockwise_sinkhorn(
     check_rate(tol, "tol")
     check_count(max_iter, "max_iter")
     check_count(memory_budget, "memory_budget")
+    check_flag(relative, "relative")
+    check_anneal(anneal)
     a, b = x0.reshape(x0.shape[0], -1), x1.reshape(x1.shape[0], -1)
     n0, n1 = a.shape[0], b.shape[0]
     a_sq, b_sq = (a * a).sum(1), (b * b).sum(1)

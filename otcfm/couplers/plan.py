@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from otcfm import _random
+from otcfm._args import check_flag, check_rate
 from otcfm._checks import all_finite, check_pair, total_of
 from otcfm.couplers.base import Coupler, Pairing
 from otcfm.couplers.cost import (
@@ -88,11 +89,9 @@ class OTCoupler(Coupler):
     ) -> None:
         if not callable(cost):
             raise TypeError(f"cost: expected a callable cost(x0, x1) -> (B0, B1) tensor, got {cost!r}")
-        if label_weight is not None and not label_weight >= 0:
-            raise ValueError(f"label_weight: expected None or a number >= 0, got {label_weight}")
         self.cost = cost
-        self.label_weight = label_weight
-        self.replace = bool(replace)
+        self.label_weight = None if label_weight is None else check_rate(label_weight, "label_weight", allow_zero=True)
+        self.replace = check_flag(replace, "replace")
 
     @property
     def sources_in_order(self) -> bool:  # type: ignore[override]

@@ -29,7 +29,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from otcfm._args import check_count, check_rate
+from otcfm._args import check_count, check_flag, check_rate
 from otcfm.couplers.base import Pairing
 from otcfm.couplers.cost import condition_cost, squared_euclidean_cost
 from otcfm.couplers.plan import CostFn, OTCoupler, pairs_from_plan
@@ -39,6 +39,9 @@ __all__ = ["PartialCoupler", "UnbalancedCoupler", "partial_plan", "unbalanced_pl
 
 
 def _check(cost: Tensor, epsilon: float, tol: float, max_iter: int) -> None:
+    if not isinstance(cost, Tensor) or not cost.is_floating_point():
+        got = f"dtype {cost.dtype}" if isinstance(cost, Tensor) else type(cost).__name__
+        raise TypeError(f"cost: expected a floating-point torch.Tensor, got {got}")
     if cost.ndim != 2 or 0 in cost.shape:
         raise ValueError(f"cost: expected a non-empty 2-D matrix, got shape {tuple(cost.shape)}")
     if not bool(torch.isfinite(cost).all()):
@@ -219,7 +222,8 @@ class _RelaxedCoupler(OTCoupler):
         check_rate(epsilon, "epsilon")
         check_rate(tol, "tol")
         check_count(max_iter, "max_iter")
-        self.epsilon, self.relative, self.tol, self.max_iter = float(epsilon), bool(relative), tol, max_iter
+        self.epsilon, self.tol, self.max_iter = float(epsilon), tol, max_iter
+        self.relative = check_flag(relative, "relative")
 
     def _solve(self, cost: Tensor, eps: float, scale: float) -> SinkhornResult:
         raise NotImplementedError

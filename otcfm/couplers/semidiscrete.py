@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from otcfm import _random
-from otcfm._args import check_count, check_generator, check_rate
+from otcfm._args import check_count, check_flag, check_generator, check_rate
 from otcfm._checks import check_batch, check_finite
 from otcfm.couplers.base import Coupler, Pairing, check_labels
 from otcfm.couplers.screening import MAX_DIM, Screen, fast_bfloat16
@@ -141,7 +141,7 @@ class SemidiscreteCoupler(Coupler):
         check_count(fit_batch_size, "fit_batch_size")
         check_rate(fit_lr, "fit_lr")
         self.fit_steps, self.fit_batch_size, self.fit_lr = fit_steps, fit_batch_size, float(fit_lr)
-        self.epsilon, self.relative = float(epsilon), bool(relative)
+        self.epsilon, self.relative = float(epsilon), check_flag(relative, "relative")
         if screen is not None and not isinstance(screen, bool):
             raise ValueError(f"screen: expected True, False or None, got {screen!r}")
         self.memory_budget, self.online_lr, self.screen = int(memory_budget), online_lr, screen

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from otcfm import _random
-from otcfm._args import check_count, check_rate
+from otcfm._args import check_anneal, check_count, check_flag, check_rate
 from otcfm._checks import all_finite, check_pair
 from otcfm.couplers.base import Pairing
 from otcfm.couplers.cost import condition_cost, squared_euclidean_cost
@@ -162,6 +162,9 @@ def sinkhorn_plan(
     Raises:
         ValueError: ``epsilon <= 0`` or below ``1e-7`` of the mean cost, NaN/Inf cost, bad weights.
     """
+    if not isinstance(cost, Tensor) or not cost.is_floating_point():
+        got = f"dtype {cost.dtype}" if isinstance(cost, Tensor) else type(cost).__name__
+        raise TypeError(f"cost: expected a floating-point torch.Tensor, got {got}")
     if cost.ndim != 2 or cost.shape[0] == 0 or cost.shape[1] == 0:
         raise ValueError(f"cost: expected a non-empty 2-D matrix, got shape {tuple(cost.shape)}")
     if not all_finite(cost):
@@ -214,10 +217,11 @@ def _scaling(
     (:func:`_rows_then_columns`). Kernels are written into ``out`` (shaped like ``cost``) when given;
     ``mean`` is ``cost.mean()`` when the caller knows it.
     """
-    if not (isinstance(epsilon, (int, float)) and math.isfinite(epsilon) and epsilon > 0):
-        raise ValueError(f"epsilon: expected a finite number > 0, got {epsilon!r}")
-    if tol <= 0 or max_iter < 1:
-        raise ValueError(f"tol, max_iter: expected tol > 0 and max_iter >= 1, got {tol}, {max_iter}")
+    check_rate(epsilon, "epsilon")
+    check_rate(tol, "tol")
+    check_count(max_iter, "max_iter")
+    check_flag(relative, "relative")
+    check_anneal(anneal)
     n0, n1 = cost.shape
     a, b = marginal_weights(a, n0, cost, "a"), marginal_weights(b, n1, cost, "b")
     scale = float(cost.mean()) if mean is None else mean
@@ -404,15 +408,14 @@ class SinkhornCoupler(OTCoupler):
         memory_budget: int | None = None,
     ) -> None:
         super().__init__(cost, label_weight, replace)
-        if not (isinstance(epsilon, (int, float)) and math.isfinite(epsilon) and epsilon > 0):
-            raise ValueError(f"epsilon: expected a finite number > 0, got {epsilon!r}")
-        check_rate(tol, "tol")
-        check_count(max_iter, "max_iter")
-        if memory_budget is not None:
-            check_count(memory_budget, "memory_budget")
-        self.memory_budget = memory_budget
+        self.epsilon, self.tol, self.max_iter = (
+            check_rate(epsilon, "epsilon"),
+            check_rate(tol, "tol"),
+            check_count(max_iter, "max_iter"),
+        )
+        self.memory_budget = None if memory_budget is None else check_count(memory_budget, "memory_budget")
         self._workspace = _Workspace()
-        self.epsilon, self.relative, self.tol, self.max_iter, self.anneal = epsilon, relative, tol, max_iter, anneal
+        self.relative, self.anneal = check_flag(relative, "relative"), check_anneal(anneal)
 
     def plan(
         self,
