@@ -86,3 +86,45 @@ def test_sinkhorn_coupler_goes_blockwise_above_its_budget() -> None:
     dense_cost = float(((x0 - x1[SinkhornCoupler(epsilon=0.1)(x0, x1).j]) ** 2).sum(1).mean())
     independent = float(((x0[:, None] - x1[None]) ** 2).sum(-1).mean())
     assert float(((x0 - x1[j]) ** 2).sum(1).mean()) < 0.8 * independent and dense_cost < 0.8 * independent
+
+
+@pytest.mark.parametrize(
+    "scale, offset, dtype",
+    [
+        (100.0, 0.0, torch.float16),  # |x|^2 overflows float16: computed in float32
+        (1e19, 0.0, torch.float32),  # |x|^2 overflows float32: computed in float64
+        (1e-20, 0.0, torch.float32),  # |x|^2 underflows float32
+        (1.0, 1e4, torch.float32),  # far from the origin: centred, else the cost loses its digits
+        (1.0, 0.0, torch.bfloat16),
+    ],
+)
+def test_clouds_beyond_their_dtype_pair_as_in_float64(scale: float, offset: float, dtype: torch.dtype) -> None:
+    """Valid partners (the probe found index n1 for every row at float16 x 100) and the float64 solve's plan."""
+    g = torch.Generator().manual_seed(5)
+    x0 = (torch.randn(48, 2, generator=g, dtype=torch.float64) * scale + offset).to(dtype)
+    x1 = (torch.randn(48, 2, generator=g, dtype=torch.float64) * scale + offset).to(dtype)
+    low = blockwise_sinkhorn(x0, x1, 0.1, tol=1e-6, max_iter=5000, memory_budget=2000)
+    high = blockwise_sinkhorn(x0.double(), x1.double(), 0.1, tol=1e-6, max_iter=5000, memory_budget=2000)
+    assert low.converged and torch.isfinite(low.g).all()
+    assert abs(low.epsilon - high.epsilon) <= 1e-3 * high.epsilon
+    rows = [draw_partners(x0, x1, low.g, low.epsilon, torch.Generator().manual_seed(s), 2000) for s in range(3)]
+    assert all(int(j.min()) >= 0 and int(j.max()) < 48 for j in rows)
+    a, b = x0.double(), x1.double()
+    independent = float(((a[:, None] - b[None]) ** 2).sum(-1).mean())
+    assert all(float(((a - b[j]) ** 2).sum(1).mean()) < 0.5 * independent for j in rows)
+
+
+def test_unrepresentable_clouds_and_overflowing_potentials_are_named() -> None:
+    x0, x1 = _clouds(16, 16)
+    with pytest.raises(ValueError, match="x0, x1: their squared distances .* overflow or underflow float64"):
+        blockwise_sinkhorn(x0 * 1e200, x1 * 1e200, 0.1)
+    with pytest.raises(ValueError, match="epsilon: .* too small for torch.float32"):
+        blockwise_sinkhorn(x0.float(), x1.float(), 1e-44, relative=False, anneal=False, max_iter=3)
+
+
+def test_inputs_that_require_grad_are_paired() -> None:
+    from otcfm.couplers import SinkhornCoupler
+
+    x0, x1 = _clouds(32, 32)
+    j = SinkhornCoupler(memory_budget=1000)(x0.requires_grad_(), x1).j  # addmm(out=...) refuses autograd inputs
+    assert j.shape == (32,)

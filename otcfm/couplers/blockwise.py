@@ -55,22 +55,51 @@ class BlockwiseSinkhorn:
         Computed on row blocks of ``log P_kl = (f_k + g_l - C_kl) / epsilon`` under ``memory_budget``:
         ``H = -sum P log P`` of the plan normalised to mass 1, then ``(H - log max(n0, n1)) / log min(n0, n1)``.
         """
-        a, b = x0.reshape(x0.shape[0], -1).to(self.f.dtype), x1.reshape(x1.shape[0], -1).to(self.f.dtype)
-        n0, n1 = a.shape[0], b.shape[0]
+        n0, n1 = x0.shape[0], x1.shape[0]
         if (n0, n1) != (self.f.shape[0], self.g.shape[0]) or min(n0, n1) < 2:
             raise ValueError(f"x0, x1: expected the {self.f.shape[0]} x {self.g.shape[0]} clouds of this solve")
-        a_sq, b_sq = (a * a).sum(1), (b * b).sum(1)
+        a, b, a_sq, b_sq = _clouds(x0, x1)
+        f, g = self.f.to(a.dtype), self.g.to(a.dtype)
         mass, weighted = 0.0, 0.0  # sum P and sum P log P, in float64
         rows = _block(memory_budget, n1, a.element_size())
         for start in range(0, n0, rows):
             stop = min(start + rows, n0)
-            log_p = torch.addmm(self.g - b_sq, a[start:stop], b.T, alpha=2.0)
-            log_p.add_((self.f[start:stop] - a_sq[start:stop])[:, None]).div_(self.epsilon)
+            log_p = torch.addmm(g - b_sq, a[start:stop], b.T, alpha=2.0)
+            log_p.add_((f[start:stop] - a_sq[start:stop])[:, None]).div_(self.epsilon)
             p = log_p.exp()
             mass += float(p.sum(dtype=torch.float64))
             weighted += float((p * log_p).sum(dtype=torch.float64))
         entropy = math.log(mass) - weighted / mass
         return (entropy - math.log(max(n0, n1))) / math.log(min(n0, n1))
+
+
+def _clouds(x0: Tensor, x1: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(a, b, |a|^2, |b|^2)``: the flattened clouds, detached, in a dtype whose range holds their costs.
+
+    Half precision is computed in float32, and float32 clouds whose squared norms float32 cannot hold (beyond
+    about 1e19 or below 1e-16) in float64. Clouds far from the origin compared with their spread are centred
+    first: the cost is translation-invariant, and ``|a|^2 + |b|^2 - 2 a.b`` would otherwise lose its digits.
+
+    Raises:
+        ValueError: float64 cannot hold the squared distances either.
+    """
+    a, b = x0.detach().reshape(x0.shape[0], -1), x1.detach().reshape(x1.shape[0], -1)
+    start = torch.promote_types(a.dtype, torch.float32)
+    for dtype in dict.fromkeys((start, torch.float64)):
+        a, b = a.to(dtype), b.to(dtype)
+        a_sq, b_sq = (a * a).sum(1), (b * b).sum(1)
+        centre = 0.5 * (a.mean(0) + b.mean(0))
+        spread = 0.5 * (float(a_sq.mean()) + float(b_sq.mean())) - float(centre @ centre)
+        if float(centre @ centre) > spread:
+            a, b = a - centre, b - centre
+            a_sq, b_sq = (a * a).sum(1), (b * b).sum(1)
+        bound, info = 2.0 * (float(a_sq.max()) + float(b_sq.max())), torch.finfo(dtype)
+        if bound == 0 or info.tiny / info.eps < bound < info.max:
+            return a, b, a_sq, b_sq
+    raise ValueError(
+        f"x0, x1: their squared distances (bound {bound:.3g}) overflow or underflow float64; rescale the data "
+        "(with a relative epsilon the coupling does not depend on the scale)"
+    )
 
 
 def _block(budget: int, other: int, itemsize: int) -> int:
@@ -110,7 +139,8 @@ def blockwise_sinkhorn(
     """Entropic OT between uniform ``x0: (n0, ...)`` and ``x1: (n1, ...)`` (squared Euclidean), blockwise.
 
     Args:
-        x0, x1: the point clouds (flattened), on the device to compute on; their dtype is used.
+        x0, x1: the point clouds (flattened), on the device to compute on, in their dtype (half precision in
+            float32, float32 beyond its range in float64); centred when far from the origin.
         epsilon: regularisation; relative to the mean cost (estimated on up to 2048 x 2048 points) unless
             ``relative=False``.
         relative: see ``epsilon``.
@@ -125,7 +155,8 @@ def blockwise_sinkhorn(
         a :class:`BlockwiseSinkhorn`.
 
     Raises:
-        ValueError: bad inputs, settings or potentials.
+        ValueError: bad inputs, settings or potentials; clouds whose squared distances float64 cannot hold; an
+            epsilon too small for the dtype (the potentials overflow).
     """
     x0, x1 = check_pair(x0, x1)
     check_rate(epsilon, "epsilon")
@@ -134,9 +165,8 @@ def blockwise_sinkhorn(
     check_count(memory_budget, "memory_budget")
     check_flag(relative, "relative")
     check_anneal(anneal)
-    a, b = x0.reshape(x0.shape[0], -1), x1.reshape(x1.shape[0], -1)
+    a, b, a_sq, b_sq = _clouds(x0, x1)
     n0, n1 = a.shape[0], b.shape[0]
-    a_sq, b_sq = (a * a).sum(1), (b * b).sum(1)
     probe_a, probe_b = a[:2048], b[:2048]
     probe = (a_sq[:2048, None] + b_sq[None, :2048] - 2.0 * probe_a @ probe_b.T).clamp_min(0)
     mean_cost, largest = float(probe.double().mean()), float(probe.max())
@@ -165,6 +195,11 @@ def blockwise_sinkhorn(
         iterations += 1
         if current > eps:
             current = max(eps, current / 2)
+    if not bool(torch.isfinite(f).all() and torch.isfinite(g).all()):
+        raise ValueError(
+            f"epsilon: {eps:.3g} (absolute) is too small for {a.dtype} on these clouds (mean cost {mean_cost:.3g}): "
+            "the potentials overflowed; raise it, or pass float64 clouds"
+        )
     return BlockwiseSinkhorn(f, g, eps, iterations, error, error <= tol)
 
 
@@ -182,9 +217,9 @@ def draw_partners(
     draw of :func:`otcfm._random.multinomial` (one pass, exact for any sharpness; a Gumbel-max draw would need
     noise for every entry within reach of the maximum, most of a blurry row). ``(n0,)`` int64, never the dense plan.
     """
-    a, b = x0.reshape(x0.shape[0], -1), x1.reshape(x1.shape[0], -1)
+    a, b, _, b_sq = _clouds(x0, x1)
     g = g.to(device=a.device, dtype=a.dtype)
-    shift = (g - (b * b).sum(1))[None, :]
+    shift = (g - b_sq)[None, :]
     rows = _block(memory_budget, b.shape[0], 8)  # as if float64: the draw's own buffers come on top
     buffer = torch.empty((min(rows, a.shape[0]), b.shape[0]), dtype=a.dtype, device=a.device)
     partners = torch.empty(a.shape[0], dtype=torch.long, device=a.device)
