@@ -420,6 +420,7 @@ def _reflow(args: argparse.Namespace) -> int:
         out / "pairs",
         seed=args.seed,
         progress=not args.no_progress,
+        overwrite=args.overwrite,
     )
     student = copy.deepcopy(teacher)
     run = reflow.RunOptions(

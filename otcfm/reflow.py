@@ -28,9 +28,10 @@ from torch import Tensor, nn
 
 from otcfm import checkpoint as ckpt
 from otcfm import distributed
+from otcfm._args import check_flag
 from otcfm._checks import check_choice
 from otcfm.data import Sampler, draw
-from otcfm.data.sources import DataSource, as_source
+from otcfm.data.sources import DataSource, as_source, content_hash
 from otcfm.engine import LRSchedule, Precision, Schedule, fit, resolve_device
 from otcfm.flow import FlowMatcher
 from otcfm.solvers import METHODS, Method, check_output, check_velocity, integrate
@@ -99,6 +100,7 @@ def generate_pairs(
     batch_size: int = 4096,
     seed: int = 0,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> PairSet:
     """Push ``n`` source samples through ``teacher``'s ODE; save them in chunks when ``out`` is given.
 
@@ -112,12 +114,15 @@ def generate_pairs(
         batch_size: pairs per chunk.
         seed: seed of the noise.
         progress: show a progress bar.
+        overwrite: replace a pair set in ``out`` made from another teacher or with other settings (its
+            ``meta.json`` and chunks; other files stay) instead of refusing it. One made with the same
+            settings is kept either way: generating it again would give the same values.
 
     Returns:
         the :class:`PairSet` (all chunks, in order).
 
     Raises:
-        ValueError: ``out`` holds pairs from another teacher or other settings.
+        ValueError: ``out`` holds pairs from another teacher or other settings, and not ``overwrite``.
     """
     if not isinstance(teacher, nn.Module):
         raise TypeError(f"teacher: expected an nn.Module called as teacher(x, t), got {type(teacher).__name__}")
@@ -126,14 +131,18 @@ def generate_pairs(
             raise ValueError(f"{name}: expected a positive integer, got {value!r}")
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ValueError(f"seed: expected an integer >= 0, got {seed!r}")
+    check_flag(overwrite, "overwrite")
     check_choice(method, METHODS, "method")
     noise = as_source(source, "source")
     device = next(iter(teacher.parameters()), torch.empty(0)).device
-    check_velocity(teacher, noise(2, torch.Generator().manual_seed(0)).to(device), "teacher")  # before any file
+    probe = noise(2, torch.Generator().manual_seed(0))
+    check_velocity(teacher, probe.to(device), "teacher")  # before any file
     meta = {
         "format": PAIR_FORMAT,
         "teacher": teacher_fingerprint(teacher),
         "source": noise.spec,
+        # what the source draws, not only its name: two functions (or lambdas) of one name differ here
+        "source_draw": content_hash(probe),
         "n": n,
         "steps": steps,
         "method": method,
@@ -144,7 +153,7 @@ def generate_pairs(
     rank, world_size = distributed.world()
     if directory is not None:
         if rank == 0:
-            _check_or_write_meta(directory, meta)
+            _check_or_write_meta(directory, meta, overwrite)
         distributed.barrier()
         if rank > 0:
             _check_or_write_meta(directory, meta)  # reads rank 0's file: the same settings on every rank
@@ -171,15 +180,24 @@ def generate_pairs(
     return load_pairs(directory)
 
 
-def _check_or_write_meta(directory: Path, meta: dict[str, Any]) -> None:
+def _check_or_write_meta(directory: Path, meta: dict[str, Any], overwrite: bool = False) -> None:
+    """Write ``meta.json`` of a new pair set; check an existing one against ``meta``, or replace it (``overwrite``)."""
     path = directory / "meta.json"
     if path.is_file():
         saved = _read_meta(path)
-        differing = [k for k in meta if saved.get(k) != meta[k]]
-        if differing:
+        # pair sets written before "source_draw" was recorded are checked on the other keys
+        differing = [k for k in meta if saved.get(k) != meta[k] and (k != "source_draw" or k in saved)]
+        if not differing:
+            return
+        if not overwrite:
             details = ", ".join(f"{k}: file {saved.get(k)!r} vs now {meta[k]!r}" for k in differing)
-            raise ValueError(f"out: {directory} holds pairs made with other settings or another teacher ({details})")
-        return
+            raise ValueError(
+                f"out: {directory} holds pairs made with other settings or another teacher ({details}); "
+                "pass overwrite=True (otcfm reflow/distill: --overwrite) to replace them"
+            )
+        for chunk in directory.glob("chunk-*.pt"):  # the old set's files, nothing else
+            chunk.unlink()
+        path.unlink()
     directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / ".meta.json.tmp"
     tmp.write_text(json.dumps(meta, indent=1))

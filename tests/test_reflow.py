@@ -66,6 +66,27 @@ def test_pairs_from_another_teacher_or_settings_are_refused(teacher: torch.nn.Mo
         reflow.generate_pairs(other, "8gaussians", 20, steps=2, method="euler", out=tmp_path, progress=False)
     with pytest.raises(ValueError, match="steps: file 2 vs now 3"):
         reflow.generate_pairs(teacher, "8gaussians", 20, steps=3, method="euler", out=tmp_path, progress=False)
+    (tmp_path / "notes.txt").write_text("mine")
+    replaced = reflow.generate_pairs(
+        teacher, "8gaussians", 20, steps=3, method="euler", out=tmp_path, progress=False, overwrite=True
+    )
+    fresh = reflow.generate_pairs(teacher, "8gaussians", 20, steps=3, method="euler", progress=False)
+    assert replaced.meta["steps"] == 3 and torch.equal(replaced.x1, fresh.x1)  # not the steps=2 chunks
+    assert (tmp_path / "notes.txt").read_text() == "mine"  # only the pair set's own files are replaced
+    reflow.generate_pairs(
+        teacher, "8gaussians", 20, steps=2, method="euler", out=tmp_path, progress=False, overwrite=True
+    )
+
+    def shifted(n: int, generator: torch.Generator) -> torch.Tensor:  # named like the next one
+        return 10 + torch.randn(n, 2, generator=generator)
+
+    def sampler(n: int, generator: torch.Generator) -> torch.Tensor:
+        return torch.randn(n, 2, generator=generator)
+
+    shifted.__qualname__ = sampler.__qualname__
+    reflow.generate_pairs(teacher, sampler, 20, steps=2, method="euler", out=tmp_path / "f", progress=False)
+    with pytest.raises(ValueError, match="source_draw"):  # same name, other draws: the walkthrough got old pairs
+        reflow.generate_pairs(teacher, shifted, 20, steps=2, method="euler", out=tmp_path / "f", progress=False)
     (tmp_path / "chunk-00000.pt").unlink()
     with pytest.raises(ValueError, match="chunks missing"):
         reflow.load_pairs(tmp_path)
