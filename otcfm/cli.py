@@ -128,8 +128,8 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument(
         "--source",
         default=defaults.source,
-        help=f"x0: {names}, a .npy/.pt file, or auto (8gaussians for 2-D "
-        "targets, else a standard Gaussian of the target's shape)",
+        help=f"x0: {names}, a .npy/.pt file, or auto (8gaussians for the built-in 2-D "
+        "datasets, else a standard Gaussian of the target's shape)",
     )
     tr.add_argument("--target", default=defaults.target, help=f"x1: {names}, or a .npy/.pt file")
     tr.add_argument("--dim", type=_positive_int, default=None, help="dimension of gaussian / mixture data")

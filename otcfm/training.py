@@ -29,6 +29,7 @@ from otcfm import checkpoint as ckpt
 from otcfm import distributed
 from otcfm._args import check_flag
 from otcfm.couplers import COUPLERS, Coupler, SemidiscreteCoupler, get_coupler
+from otcfm.data import DATASETS
 from otcfm.data.sources import DataSource, as_source
 from otcfm.engine import (
     CHECKPOINT_NAME,
@@ -57,8 +58,9 @@ class TrainConfig:
 
     Attributes:
         source: ``x0``: a dataset name (``otcfm.data.DATASETS``), a ``.npy``/``.pt`` file, or ``"auto"``:
-            ``"8gaussians"`` when the target has 2 features, else a standard Gaussian of the target's sample
-            shape. (Objects such as tensors are passed to :func:`train` and recorded here by a description.)
+            ``"8gaussians"`` when the target is a built-in 2-D dataset (``"moons"``, ...), else a standard
+            Gaussian of the target's sample shape (a user's own data, 2-D too). (Objects such as tensors are
+            passed to :func:`train` and recorded here by a description.)
         target: ``x1``: a dataset name or a file, as ``source``.
         source_options, target_options: keyword options of a named dataset (``{"dim": 32}`` for ``"mixture"``).
         coupler: coupler name (``otcfm.couplers.COUPLERS``).
@@ -237,10 +239,12 @@ def _flow_matcher(config: TrainConfig, objects: dict[str, Any]) -> FlowMatcher:
 
 
 def _data(config: TrainConfig, objects: dict[str, Any]) -> tuple[DataSource, DataSource]:
-    target = as_source(objects.get("target", config.target), "target", config.target_options)
+    target_data = objects.get("target", config.target)
+    target = as_source(target_data, "target", config.target_options)
     source_data = objects.get("source", config.source)
-    if isinstance(source_data, str) and source_data == "auto":
-        source_data = "8gaussians" if target.shape == (2,) else "gaussian"
+    if isinstance(source_data, str) and source_data == "auto":  # the toy pairs of the benchmarks, else noise
+        toy = isinstance(target_data, str) and target_data in DATASETS and target.shape == (2,)
+        source_data = "8gaussians" if toy else "gaussian"
     source = as_source(source_data, "source", config.source_options, like=target)
     if source.shape != target.shape:
         raise ValueError(

@@ -213,3 +213,14 @@ def test_existing_run_needs_resume_or_overwrite(tmp_path: Path) -> None:
         otcfm.train(config, out=tmp_path, progress=False)
     again = otcfm.train(dataclasses.replace(config, seed=5), out=tmp_path, overwrite=True, progress=False)
     assert again.losses != first.losses and checkpoint.load(tmp_path / "checkpoint.pt")["run"]["seed"] == 5
+
+
+def test_auto_source_is_noise_for_own_2d_data() -> None:
+    """'auto' gives 8gaussians only to the built-in 2-D toys; a user's 2-D data get a standard Gaussian."""
+    from otcfm.training import TrainConfig, _data
+
+    own = torch.randn(300, 2, generator=torch.Generator().manual_seed(0)) * 0.1 + 4
+    source, _ = _data(TrainConfig(), {"target": own})
+    assert source.spec == "gaussian" and source.shape == (2,)
+    source, _ = _data(TrainConfig(target="moons"), {})
+    assert source.spec == "8gaussians"
