@@ -56,6 +56,8 @@ FIXED_STEP_METHODS: dict[str, tuple[Callable[[Field, Tensor, Tensor, Tensor], Te
     "rk4": (_rk4, 4),
 }
 METHODS = (*FIXED_STEP_METHODS, "dopri5")
+#: Default budget of model evaluations of ``"dopri5"`` (a smooth learned flow takes tens to hundreds).
+MAX_NFE = 100_000
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,7 @@ def solve(
     atol: float = 1e-5,
     rtol: float = 1e-5,
     grad: bool = False,
+    max_nfe: int = MAX_NFE,
 ) -> Solution:
     """Integrate ``dx/dt = model(x, t)`` from ``x0`` at ``t_span[0]`` to ``t_span[1]``.
 
@@ -99,12 +102,15 @@ def solve(
         return_trajectory: keep the states at every output time.
         atol, rtol: tolerances of ``"dopri5"``.
         grad: track gradients (off by default: sampling runs under ``no_grad``).
+        max_nfe: budget of model evaluations of ``"dopri5"``, whose steps shrink without end where the flow
+            blows up or the model returns NaN/Inf.
 
     Returns:
         a :class:`Solution` with the final state, output times, optional trajectory and NFE.
 
     Raises:
-        ValueError: unknown method (lists the valid ones), ``steps < 1``, bad ``x0``.
+        ValueError: unknown method (lists the valid ones), ``steps < 1``, bad ``x0``; ``"dopri5"`` needing more
+            than ``max_nfe`` evaluations (the message says whether the last velocity was finite).
         ImportError: ``"dopri5"`` without torchdyn installed.
     """
     check_choice(method, METHODS, "method")
@@ -115,10 +121,11 @@ def solve(
     _check_span(t_span)
     check_rate(atol, "atol")
     check_rate(rtol, "rtol")
+    check_count(max_nfe, "max_nfe")
     times = torch.linspace(float(t_span[0]), float(t_span[1]), steps + 1, dtype=x0.dtype, device=x0.device)
     with torch.set_grad_enabled(grad):
         if method == "dopri5":
-            solution = _solve_adaptive(model, x0, times, return_trajectory, atol, rtol)
+            solution = _solve_adaptive(model, x0, times, return_trajectory, atol, rtol, max_nfe)
         else:
             solution = _solve_fixed(model, x0, times, method, return_trajectory)
     if not bool(torch.isfinite(solution.x).all()):  # one check per solve, not per step
@@ -194,10 +201,16 @@ def _solve_fixed(
 
 
 def _solve_adaptive(
-    model: Callable[[Tensor, Tensor], Tensor], x: Tensor, times: Tensor, keep: bool, atol: float, rtol: float
+    model: Callable[[Tensor, Tensor], Tensor],
+    x: Tensor,
+    times: Tensor,
+    keep: bool,
+    atol: float,
+    rtol: float,
+    max_nfe: int,
 ) -> Solution:
     neural_ode = load_neural_ode()
-    field = TorchdynField(model)
+    field = TorchdynField(model, max_nfe)
     node = neural_ode(field, solver="dopri5", atol=atol, rtol=rtol, sensitivity="autograd", return_t_eval=False)
     trajectory = node(x, times)
     return Solution(trajectory[-1], times, trajectory if keep else None, field.nfe)
@@ -214,6 +227,7 @@ def integrate(
     atol: float = 1e-5,
     rtol: float = 1e-5,
     grad: bool = False,
+    max_nfe: int = MAX_NFE,
 ) -> Tensor:
     """Integrate a velocity model; the tensor-returning form of :func:`solve`.
 
@@ -224,6 +238,15 @@ def integrate(
         when ``return_trajectory=True``. Use :func:`solve` for the NFE.
     """
     solution = solve(
-        model, x0, steps, method, t_span=t_span, return_trajectory=return_trajectory, atol=atol, rtol=rtol, grad=grad
+        model,
+        x0,
+        steps,
+        method,
+        t_span=t_span,
+        return_trajectory=return_trajectory,
+        atol=atol,
+        rtol=rtol,
+        grad=grad,
+        max_nfe=max_nfe,
     )
     return solution.trajectory if return_trajectory else solution.x

@@ -6,6 +6,7 @@ module imports it only inside :func:`load_neural_ode`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -29,21 +30,36 @@ class TorchdynField(nn.Module):
 
     Args:
         model: velocity field ``model(x: (B, ...), t: (B,)) -> (B, ...)``.
+        max_nfe: raise ``ValueError`` on the call after this many (an adaptive solver's steps shrink without
+            end where the flow blows up or the model returns NaN); None for no limit.
 
     Example:
         >>> from torchdyn.core import NeuralODE  # doctest: +SKIP
         >>> node = NeuralODE(TorchdynField(model), solver="dopri5")  # doctest: +SKIP
     """
 
-    def __init__(self, model: Callable[[Tensor, Tensor], Tensor]) -> None:
+    def __init__(self, model: Callable[[Tensor, Tensor], Tensor], max_nfe: int | None = None) -> None:
         super().__init__()
         self.model = model
+        self.max_nfe = max_nfe
         self.nfe = 0
 
     def forward(self, t: Tensor, x: Tensor, args: Any = None) -> Tensor:
         """Velocity at ``x: (B, ...)`` and a single time ``t`` (any shape holding one value) or ``t: (B,)``."""
-        self.nfe += 1
         t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+        if self.max_nfe is not None:
+            now = float(t.reshape(-1)[0])  # the adaptive loop reads its time on the host anyway
+            if math.isnan(now):  # a NaN error estimate made the step size NaN: no step will be accepted again
+                raise ValueError(
+                    f"model: the adaptive solver's time became NaN after {self.nfe} evaluations: the model "
+                    "returned NaN/Inf or the flow blew up; use a fixed-step method to find where"
+                )
+            if self.nfe >= self.max_nfe:
+                raise ValueError(
+                    f"max_nfe: the adaptive solver made {self.nfe} model evaluations and reached only t = {now:.6g}: "
+                    "the flow is stiff or blows up; raise max_nfe, loosen atol/rtol, or use a fixed-step method"
+                )
+        self.nfe += 1
         if t.numel() == 1:
             t = t.reshape(()).expand(x.shape[0])
         return self.model(x, t)

@@ -125,6 +125,18 @@ def test_dopri5_through_torchdyn() -> None:
     assert solution.nfe == field.calls > 0
 
 
+def test_dopri5_stops_where_it_cannot_progress() -> None:
+    """The probe's hangs: a NaN model and a flow that blows up in finite time (dx/dt = x^2 from 2, at t = 0.5)
+    made dopri5 shrink its steps without end; now a NaN time raises at once and the budget bounds the rest."""
+    _require_torchdyn()
+    with pytest.raises(ValueError, match="model: the adaptive solver's time became NaN"):
+        solve(lambda x, t: x * float("nan"), X0, steps=2, method="dopri5")
+    with pytest.raises(ValueError, match=r"max_nfe: the adaptive solver made 300 model evaluations and reached only"):
+        solve(lambda x, t: x**2, X0.abs() + 2, steps=2, method="dopri5", max_nfe=300)
+    with pytest.raises(ValueError, match="max_nfe: expected a positive integer"):
+        solve(Rotation(), X0, steps=2, method="dopri5", max_nfe=0)
+
+
 def test_adapter_inside_users_own_torchdyn_code() -> None:
     _require_torchdyn()
     from torchdyn.core import NeuralODE
