@@ -153,9 +153,17 @@ def resolve_device(device: torch.device | str | None) -> torch.device:
             return distributed.default_device() if distributed.world()[1] > 1 else torch.device("cuda")
         return torch.device("cpu")
     try:
-        return torch.device(device)
+        resolved = torch.device(device)
     except (RuntimeError, TypeError) as error:
         raise ValueError(f"device: expected 'cpu', 'cuda', 'cuda:N' or 'auto', got {device!r}") from error
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            built = "this torch was built without CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+            raise ValueError(f"device: {device!r} asked for, but {built}; use 'cpu' or 'auto'")
+        if resolved.index is not None and resolved.index >= count:
+            raise ValueError(f"device: {device!r} asked for, but only {count} CUDA device(s) are visible")
+    return resolved
 
 
 class _Autocast(nn.Module):

@@ -214,3 +214,13 @@ def test_engine_keeps_the_schedule_on_resume(tmp_path: Path) -> None:
     run(Schedule(steps=4, lr_schedule="cosine"), tmp_path / "cosine", resume=False)
     with pytest.raises(ValueError, match="steps: checkpoint 4 vs now 6 under lr_schedule 'cosine'"):
         run(Schedule(steps=6, lr_schedule="cosine"), tmp_path / "cosine")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_cuda_is_a_clear_error(tmp_path: Path) -> None:
+    """Was torch's raw AssertionError ('Torch not compiled with CUDA enabled') after the data were loaded."""
+    with pytest.raises(ValueError, match="device: 'cuda' asked for, but"):
+        train(TrainConfig(steps=1), device="cuda", progress=False)
+    from otcfm.cli import main
+
+    assert main(["train", "--device", "cuda", "--steps", "1", "--out", str(tmp_path / "run")]) == 2
