@@ -217,11 +217,18 @@ def fit(
 
     Raises:
         ValueError: ``resume`` without ``out``, an existing run without ``resume``/``overwrite``, a checkpoint of
-            another run or with more steps than ``schedule.steps``.
+            another run or with more steps than ``schedule.steps``; a model without parameters.
+        TypeError: a model that is not an ``nn.Module``, a callback that is not callable.
         KeyboardInterrupt: re-raised after the last finished step was saved.
     """
     if not isinstance(schedule, Schedule):
         raise TypeError(f"schedule: expected a Schedule, got {type(schedule).__name__}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module called as model(x, t), got {type(model).__name__}")
+    if next(model.parameters(), None) is None:
+        raise ValueError("model: it has no parameters to train")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback: expected a function callback(step, loss) or None, got {type(callback).__name__}")
     path = Path(out) / CHECKPOINT_NAME if out is not None else None
     if resume and path is None:
         raise ValueError("resume: needs out, the directory holding checkpoint.pt")

@@ -146,20 +146,43 @@ def _check_span(t_span: object) -> None:
 def check_velocity(model: Callable[..., Tensor], x: Tensor, argument: str = "model") -> Tensor:
     """Evaluate ``model(x, t=0)`` once and check its output: a floating tensor of ``x``'s shape, finite.
 
-    For entry points that do long work with a model (pair generation), so a wrong model fails before it starts.
+    For entry points that do long work with a model (training, pair generation), so a model that does not fit
+    the data fails before the work starts. A module is evaluated in eval mode (no batch-norm statistics are
+    updated), then each submodule is put back in its mode.
 
     Raises:
         TypeError: the model is not callable or returns something else than a floating tensor.
-        ValueError: an output of another shape, or NaN/Inf.
+        ValueError: the call fails (e.g. the model expects samples of another shape), an output of another
+            shape, or NaN/Inf.
     """
     if not callable(model):
         raise TypeError(f"{argument}: expected a callable model(x, t), got {type(model).__name__}")
-    with torch.no_grad():
-        v = model(x, torch.zeros(x.shape[0], dtype=x.dtype, device=x.device))
+    modes = [(m, m.training) for m in model.modules()] if isinstance(model, torch.nn.Module) else []
+    try:
+        for module, _ in modes:
+            module.training = False
+        with torch.no_grad():
+            v = _first_call(model, x, torch.zeros(x.shape[0], dtype=x.dtype, device=x.device), argument)
+    finally:
+        for module, mode in modes:
+            module.training = mode
     check_output(v, x, argument)
     if not bool(torch.isfinite(v).all()):
         raise ValueError(f"{argument}: returned NaN or Inf")
     return v
+
+
+def _first_call(model: Callable[..., Tensor], x: Tensor, t: Tensor, argument: str = "model") -> Tensor:
+    """``model(x, t)``, where an exception (e.g. a model made for samples of another shape) becomes a
+    ``ValueError`` naming ``argument`` and the shape of ``x``; for a model's first call in a long run."""
+    try:
+        return model(x, t)
+    except Exception as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(
+            f"{argument}: calling it as {argument}(x, t) on samples of shape {tuple(x.shape)} failed ({first}); "
+            "does it take samples of this shape?"
+        ) from error
 
 
 def check_output(v: object, x: Tensor, argument: str = "model") -> Tensor:
@@ -185,10 +208,10 @@ def _solve_fixed(
 
     def field(t: Tensor, state: Tensor) -> Tensor:
         nonlocal checked
-        v = model(state, t.expand(batch))
-        if not checked:  # the first evaluation only: no per-step cost
-            check_output(v, state)
-            checked = True
+        if checked:
+            return model(state, t.expand(batch))
+        v = check_output(_first_call(model, state, t.expand(batch)), state)  # the first evaluation only
+        checked = True
         return v
 
     states = [x] if keep else []

@@ -45,6 +45,7 @@ from otcfm.flow import FlowMatcher
 from otcfm.models import MLP, model_spec, rebuild_model
 from otcfm.paths import PATHS
 from otcfm.paths import Path as ProbabilityPath
+from otcfm.solvers import check_velocity
 from otcfm.timesteps import TIME_SAMPLERS
 
 __all__ = ["CHECKPOINT_NAME", "TrainConfig", "TrainResult", "build_model", "load_model", "train", "write_checkpoint"]
@@ -350,6 +351,8 @@ def train(
         model = None
     if model is not None and not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module or 'package.module:factory', got {type(model).__name__}")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback: expected a function callback(step, loss) or None, got {type(callback).__name__}")
     if config is not None and not isinstance(config, TrainConfig):
         raise TypeError(f"config: expected a TrainConfig, got {type(config).__name__}")
     try:
@@ -367,6 +370,10 @@ def train(
     paired = FlowMatcher(coupler="paired", path=fm.path, time_sampler=fm.time_sampler) if global_coupling else fm
     net_model = model if model is not None else build_model(config, target.features)
     device_ = resolve_device(device)
+    if next(net_model.parameters(), None) is None:
+        raise ValueError("model: it has no parameters to train")
+    place = next(net_model.parameters()).device
+    check_velocity(net_model, source(2, torch.Generator().manual_seed(0)).to(place), "model")  # before any work
     semidiscrete = fm.coupler if isinstance(fm.coupler, SemidiscreteCoupler) else None
     dataset = None
     if semidiscrete is not None:

@@ -224,3 +224,30 @@ def test_auto_source_is_noise_for_own_2d_data() -> None:
     assert source.spec == "gaussian" and source.shape == (2,)
     source, _ = _data(TrainConfig(target="moons"), {})
     assert source.spec == "8gaussians"
+
+
+def test_a_model_that_does_not_fit_the_data_fails_before_training(npy: Path) -> None:
+    """Was torch's 'mat1 and mat2 shapes cannot be multiplied' from inside the first step."""
+    net = otcfm.models.MLP(3)  # takes 3 features, the data have 5
+    with pytest.raises(ValueError, match=r"model: calling it as model\(x, t\) on samples of shape \(2, 5\) failed"):
+        otcfm.train(model=net, target=str(npy), progress=False, **QUICK)
+    with pytest.raises(ValueError, match="model: it has no parameters"):
+        otcfm.train(model=torch.nn.Identity(), target=str(npy), progress=False, **QUICK)
+    with pytest.raises(TypeError, match="callback: expected a function"):
+        otcfm.train(target=str(npy), callback=5, progress=False, **QUICK)
+
+
+def test_the_probe_leaves_batch_norm_statistics_and_modes_alone() -> None:
+    from otcfm.solvers import check_velocity
+
+    class Norm(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm, self.frozen = torch.nn.BatchNorm1d(2), torch.nn.BatchNorm1d(2).eval()
+
+        def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return self.frozen(self.norm(x))
+
+    net = Norm()
+    check_velocity(net, torch.randn(4, 2) + 5)
+    assert torch.equal(net.norm.running_mean, torch.zeros(2)) and net.norm.training and not net.frozen.training

@@ -156,3 +156,11 @@ def test_missing_torchdyn_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> No
 
 def test_methods_list() -> None:
     assert set(METHODS) == {"euler", "midpoint", "heun", "rk4", "dopri5"}
+
+
+def test_a_model_for_other_samples_is_named() -> None:
+    """integrate(MLP(3), 2-D x0) was torch's 'mat1 and mat2 shapes cannot be multiplied'."""
+    import otcfm
+
+    with pytest.raises(ValueError, match=r"model: calling it as model\(x, t\) on samples of shape \(3, 2\) failed"):
+        solve(otcfm.models.MLP(3), torch.randn(3, 2), steps=2)
