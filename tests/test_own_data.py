@@ -251,3 +251,18 @@ def test_the_probe_leaves_batch_norm_statistics_and_modes_alone() -> None:
     net = Norm()
     check_velocity(net, torch.randn(4, 2) + 5)
     assert torch.equal(net.norm.running_mean, torch.zeros(2)) and net.norm.training and not net.frozen.training
+
+
+def test_a_data_file_is_recorded_absolute_and_old_relative_records_resume(
+    npy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run found its file only from the directory it was started in (otcfm sample/reflow elsewhere failed)."""
+    from otcfm.engine import _same_file
+
+    monkeypatch.chdir(npy.parent)
+    run = otcfm.train(target="data.npy", out=tmp_path / "run", progress=False, **QUICK)
+    assert run.config.target == str(npy.resolve()) or run.config.target == str(npy)
+    assert _same_file("data.npy", str(npy)) and not _same_file("data.npy", "other.npy")
+    monkeypatch.chdir(tmp_path)
+    model, config = otcfm.load_model(tmp_path / "run")
+    assert config.target == run.config.target  # readable from here

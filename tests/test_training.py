@@ -49,14 +49,15 @@ def test_resume_after_interrupt_equals_uninterrupted(tmp_path: Path, stop: int) 
 
 
 class _Flaky(torch.nn.Module):
-    """Wraps a model; raises KeyboardInterrupt on its n-th forward call (mid-step)."""
+    """Wraps a model; raises KeyboardInterrupt on its n-th forward call in training mode (mid-step; train's probe
+    of the model before the first step runs in eval mode)."""
 
     def __init__(self, model: torch.nn.Module, fail_at: int | None) -> None:
         super().__init__()
         self.model, self.fail_at, self.calls = model, fail_at, 0
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
+        self.calls += self.training
         if self.calls == self.fail_at:
             raise KeyboardInterrupt
         return self.model(x, t)

@@ -189,7 +189,8 @@ def _from_file(path: Path, argument: str) -> DataSource:
     if not isinstance(raw, (Tensor, np.ndarray)):
         raise TypeError(f"{argument}: {str(path)!r} holds a {type(raw).__name__}; expected one tensor (N, ...)")
     tensor = _as_float_tensor(raw, f"{argument} ({path})")
-    return _from_tensor(tensor, f"{argument} ({path})", str(path))
+    # recorded as an absolute path: a run's checkpoint then finds its data from any working directory
+    return _from_tensor(tensor, f"{argument} ({path})", os.path.abspath(path))
 
 
 def _as_float_tensor(data: Tensor | np.ndarray, argument: str) -> Tensor:
