@@ -86,6 +86,10 @@ def likelihood(
     check_generator(generator)
     if not callable(model):
         raise TypeError(f"model: expected a callable model(x, t), got {type(model).__name__}")
+    if not callable(source_log_prob):
+        raise TypeError(
+            f"source_log_prob: expected a callable log p0(x0) -> (B,), got {type(source_log_prob).__name__}"
+        )
     n, shape = x.shape[0], x.shape[1:]
     d = math.prod(shape)
     eps = None
@@ -125,7 +129,11 @@ def likelihood(
             state = step(field, times[k], state, times[k + 1] - times[k])
     x0 = state[:, :d].reshape(n, *shape)
     # state[:, d] = int_1^0 div dt = -int_0^1 div dt
-    log_prob = source_log_prob(x0) + state[:, d]
+    prior = source_log_prob(x0)
+    if not isinstance(prior, Tensor) or prior.shape != (n,):
+        got = tuple(prior.shape) if isinstance(prior, Tensor) else type(prior).__name__
+        raise ValueError(f"source_log_prob: expected a tensor of shape ({n},), one log-density per sample, got {got}")
+    log_prob = prior + state[:, d]
     if not bool(torch.isfinite(log_prob).all()):
         raise ValueError("model: the log-likelihood is NaN or Inf (the model returned NaN/Inf or the flow diverged)")
     return LogLikelihood(log_prob, x0, calls)

@@ -462,3 +462,14 @@ def test_sinkhorn_plan_refuses_a_cost_that_is_not_a_float_tensor() -> None:
         sinkhorn_plan(torch.ones(3, 3, dtype=torch.long), 0.1)
     with pytest.raises(ValueError, match="tol"):
         sinkhorn_plan(torch.rand(3, 3), 0.1, tol=float("nan"))
+
+
+def test_condition_cost_refuses_labels_of_another_length() -> None:
+    """Short labels were broadcast (a (1,) y0 against a 4 x 4 cost) into a cost of the wrong meaning."""
+    from otcfm.couplers.cost import condition_cost
+
+    cost = torch.rand(4, 4)
+    with pytest.raises(ValueError, match=r"y0: expected shape \(4,\) or \(4, k\), one per row of the cost, got \(1,\)"):
+        condition_cost(cost, torch.zeros(1, dtype=torch.long), torch.arange(4), None, None)
+    with pytest.raises(ValueError, match=r"y1: expected shape \(4,\)"):
+        condition_cost(cost, None, torch.arange(3), None, None)

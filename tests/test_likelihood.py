@@ -60,3 +60,12 @@ def test_trained_model_and_errors() -> None:
         likelihood(model, x, divergence="trace")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="method"):
         likelihood(model, x, method="dopri5")  # type: ignore[arg-type]
+
+
+def test_a_source_density_of_the_wrong_shape_is_refused() -> None:
+    """A density keeping its dimension, (B, 1), broadcast against (B,) into a (B, B) 'log_prob' without a word."""
+    x = torch.randn(8, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"source_log_prob: expected a tensor of shape \(8,\).*got \(8, 1\)"):
+        likelihood(linear_field, x, steps=2, source_log_prob=lambda z: -0.5 * (z**2).sum(1, keepdim=True))
+    with pytest.raises(TypeError, match="source_log_prob: expected a callable"):
+        likelihood(linear_field, x, steps=2, source_log_prob=5)

@@ -125,10 +125,14 @@ def condition_cost(
     """
     if y1 is None:
         return cost
+    n0, n1 = cost.shape
+    for y, rows, name in ((y0, n0, "y0"), (y1, n1, "y1")):
+        if y is not None and (not isinstance(y, Tensor) or y.ndim not in (1, 2) or y.shape[0] != rows):
+            got = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
+            raise ValueError(f"{name}: expected shape ({rows},) or ({rows}, k), one per row of the cost, got {got}")
     if y0 is None:
         if y1.is_floating_point():
             raise ValueError("y0: continuous conditions y1 need source conditions y0 as well")
-        n0, n1 = cost.shape
         order = (
             _random.randperm(n1, generator, y1.device) if n0 <= n1 else _random.randint(n1, (n0,), generator, y1.device)
         )
