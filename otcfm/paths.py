@@ -21,7 +21,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from otcfm._checks import check_choice, check_pair, check_time
+from otcfm._args import check_rate
+from otcfm._checks import check_choice, check_finite, check_pair, check_time
 
 __all__ = [
     "PATHS",
@@ -94,8 +95,10 @@ class Path(ABC):
         if self.needs_noise:
             if noise is None:
                 raise ValueError(f"noise: the {self.name!r} path needs a standard normal tensor shaped like x0")
-            if noise.shape != x0.shape:
-                raise ValueError(f"noise: expected shape {tuple(x0.shape)}, got {tuple(noise.shape)}")
+            if not isinstance(noise, Tensor) or noise.shape != x0.shape or noise.dtype != x0.dtype:
+                got = f"{tuple(noise.shape)} {noise.dtype}" if isinstance(noise, Tensor) else type(noise).__name__
+                raise ValueError(f"noise: expected a tensor of shape {tuple(x0.shape)} and dtype {x0.dtype}, got {got}")
+            check_finite(noise, "noise")
         t = t.to(x0.dtype).reshape(-1, *([1] * (x0.ndim - 1)))
         return self.interpolate(x0, x1, t, noise)
 
@@ -176,6 +179,8 @@ class GaussianPath(Path):
 
     def __post_init__(self) -> None:
         _check_nonneg(self.sigma_min, "sigma_min")
+        if self.sigma_min > 1:
+            raise ValueError(f"sigma_min: expected a width in [0, 1] (the path's width at t = 1), got {self.sigma_min}")
 
     def interpolate(self, x0: Tensor, x1: Tensor, t: Tensor, noise: Tensor | None) -> PathSample:
         shrink = 1.0 - self.sigma_min
@@ -210,6 +215,8 @@ class DiffusionPath(Path):
     gaussian_source = True
 
     def __post_init__(self) -> None:
+        check_rate(self.beta_min, "beta_min")
+        check_rate(self.beta_max, "beta_max")
         if not (0 < self.beta_min <= self.beta_max):
             raise ValueError(
                 f"beta_min, beta_max: expected 0 < beta_min <= beta_max, got {self.beta_min}, {self.beta_max}"
@@ -275,8 +282,11 @@ class BridgePath(Path):
     needs_noise = True
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.sigma, (int, float)) and self.sigma > 0 and math.isfinite(self.sigma)):
-            raise ValueError(f"sigma: the bridge path needs sigma > 0, got {self.sigma}")
+        check_rate(self.sigma, "sigma")
+        if not 0 < 2.0 * self.sigma * self.sigma < math.inf:
+            raise ValueError(
+                f"sigma: the bridge's epsilon 2 sigma^2 must be a positive float, got sigma = {self.sigma}"
+            )
 
     @property
     def entropic_epsilon(self) -> float:
@@ -291,8 +301,7 @@ class BridgePath(Path):
 
 
 def _check_nonneg(value: float, name: str) -> None:
-    if not (isinstance(value, (int, float)) and value >= 0 and math.isfinite(value)):
-        raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")
+    check_rate(value, name, allow_zero=True)
 
 
 #: Registered paths by name, each with the keyword its ``sigma`` maps to (None: no sigma).

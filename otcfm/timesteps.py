@@ -10,6 +10,7 @@ with values in ``[0, 1]``. By name (:func:`get_time_sampler`): ``"uniform"``,
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -17,6 +18,7 @@ import torch
 from torch import Tensor
 
 from otcfm import _random
+from otcfm._args import check_rate
 from otcfm._checks import check_choice, check_time
 
 __all__ = ["TIME_SAMPLERS", "CheckedSampler", "LogitNormal", "TimeSampler", "UShaped", "Uniform", "get_time_sampler"]
@@ -51,8 +53,11 @@ class LogitNormal:
     std: float = 1.0
 
     def __post_init__(self) -> None:
-        if not self.std > 0:
-            raise ValueError(f"std: expected > 0, got {self.std}")
+        check_rate(self.std, "std")
+        if not (isinstance(self.mean, numbers.Real) and not isinstance(self.mean, bool) and math.isfinite(self.mean)):
+            raise (TypeError if not isinstance(self.mean, numbers.Real) else ValueError)(
+                f"mean: expected a finite number, got {self.mean!r}"
+            )
 
     def __call__(self, n: int, generator: torch.Generator | None, device: torch.device, dtype: torch.dtype) -> Tensor:
         return torch.sigmoid(self.mean + self.std * _random.randn((n,), generator, device, dtype))
@@ -71,14 +76,17 @@ class UShaped:
     a: float = 2.0
 
     def __post_init__(self) -> None:
-        if not self.a > 0:
-            raise ValueError(f"a: expected > 0, got {self.a}")
+        check_rate(self.a, "a")
+        if self.a > _MAX_A:
+            raise ValueError(f"a: expected at most {_MAX_A} (sinh(a) overflows beyond), got {self.a}")
 
     def __call__(self, n: int, generator: torch.Generator | None, device: torch.device, dtype: torch.dtype) -> Tensor:
         u = _random.rand((n,), generator, device, torch.float64)
         t = 0.5 * (1 + torch.asinh((2 * u - 1) * math.sinh(self.a)) / self.a)
         return t.clamp(0, 1).to(dtype)
 
+
+_MAX_A = 700.0  # sinh(710) overflows a float
 
 #: Registered time samplers by name.
 TIME_SAMPLERS: dict[str, type] = {"uniform": Uniform, "logit_normal": LogitNormal, "u_shaped": UShaped}

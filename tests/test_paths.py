@@ -9,7 +9,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from otcfm.paths import PATHS, BridgePath, DiffusionPath, GaussianPath, get_path
+from otcfm.paths import PATHS, BridgePath, DiffusionPath, GaussianPath, LinearPath, get_path
+from otcfm.timesteps import LogitNormal, UShaped
 
 # (name, sigma) cases; sigma > 0 exercises the noise branches.
 CASES = [
@@ -143,3 +144,33 @@ def test_gaussian_source_warning_on_other_sources() -> None:
     x0 = 5 + torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
     with pytest.warns(UserWarning, match="standard normal source"):
         GaussianPath().check_source(x0)
+
+
+@pytest.mark.parametrize(
+    "make, error, message",
+    [
+        (lambda: DiffusionPath(0.1, float("inf")), ValueError, "beta_max: expected a finite number > 0"),
+        (lambda: DiffusionPath("a", "b"), TypeError, "beta_min: expected a finite number"),
+        (lambda: BridgePath(1e200), ValueError, "sigma: the bridge's epsilon 2 sigma"),
+        (lambda: BridgePath(1e-200), ValueError, "sigma: the bridge's epsilon 2 sigma"),
+        (lambda: GaussianPath(sigma_min=2.0), ValueError, r"sigma_min: expected a width in \[0, 1\]"),
+        (lambda: LinearPath(sigma=True), TypeError, "sigma: expected a finite number"),
+        (lambda: LogitNormal(mean=float("nan")), ValueError, "mean: expected a finite number"),
+        (lambda: LogitNormal(std="1"), TypeError, "std: expected a finite number"),
+        (lambda: UShaped(a=float("inf")), ValueError, "a: expected a finite number > 0"),
+        (lambda: UShaped(a=1000.0), ValueError, "a: expected at most 700"),
+    ],
+)
+def test_parameters_that_would_draw_nan_are_refused(make: object, error: type, message: str) -> None:
+    """The probe's NaN/Inf times and targets (and raw OverflowError / '<' not supported) from these settings."""
+    with pytest.raises(error, match=message):
+        make()
+
+
+def test_noise_is_checked_by_the_public_call() -> None:
+    x0, x1, t = torch.randn(4, 2), torch.randn(4, 2), torch.rand(4)
+    path = LinearPath(sigma=0.1)
+    with pytest.raises(ValueError, match="noise: contains NaN"):
+        path(x0, x1, t, torch.full((4, 2), float("nan")))
+    with pytest.raises(ValueError, match=r"noise: expected a tensor of shape \(4, 2\) and dtype torch.float32"):
+        path(x0, x1, t, torch.randn(4, 2, dtype=torch.float64))  # silently made x_t float64
