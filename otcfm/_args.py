@@ -6,14 +6,16 @@ docs/api.md). Booleans are not counts: ``steps=True`` is refused, not read as 1.
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from numpy import bool_ as numpy_bool
 
-__all__ = ["check_anneal", "check_count", "check_flag", "check_generator", "check_rate"]
+__all__ = ["check_anneal", "check_count", "check_flag", "check_generator", "check_options", "check_rate"]
 
 
 def check_count(value: Any, name: str, minimum: int = 1) -> int:
@@ -33,6 +35,26 @@ def check_rate(value: Any, name: str, allow_zero: bool = False) -> float:
     if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
         raise ValueError(f"{name}: expected a finite number {'>=' if allow_zero else '>'} 0, got {value!r}")
     return float(value)
+
+
+def check_options(
+    target: Callable[..., Any], options: dict[str, Any], name: str, fixed: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """``options`` must be keyword parameters of ``target`` (a class or function) other than the ``fixed`` ones
+    its caller passes itself; an unknown one raises a ``TypeError`` naming it and listing the valid ones, instead
+    of Python's bare "unexpected keyword argument"."""
+    parameters = inspect.signature(target).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return options
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    valid = [k for k, p in parameters.items() if p.kind in kinds and k not in fixed]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise TypeError(
+            f"{name}: unknown option{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} of "
+            f"{getattr(target, '__qualname__', target)}; valid: {', '.join(valid)}"
+        )
+    return options
 
 
 def check_flag(value: Any, name: str) -> bool:

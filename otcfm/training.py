@@ -27,7 +27,7 @@ from torch import nn
 
 from otcfm import checkpoint as ckpt
 from otcfm import distributed
-from otcfm._args import check_flag
+from otcfm._args import check_flag, check_options
 from otcfm.couplers import COUPLERS, Coupler, SemidiscreteCoupler, get_coupler
 from otcfm.data import DATASETS
 from otcfm.data.sources import DataSource, as_source
@@ -224,7 +224,7 @@ def _flow_matcher(config: TrainConfig, objects: dict[str, Any]) -> FlowMatcher:
         if sigma is not None and keyword is not None:
             options[keyword] = sigma
         try:
-            path, sigma = cls(**options), None
+            path, sigma = cls(**check_options(cls, options, "path")), None
         except TypeError as error:
             raise _option_error("path_options", config.path_options, error) from error
     time_sampler = objects.get("time_sampler", config.time_sampler)
@@ -233,7 +233,8 @@ def _flow_matcher(config: TrainConfig, objects: dict[str, Any]) -> FlowMatcher:
             valid = ", ".join(map(repr, sorted(TIME_SAMPLERS)))
             raise ValueError(f"time_sampler: unknown value {time_sampler!r}; expected one of {valid}")
         try:
-            time_sampler = TIME_SAMPLERS[time_sampler](**config.time_sampler_options)
+            cls = TIME_SAMPLERS[time_sampler]
+            time_sampler = cls(**check_options(cls, config.time_sampler_options, "time_sampler"))
         except TypeError as error:
             raise _option_error("time_sampler_options", config.time_sampler_options, error) from error
     return FlowMatcher(coupler=coupler, path=path, sigma=sigma, time_sampler=time_sampler)

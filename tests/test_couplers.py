@@ -473,3 +473,16 @@ def test_condition_cost_refuses_labels_of_another_length() -> None:
         condition_cost(cost, torch.zeros(1, dtype=torch.long), torch.arange(4), None, None)
     with pytest.raises(ValueError, match=r"y1: expected shape \(4,\)"):
         condition_cost(cost, None, torch.arange(3), None, None)
+
+
+def test_unknown_options_list_the_valid_ones() -> None:
+    with pytest.raises(TypeError, match="coupler: unknown option 'bogus' of ExactCoupler; valid: solver, cost"):
+        get_coupler("exact", bogus=1)
+    with pytest.raises(TypeError, match="options of 'moons': unknown option 'foo' of moons; valid: noise$"):
+        otcfm.data.sample("moons", 4, foo=1)
+    with pytest.raises(ValueError, match="noise: expected a finite number, got nan"):
+        otcfm.data.sample("moons", 4, noise=float("nan"))
+    with pytest.raises(TypeError, match="dtype: expected a floating torch.dtype"):
+        otcfm.data.sample("moons", 4, dtype=torch.int64)  # truncated the samples to integers
+    with pytest.raises(ValueError, match="device: expected a torch.device"):
+        otcfm.data.sample("moons", 4, device="bogus")

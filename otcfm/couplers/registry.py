@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from otcfm._args import check_options
 from otcfm._checks import check_choice
 from otcfm.couplers.base import Coupler
 from otcfm.couplers.exact import ExactCoupler
@@ -51,4 +52,4 @@ def get_coupler(coupler: str | Coupler, **options: Any) -> Coupler:
     if not isinstance(coupler, str):
         raise TypeError(f"coupler: expected a name or a Coupler instance, got {type(coupler).__name__}")
     check_choice(coupler, COUPLERS, "coupler")
-    return COUPLERS[coupler](**options)
+    return COUPLERS[coupler](**check_options(COUPLERS[coupler], options, "coupler"))

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from otcfm._args import check_count, check_generator
+from otcfm._args import check_count, check_generator, check_options
 from otcfm._checks import check_choice
 from otcfm.data import toy2d
 from otcfm.data.digits import digits, load_digits
@@ -54,13 +55,25 @@ def sample(
         ``(n, d)`` tensor (``(n, 1, 8, 8)`` for ``"digits"``).
 
     Raises:
-        ValueError: unknown name (lists the valid ones) or ``n < 1``.
+        ValueError: unknown name (lists the valid ones), ``n < 1``, an option that is NaN/Inf or a device
+            that is not one.
+        TypeError: an unknown option (lists the valid ones), a dtype that is not floating.
     """
     check_choice(name, DATASETS, "name")
     check_count(n, "n")
     check_generator(generator)
     if generator is not None and generator.device.type != "cpu":
         raise ValueError(f"generator: expected a CPU generator, got one on {generator.device}")
+    check_options(DATASETS[name], options, f"options of {name!r}", fixed=("n", "generator"))
+    for key, value in options.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{key}: expected a finite number, got {value!r}")
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype: expected a floating torch.dtype such as torch.float32, got {dtype!r}")
+    try:
+        device = None if device is None else torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device: expected a torch.device or a name such as 'cpu', got {device!r}") from error
     return DATASETS[name](n, generator, **options).to(device=device, dtype=dtype)
 
 
