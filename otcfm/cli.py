@@ -176,7 +176,7 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument(
         "--global-coupling",
         action="store_true",
-        help="under torchrun: couple the batches of all ranks as one OT problem (default: each rank its own)",
+        help="under torchrun: couple the batches of all ranks as one OT problem (off: each rank its own)",
     )
     tr.add_argument(
         "--pool-size",

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from otcfm import checkpoint as ckpt
 from otcfm import distributed
+from otcfm._args import check_flag
 from otcfm.data.sources import FILE_SUFFIXES
 from otcfm.models import model_spec
 from otcfm.runlock import run_lock
@@ -225,6 +226,7 @@ def fit(
     """
     if not isinstance(schedule, Schedule):
         raise TypeError(f"schedule: expected a Schedule, got {type(schedule).__name__}")
+    check_resume(resume, overwrite)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module called as model(x, t), got {type(model).__name__}")
     if next(model.parameters(), None) is None:
@@ -400,6 +402,12 @@ def _check_same_schedule(state: dict[str, Any], schedule: Schedule, path: Path) 
         differing = f"steps: checkpoint {state['planned_steps']!r} vs now {schedule.steps!r} under lr_schedule 'cosine'"
     if differing is not None:
         raise ValueError(f"resume: the checkpoint {path} was made with another config ({differing})")
+
+
+def check_resume(resume: bool, overwrite: bool) -> None:
+    """``resume`` and ``overwrite`` are flags, and at most one of them is set (continue a run, or replace it)."""
+    if check_flag(resume, "resume") and check_flag(overwrite, "overwrite"):
+        raise ValueError("resume and overwrite: choose one (continue the run in out, or replace it)")
 
 
 def _same_file(before: object, now: object) -> bool:

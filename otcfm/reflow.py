@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from otcfm import checkpoint as ckpt
 from otcfm import distributed
-from otcfm._args import check_flag
+from otcfm._args import check_count, check_flag
 from otcfm._checks import check_choice
 from otcfm.data import Sampler, draw
 from otcfm.data.sources import DataSource, as_source, content_hash
@@ -66,6 +66,15 @@ class PairSet:
     x0: Tensor
     x1: Tensor
     meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("x0", "x1"):
+            if not isinstance(getattr(self, name), Tensor) or getattr(self, name).ndim < 2:
+                raise TypeError(f"{name}: expected a tensor of shape (n, ...), got {getattr(self, name)!r:.80}")
+        if self.x0.shape != self.x1.shape:
+            raise ValueError(
+                f"x0 and x1: expected pairs of the same shape, got {tuple(self.x0.shape)} and {tuple(self.x1.shape)}"
+            )
 
     def __len__(self) -> int:
         return self.x0.shape[0]
@@ -486,6 +495,7 @@ def rectify(
     Returns:
         the models of rounds 1..rounds (the last is the (rounds + 1)-rectified flow).
     """
+    check_count(rounds, "rounds")
     models, current = [], teacher
     for r in range(1, rounds + 1):
         pair_dir = Path(out) / f"round-{r}" if out is not None else None

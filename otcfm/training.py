@@ -37,6 +37,7 @@ from otcfm.engine import (
     LRSchedule,
     Precision,
     Schedule,
+    check_resume,
     check_schedule,
     fit,
     resolve_device,
@@ -277,11 +278,17 @@ def build_model(config: TrainConfig, features: int | None = None) -> nn.Module:
             None); ``"package.module:factory"`` calls ``factory(**config.model_options)``.
         features: values per sample (``C*H*W`` for images).
     """
+    if config.model == "mlp" and config.model_options:
+        raise ValueError(
+            f"model_options: {config.model_options} are for a model factory ('package.module:factory'); the built-in "
+            "MLP takes hidden and depth (--hidden, --depth)"
+        )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         if config.model == "mlp":
             return MLP(features or config.data_dim(), hidden=config.hidden, depth=config.depth)
-        model = _import_factory(config.model)(**config.model_options)
+        factory = _import_factory(config.model)
+        model = factory(**check_options(factory, config.model_options, "model_options"))
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: {config.model!r} returned a {type(model).__name__}, expected an nn.Module")
     return model
@@ -354,6 +361,7 @@ def train(
         raise TypeError(f"model: expected an nn.Module or 'package.module:factory', got {type(model).__name__}")
     if callback is not None and not callable(callback):
         raise TypeError(f"callback: expected a function callback(step, loss) or None, got {type(callback).__name__}")
+    check_resume(resume, overwrite)
     if config is not None and not isinstance(config, TrainConfig):
         raise TypeError(f"config: expected a TrainConfig, got {type(config).__name__}")
     try:

@@ -225,3 +225,29 @@ def test_cuda_without_cuda_is_a_clear_error(tmp_path: Path) -> None:
     from otcfm.cli import main
 
     assert main(["train", "--device", "cuda", "--steps", "1", "--out", str(tmp_path / "run")]) == 2
+
+
+def test_settings_that_were_silently_ignored_or_unchecked(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="resume and overwrite: choose one"):
+        train(SMALL, out=tmp_path, resume=True, overwrite=True, progress=False)  # resumed silently
+    with pytest.raises(ValueError, match="model_options: .* the built-in MLP takes hidden and depth"):
+        train(dataclasses.replace(SMALL, model_options={"width": 32}), progress=False)  # ignored
+    with pytest.raises(TypeError, match="global_coupling: expected True or False"):
+        dataclasses.replace(SMALL, global_coupling="no")  # a truthy string
+
+
+def test_reflow_settings_checked_up_front() -> None:
+    from otcfm import reflow
+
+    with pytest.raises(ValueError, match="rounds: expected a positive integer"):
+        reflow.rectify(otcfm.models.MLP(2), "8gaussians", rounds=0)  # returned []
+    with pytest.raises(ValueError, match=r"x0 and x1: expected pairs of the same shape, got \(5, 2\) and \(10, 2\)"):
+        reflow.PairSet(torch.zeros(5, 2), torch.zeros(10, 2))  # drew x1[:5] only
+
+
+def test_python_dash_m_otcfm_is_the_command() -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "otcfm", "--version"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.startswith("otcfm ")
