@@ -96,7 +96,11 @@ def _add_common(parser: argparse.ArgumentParser, steps_flag: str, steps_default:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when available)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every draw and of the initial weights")
     parser.add_argument("--checkpoint-every", type=_positive_int, default=500, help="steps between checkpoints")
-    parser.add_argument("--resume", action="store_true", help="continue the run in OUT")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in OUT (train: options left at their defaults take its settings)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace a run already in OUT")
     parser.add_argument("--eval-n", type=_positive_int, default=2000, help="samples per draw in the W2 table")
     parser.add_argument("--eval-draws", type=_positive_int, default=3, help="draws averaged in the W2 table")
@@ -109,7 +113,8 @@ def _add_common(parser: argparse.ArgumentParser, steps_flag: str, steps_default:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(train_defaults: dict[str, Any] | None = None) -> argparse.ArgumentParser:
+    """The command line; ``train_defaults`` replaces defaults of ``otcfm train`` (see :func:`_given`)."""
     parser = _Parser(
         prog="otcfm", description="Flow matching with minibatch OT couplings and Reflow.", formatter_class=_Formatter
     )
@@ -187,6 +192,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     tr.add_argument("--out", default="runs/train", help="output directory")
     _add_common(tr, "--steps", defaults.steps)
+    if train_defaults:
+        tr.set_defaults(**train_defaults)  # after every add_argument: those with a default keep theirs otherwise
 
     for name, helptext in (
         ("reflow", "generate pairs with a trained run, train the 2-rectified flow on them"),
@@ -306,11 +313,10 @@ def _check_out(out: str, resume: bool, overwrite: bool) -> Path:
     return path
 
 
-def _train(args: argparse.Namespace) -> int:
+def _config(args: argparse.Namespace) -> TrainConfig:
+    """The :class:`TrainConfig` of ``otcfm train``'s options."""
     dim = {"dim": args.dim} if args.dim is not None else {}
-    if args.pool_size is not None and (args.pool_size < args.batch_size or args.pool_size % args.batch_size):
-        raise ValueError(f"--pool-size: expected a multiple of --batch-size {args.batch_size}, got {args.pool_size}")
-    config = TrainConfig(
+    return TrainConfig(
         source=args.source,
         target=args.target,
         source_options=dim if args.source in DIM_DATASETS else {},
@@ -338,9 +344,61 @@ def _train(args: argparse.Namespace) -> int:
         global_coupling=args.global_coupling,
         pool_size=args.pool_size,
     )
+
+
+class _Unset(list):
+    """The default :func:`_given` gives every option: a list, so that ``append`` options can copy it."""
+
+
+def _given(argv: list[str], args: argparse.Namespace) -> set[str]:
+    """The options of ``otcfm train`` that ``argv`` sets, by destination name (``coupler_option``, ``steps``)."""
+    unset = _Unset()
+    again = _parser({name: unset for name in vars(args) if name != "command"}).parse_args(argv)
+    return {name for name, value in vars(again).items() if value is not unset}
+
+
+#: TrainConfig fields set by options of another name.
+_FIELD_OPTIONS = {
+    "coupler_options": "coupler_option",
+    "path_options": "path_option",
+    "time_sampler_options": "time_sampler_option",
+    "model_options": "model_option",
+    "source_options": "dim",
+    "target_options": "dim",
+}
+#: Settings a resumed run never takes from its checkpoint: otcfm never imports code named in a file.
+_NOT_FROM_CHECKPOINT = ("model", "model_options")
+
+
+def _with_run_settings(config: TrainConfig, out: Path, given: set[str]) -> TrainConfig:
+    """On ``--resume``: every setting the command line does not give takes the value the run in ``out``
+    recorded, so ``otcfm train --out DIR --resume`` continues DIR as it was started (``--steps`` extends it);
+    a model factory is given again with ``--model``."""
+    path = out / CHECKPOINT_NAME
+    if not path.is_file():
+        return config
+    saved = ckpt.load(path).get("config")
+    if not isinstance(saved, dict):
+        return config
+    taken = {
+        field.name: saved[field.name]
+        for field in dataclasses.fields(TrainConfig)
+        if field.name in saved
+        and field.name not in _NOT_FROM_CHECKPOINT
+        and _FIELD_OPTIONS.get(field.name, field.name) not in given
+    }
+    return dataclasses.replace(config, **taken)
+
+
+def _train(args: argparse.Namespace) -> int:
+    if args.pool_size is not None and (args.pool_size < args.batch_size or args.pool_size % args.batch_size):
+        raise ValueError(f"--pool-size: expected a multiple of --batch-size {args.batch_size}, got {args.pool_size}")
+    config = _config(args)
     if args.dim is not None and not ({args.source, args.target} & set(DIM_DATASETS)):
         raise ValueError(f"--dim: applies to {' and '.join(DIM_DATASETS)} data; neither --source nor --target is")
     out = _check_out(args.out, args.resume, args.overwrite)
+    if args.resume:
+        config = _with_run_settings(config, out, args.given)
     started = time.perf_counter()
     result = train(
         config, out=out, resume=args.resume, overwrite=args.overwrite, device=args.device, progress=not args.no_progress
@@ -472,6 +530,8 @@ USER_ERRORS = (ValueError, TypeError, OSError, MemoryError)
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code (0 success, 2 user error, 130 interrupted)."""
     args = _parser().parse_args(argv)
+    if args.command == "train":
+        args.given = _given(sys.argv[1:] if argv is None else argv, args)
     commands = {"train": _train, "sample": _sample, "reflow": _reflow, "distill": _reflow}
     launched = distributed.init_from_env()  # under torchrun: one process group for the whole command
     code = None

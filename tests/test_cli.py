@@ -134,3 +134,16 @@ def test_option_words_in_any_case(text: str, value: object) -> None:
     from otcfm.cli import _key_value
 
     assert _key_value(text) == (text.partition("=")[0], value)
+
+
+def test_resume_takes_the_runs_settings(tmp_path: Path) -> None:
+    """`otcfm train --out DIR --resume --steps N` continues DIR as it was started (it listed six mismatches)."""
+    run = ["train", "--coupler", "sinkhorn", "--coupler-option", "epsilon=0.2", "--lr", "0.003", "--out", str(tmp_path)]
+    assert main(run + SMALL) == 0
+    evaluation = ["--eval-n", "200", "--eval-draws", "2", "--no-progress"]  # not settings of the run
+    assert main(["train", "--out", str(tmp_path), "--resume", "--steps", "32", *evaluation]) == 0
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    config = state["config"]
+    assert (config["coupler"], config["coupler_options"], config["lr"]) == ("sinkhorn", {"epsilon": 0.2}, 0.003)
+    assert (config["batch_size"], config["hidden"], config["depth"], state["step"]) == (32, 16, 1, 32)
+    assert main(["train", "--out", str(tmp_path), "--resume", "--coupler", "exact", *evaluation]) == 2  # changed
