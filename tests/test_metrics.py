@@ -125,3 +125,14 @@ def test_exact_coupling_lowers_target_variance() -> None:
     assert exact.total < 0.2 * independent.total
     with pytest.raises(ValueError, match="linear"):
         target_variance(otcfm.FlowMatcher(path="cosine"), "gaussian", "moons", 8, n_pool=8, n_eval=8)
+
+
+@pytest.mark.parametrize("scale", [1e-300, 1e-100, 1e160, 1e300])
+def test_sign_metrics_do_not_depend_on_the_scale(scale: float) -> None:
+    """Both are sign tests of products: they were 0.0 from 1e160 (overflow) and below 1e-100 (underflow)."""
+    from otcfm.metrics import crossing_rate, swap_fraction
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(100, 2, generator=g, dtype=torch.float64), torch.randn(100, 2, generator=g, dtype=torch.float64)
+    assert swap_fraction(a * scale, b * scale) == swap_fraction(a, b) > 0.3
+    assert crossing_rate(a * scale, b * scale) == crossing_rate(a, b) > 0.1

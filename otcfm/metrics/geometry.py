@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -32,14 +34,23 @@ def swap_fraction(x0: Tensor, x1: Tensor) -> float:
     n = x0.shape[0]
     if n < 2:
         return 0.0
-    a = x0.reshape(n, -1).to(torch.float64)
-    b = x1.reshape(n, -1).to(torch.float64)
+    a, b = _unit_scale(x0.reshape(n, -1).to(torch.float64), x1.reshape(n, -1).to(torch.float64))
     gram = a @ b.T  # <x0_a, x1_b>
     diag = gram.diagonal()
     inner = diag[:, None] + diag[None, :] - gram - gram.T
     upper = torch.triu(torch.ones(n, n, dtype=torch.bool, device=inner.device), diagonal=1)
     tol = 1e-10 * float(gram.abs().max())
     return float((inner[upper] < -tol).to(torch.float64).mean())
+
+
+def _unit_scale(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """``a`` and ``b`` times the power of two that brings their largest entry into ``[0.5, 1)``: exact, and the
+    signs of the products tested below neither overflow (coordinates of 1e160) nor underflow (1e-100)."""
+    largest = max(float(a.abs().max()), float(b.abs().max()))
+    if largest == 0:
+        return a, b
+    exponent = math.frexp(largest)[1]
+    return torch.ldexp(a, torch.tensor(-exponent)), torch.ldexp(b, torch.tensor(-exponent))
 
 
 def _orient(p: Tensor, q: Tensor, r: Tensor) -> Tensor:
@@ -72,7 +83,7 @@ def crossing_rate(x0: Tensor, x1: Tensor) -> float:
     n = x0.shape[0]
     if n < 2:
         return 0.0
-    p, q = x0.to(torch.float64), x1.to(torch.float64)
+    p, q = _unit_scale(x0.to(torch.float64), x1.to(torch.float64))
     crossings = 0
     for start in range(0, n, 512):  # rows in chunks: memory O(512 n)
         pa, qa = p[start : start + 512, None, :], q[start : start + 512, None, :]
