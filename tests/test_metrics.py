@@ -136,3 +136,29 @@ def test_sign_metrics_do_not_depend_on_the_scale(scale: float) -> None:
     a, b = torch.randn(100, 2, generator=g, dtype=torch.float64), torch.randn(100, 2, generator=g, dtype=torch.float64)
     assert swap_fraction(a * scale, b * scale) == swap_fraction(a, b) > 0.3
     assert crossing_rate(a * scale, b * scale) == crossing_rate(a, b) > 0.1
+
+
+def test_variance_metrics_check_their_inputs() -> None:
+    """NaN pools gave NaN, t = 2 and sigma = -1 were used, empty times divided by zero."""
+    from otcfm.metrics import gaussian_target_variance, target_variance_of_pairs
+
+    g = torch.Generator().manual_seed(0)
+    pairs = (torch.randn(16, 2, generator=g), torch.randn(16, 2, generator=g))
+    nan = (pairs[0] * float("nan"), pairs[1])
+    with pytest.raises(ValueError, match="x0: contains NaN"):
+        target_variance_of_pairs(nan, pairs)
+    with pytest.raises(ValueError, match=r"times: expected a non-empty sequence of numbers in \[0, 1\]"):
+        target_variance_of_pairs(pairs, pairs, times=[2.0])
+    with pytest.raises(ValueError, match="times"):
+        target_variance_of_pairs(pairs, pairs, times=[])
+    with pytest.raises(ValueError, match="sigma: expected a finite number >= 0"):
+        target_variance_of_pairs(pairs, pairs, sigma=-1.0)
+    with pytest.raises(ValueError, match="bandwidths: expected a non-empty list"):
+        target_variance_of_pairs(pairs, pairs, bandwidths=[-0.5])
+    with pytest.raises(ValueError, match="points: contains NaN"):
+        gaussian_target_variance(nan[0])
+    with pytest.raises(ValueError, match=r"times: .* in \[0, 1\)"):
+        gaussian_target_variance(pairs[1], times=[1.0])
+    with pytest.raises(ValueError, match="n_eval: expected a positive integer"):
+        gaussian_target_variance(pairs[1], n_eval=0)
+    assert target_variance_of_pairs(pairs, pairs, times=[0.5]).total >= 0

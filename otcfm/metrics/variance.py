@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from otcfm._args import check_count, check_generator
+from otcfm._args import check_count, check_generator, check_rate
+from otcfm._checks import check_batch, check_pair
 from otcfm.data import Sampler, draw
 from otcfm.flow import FlowMatcher
 from otcfm.paths import LinearPath
@@ -140,6 +141,18 @@ def coupled_pairs(
     return torch.cat(x0s)[:n].to(torch.float64), torch.cat(x1s)[:n].to(torch.float64)
 
 
+def _check_times(times: Sequence[float], below_one: bool) -> tuple[float, ...]:
+    """A non-empty sequence of times in ``[0, 1]`` (``[0, 1)`` when ``below_one``), as floats."""
+    interval = "[0, 1)" if below_one else "[0, 1]"
+    try:
+        values = tuple(float(t) for t in times)
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"times: expected a non-empty sequence of numbers in {interval}, got {times!r}") from error
+    if not values or not all(0 <= t < 1 or (t == 1 and not below_one) for t in values):
+        raise ValueError(f"times: expected a non-empty sequence of numbers in {interval}, got {times!r}")
+    return values
+
+
 def _posterior_mean(x: Tensor, centres: Tensor, values: Tensor, width: float) -> Tensor:
     """``sum_k w_k values_k`` with ``w_k ∝ exp(-||x - centres_k||^2 / (2 width^2))``, in chunks of rows."""
     out = []
@@ -194,6 +207,7 @@ def target_variance(
     check_count(n_pool, "n_pool", minimum=2)
     check_count(n_eval, "n_eval")
     check_generator(generator)
+    _check_times(times, below_one=False)
     pool0, pool1 = coupled_pairs(fm, source, target, batch_size, n_pool, generator)
     eval0, eval1 = coupled_pairs(fm, source, target, batch_size, n_eval, generator)
     return target_variance_of_pairs((pool0, pool1), (eval0, eval1), fm.path.sigma, times, bandwidths, generator)
@@ -215,6 +229,17 @@ def target_variance_of_pairs(
         sigma: the linear path's noise.
         times, bandwidths, generator: as in :func:`target_variance`.
     """
+    for name, pairs in (("pool", pool), ("evaluation", evaluation)):
+        if not (isinstance(pairs, (tuple, list)) and len(pairs) == 2):
+            raise TypeError(f"{name}: expected a pair (x0, x1) of tensors, got {type(pairs).__name__}")
+        check_pair(*pairs, same_batch=True)
+    check_rate(sigma, "sigma", allow_zero=True)
+    times = _check_times(times, below_one=False)
+    if bandwidths is not None and (
+        not bandwidths or not all(isinstance(h, (int, float)) and math.isfinite(h) and h >= 0 for h in bandwidths)
+    ):
+        raise ValueError(f"bandwidths: expected a non-empty list of finite numbers >= 0, got {bandwidths!r}")
+    check_generator(generator)
     pool0, pool1 = (x.reshape(x.shape[0], -1).to(torch.float64) for x in pool)
     eval0, eval1 = (x.reshape(x.shape[0], -1).to(torch.float64) for x in evaluation)
     if pool0.shape != pool1.shape or eval0.shape != eval1.shape or pool0.shape[1] != eval0.shape[1]:
@@ -269,11 +294,13 @@ def gaussian_target_variance(
     Returns:
         :class:`TargetVariance` with ``bandwidth = 0``.
     """
+    check_batch(points, "points")
+    check_count(n_eval, "n_eval")
+    check_generator(generator)
+    times = _check_times(times, below_one=True)
     y = points.reshape(points.shape[0], -1).to(torch.float64)
     values = []
     for t in times:
-        if not 0 <= t < 1:
-            raise ValueError(f"times: expected values in [0, 1), got {t}")
         k = torch.randint(y.shape[0], (n_eval,), generator=generator)
         x0 = torch.randn((n_eval, y.shape[1]), generator=generator, dtype=torch.float64)
         x = t * y[k] + (1 - t) * x0
