@@ -16,8 +16,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from otcfm._args import check_count
+from otcfm._checks import check_batch, check_choice
 from otcfm.couplers import Coupler, get_coupler
-from otcfm.data import Sampler, draw
+from otcfm.data import DATASETS, Sampler, draw
 
 __all__ = ["CoupledBatches", "CoupledLoader", "PoolStream", "check_pool_size", "coupled_loader", "couple_pool"]
 
@@ -85,6 +86,23 @@ def check_pool_size(pool_size: object, batch_size: int) -> int:
     return pool_size
 
 
+def _probe(source: Sampler, target: Sampler) -> None:
+    """Check ``source`` and ``target`` on two samples each: names, callables, shapes, finite values."""
+    probe = torch.Generator().manual_seed(0)
+    drawn = []
+    for name, sampler in (("source", source), ("target", target)):
+        if isinstance(sampler, str):
+            check_choice(sampler, DATASETS, name)
+        elif not callable(sampler):
+            raise TypeError(f"{name}: expected a dataset name or a callable f(n, generator), got {sampler!r:.80}")
+        drawn.append(check_batch(draw(sampler, 2, probe), name))
+    if drawn[0].shape[1:] != drawn[1].shape[1:]:
+        raise ValueError(
+            f"source and target: expected samples of one shape, got {tuple(drawn[0].shape[1:])} and "
+            f"{tuple(drawn[1].shape[1:])}"
+        )
+
+
 class CoupledBatches(IterableDataset):
     """An endless stream of coupled batches ``(x0[i], x1[j])``.
 
@@ -119,6 +137,7 @@ class CoupledBatches(IterableDataset):
         self.source, self.target = source, target
         self.coupler = get_coupler(coupler)
         self.batch_size, self.seed, self.pool_size = batch_size, seed, pool_size
+        _probe(source, target)  # here, not in a worker process, where an error arrives wrapped at the first batch
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         info = get_worker_info()

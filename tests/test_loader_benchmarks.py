@@ -176,3 +176,15 @@ def test_scale_benchmark_large_coupling_parts_quick(tmp_path: Path, part: str) -
         assert len(ours) == 2 and ours[0]["error"] <= 1e-3 and ours[1]["iterations"] == 2
     assert _load("scale").main(args) == 0  # resumes: nothing appended
     assert len(results.read_text().splitlines()) == len(rows)
+
+
+def test_bad_sources_are_named_before_any_worker_starts() -> None:
+    """With workers they failed at the first batch, as 'Caught ValueError in DataLoader worker process 0'."""
+    with pytest.raises(ValueError, match="source: unknown value 'bogus'"):
+        coupled_loader("bogus", "moons", "exact", 8, num_workers=1)
+    with pytest.raises(TypeError, match="source: expected a dataset name or a callable"):
+        coupled_loader(5, "moons", "exact", 8, num_workers=1)
+    with pytest.raises(ValueError, match="target: contains NaN or Inf"):
+        coupled_loader("moons", lambda n, g: torch.full((n, 2), float("nan")), "exact", 8, num_workers=1)
+    with pytest.raises(ValueError, match=r"source and target: expected samples of one shape, got \(3,\) and \(2,\)"):
+        coupled_loader(lambda n, g: torch.randn(n, 3, generator=g), "moons", "exact", 8)
