@@ -238,6 +238,8 @@ def fit(
         raise ValueError("resume: needs out, the directory holding checkpoint.pt")
     if path is not None and str(out) == "":
         raise ValueError("out: expected a directory, got ''")
+    if path is not None and path.parent.exists() and not path.parent.is_dir():
+        raise ValueError(f"out: {str(out)!r} is a file; expected a directory for the run")
     if path is not None and path.is_file() and not resume and not overwrite:
         raise ValueError(
             f"out: {path.parent} already holds a run ({CHECKPOINT_NAME}); resume it (resume=True, --resume) or "

@@ -159,6 +159,8 @@ def generate_pairs(
         "batch_size": batch_size,
     }
     directory = Path(out) if out is not None else None
+    if directory is not None and directory.exists() and not directory.is_dir():
+        raise ValueError(f"out: {str(out)!r} is a file; expected a directory for the pair set")
     rank, world_size = distributed.world()
     if directory is not None:
         if rank == 0:
@@ -187,6 +189,14 @@ def generate_pairs(
         return PairSet(torch.cat([p[0] for p in in_memory]), torch.cat([p[1] for p in in_memory]), meta)
     distributed.barrier()  # every rank's chunks are on disk
     return load_pairs(directory)
+
+
+def _describe(pairs: PairSet | PairSource) -> dict[str, Any] | str:
+    """What a run records of its pairs, for resume to compare: a generated set's description, the content of a
+    set made by hand (its description is empty), or the source's ``repr``."""
+    if not isinstance(pairs, PairSet):
+        return repr(pairs)
+    return pairs.meta or {"content": f"{content_hash(pairs.x0)}:{content_hash(pairs.x1)}"}
 
 
 def _check_or_write_meta(directory: Path, meta: dict[str, Any], overwrite: bool = False) -> None:
@@ -311,7 +321,7 @@ class RunOptions:
 
 
 def train_on_pairs(
-    pairs: PairSet | PairSource,
+    pairs: PairSet | tuple[Tensor, Tensor] | PairSource,
     model: nn.Module,
     steps: int = 2000,
     batch_size: int = 256,
@@ -324,7 +334,8 @@ def train_on_pairs(
     """Train ``model`` (in place) by flow matching on pairs whose pairing is kept (a k-rectified flow).
 
     Args:
-        pairs: a :class:`PairSet` or :class:`OnlinePairs` (any ``f(n, generator) -> (x0, x1)``).
+        pairs: a :class:`PairSet`, a tuple ``(x0, x1)`` of tensors, or :class:`OnlinePairs` (any
+            ``f(n, generator) -> (x0, x1)``).
         model: the student, e.g. a copy of the teacher (warm start) or a new model.
         steps, batch_size, lr: Adam training.
         time_sampler: ``"uniform"``, ``"logit_normal"``, ``"u_shaped"`` or a callable.
@@ -347,7 +358,7 @@ def train_on_pairs(
 
 def distill(
     model: nn.Module,
-    pairs: PairSet | PairSource,
+    pairs: PairSet | tuple[Tensor, Tensor] | PairSource,
     steps: int = 2000,
     batch_size: int = 256,
     lr: float = 1e-3,
@@ -364,7 +375,7 @@ def distill(
 
     Args:
         model: the student (warm-starting from a 2-rectified flow works best).
-        pairs: a :class:`PairSet` or any ``f(n, generator) -> (x0, x1)``.
+        pairs: a :class:`PairSet`, a tuple ``(x0, x1)`` of tensors, or any ``f(n, generator) -> (x0, x1)``.
         steps, batch_size, lr: Adam training.
         loss: ``"l2"`` or ``"pseudo_huber"``.
         seed: seed of the draws.
@@ -398,7 +409,7 @@ def _check_training(steps: int, batch_size: int, lr: float) -> None:
 
 def _fit(
     model: nn.Module,
-    pairs: PairSet | PairSource,
+    pairs: PairSet | tuple[Tensor, Tensor] | PairSource,
     loss: Callable[[nn.Module, Tensor, Tensor, torch.Generator], Tensor],
     steps: int,
     batch_size: int,
@@ -412,8 +423,13 @@ def _fit(
     """Adam on ``loss(net, x0, x1, generator)`` over pairs drawn from ``pairs``, through the training engine;
     ``model`` is trained in place (and given the EMA weights when ``run.ema_decay > 0``)."""
     run = run or RunOptions()
+    if isinstance(pairs, tuple) and len(pairs) == 2 and all(isinstance(x, Tensor) for x in pairs):
+        pairs = PairSet(*pairs)  # (x0, x1) as a user holds them: checked like a PairSet
     if not callable(pairs):
-        raise TypeError(f"pairs: expected a PairSet or a callable f(n, generator) -> (x0, x1), got {pairs!r}")
+        raise TypeError(
+            "pairs: expected a PairSet, a tuple (x0, x1) of tensors or a callable f(n, generator) -> (x0, x1), "
+            f"got {type(pairs).__name__}"
+        )
     device = run.device if run.device is not None else next(iter(model.parameters()), torch.empty(0)).device
     schedule = Schedule(
         steps=steps,
@@ -428,7 +444,7 @@ def _fit(
     identity = {
         "stage": desc,
         **settings,
-        "pairs": pairs.meta if isinstance(pairs, PairSet) else repr(pairs),
+        "pairs": _describe(pairs),
         "batch_size": batch_size,
         "lr": lr,
         "seed": seed,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -528,6 +529,8 @@ def load_model(
         FileNotFoundError: no checkpoint there.
         ValueError: not an otcfm checkpoint, a user model without ``model=``, or weights of other shapes.
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path: expected a checkpoint file or its run directory, got {type(path).__name__}")
     path = Path(path)
     if path.is_dir():
         path = path / CHECKPOINT_NAME

@@ -195,3 +195,17 @@ def test_cli_reflow_and_distill(tmp_path: Path, capsys: pytest.CaptureFixture[st
     more = [a if a != "3" else "5" for a in common]
     assert main(["reflow", *more, "--out", str(tmp_path / "reflow"), "--resume"]) == 0
     assert otcfm.checkpoint.load(tmp_path / "reflow" / "checkpoint.pt")["step"] == 5
+
+
+def test_pairs_held_as_a_tuple_train_and_resume_only_on_the_same_tensors(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(0)
+    x0, x1 = torch.randn(64, 2, generator=g), torch.randn(64, 2, generator=g) + 3
+    net = otcfm.models.MLP(2, hidden=16, depth=1)
+    options = {"steps": 4, "batch_size": 16, "progress": False}
+    reflow.train_on_pairs((x0, x1), copy.deepcopy(net), run=reflow.RunOptions(out=tmp_path), **options)
+    again = reflow.RunOptions(out=tmp_path, resume=True)
+    reflow.train_on_pairs((x0, x1), copy.deepcopy(net), run=again, **options)  # the same pairs: resumes
+    with pytest.raises(ValueError, match="pairs"):  # other pairs with the same (empty) description
+        reflow.train_on_pairs((x0, x1 + 1), copy.deepcopy(net), run=again, **options)
+    with pytest.raises(TypeError, match="pairs: expected a PairSet, a tuple"):
+        reflow.train_on_pairs(x0, copy.deepcopy(net), **options)
