@@ -134,6 +134,8 @@ def load(path: str | os.PathLike, what: str = "checkpoint") -> dict[str, Any]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # any unreadable file: one message naming it
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if reason.startswith("Weights only load failed"):  # torch's advice to unpickle anything does not apply
+            reason = "it holds objects other than tensors and plain values, which otcfm never unpickles"
         raise ValueError(
             f"{what}: {path} ({size} bytes) is not a readable otcfm file: truncated, corrupt or foreign ({reason})"
         ) from error

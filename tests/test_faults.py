@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -84,6 +85,9 @@ def test_truncated_and_foreign_files(run_dir: Path, tmp_path: Path) -> None:
     foreign = tmp_path / "foreign.pt"
     torch.save({"weights": torch.zeros(3)}, foreign)
     _fast_error(foreign, "not an otcfm training checkpoint")
+    array = tmp_path / "data.npy"  # a data file passed as --teacher: no advice to unpickle it
+    np.save(array, np.zeros((4, 2)))
+    _fast_error(array, "holds objects other than tensors and plain values, which otcfm never unpickles")
 
 
 def test_oversized_or_mismatched_config_fails_before_building(run_dir: Path, tmp_path: Path) -> None:
