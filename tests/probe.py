@@ -573,6 +573,93 @@ def cli_cases(directory: Path) -> list[Case]:
     return [Case("cli", argv[0] if argv else "otcfm", lambda a=argv: _cli(a), names) for argv, names in bad]
 
 
+def review_cases(directory: Path) -> list[Case]:
+    """What a second probe and a new user's walkthrough found (2026-11-25): yes/no options given as text, unknown
+    options, settings that draw NaN, a model that does not fit the data, misplaced files, solver hangs."""
+    from otcfm.couplers.blockwise import blockwise_sinkhorn
+    from otcfm.couplers.cost import condition_cost
+    from otcfm.paths import BridgePath, DiffusionPath, GaussianPath, LinearPath
+    from otcfm.timesteps import LogitNormal, UShaped
+
+    x, g = _x(), torch.Generator().manual_seed(0)
+    coupler = otcfm.get_coupler
+    a_file = directory / "a-file"
+    a_file.parent.mkdir(parents=True, exist_ok=True)
+    a_file.write_text("not a directory")
+
+    def nan_flow(y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return y * float("nan")
+
+    quick = {"steps": 1, "progress": False}
+    return [
+        Case("flag", "SinkhornCoupler", lambda: coupler("sinkhorn", relative="False"), ("relative",)),
+        Case("flag", "SinkhornCoupler", lambda: coupler("sinkhorn", anneal="bogus"), ("anneal",)),
+        Case("flag", "ExactCoupler", lambda: coupler("exact", replace="False"), ("replace",)),
+        Case("flag", "UnbalancedCoupler", lambda: coupler("unbalanced", relative="no"), ("relative",)),
+        Case("flag", "SemidiscreteCoupler", lambda: coupler("semidiscrete", relative="yes"), ("relative",)),
+        Case("flag", "TrainConfig", lambda: otcfm.TrainConfig(global_coupling="no"), ("global_coupling",)),
+        Case("flag", "train", lambda: otcfm.train(resume=True, overwrite=True, **quick), ("resume", "overwrite")),
+        Case("option", "get_coupler", lambda: coupler("exact", bogus=1), ("bogus", "coupler")),
+        Case("option", "data.sample", lambda: otcfm.data.sample("moons", 4, foo=1), ("foo",)),
+        Case("option", "data.sample", lambda: otcfm.data.sample("moons", 4, noise=float("nan")), ("noise",)),
+        Case("option", "data.sample", lambda: otcfm.data.sample("moons", 4, dtype=torch.int64), ("dtype",)),
+        Case("option", "data.sample", lambda: otcfm.data.sample("moons", 4, device="bogus"), ("device",)),
+        Case("option", "train", lambda: otcfm.train(model_options={"width": 3}, **quick), ("model_options",)),
+        Case("option", "sinkhorn_plan", lambda: otcfm.couplers.sinkhorn_plan(np.ones((3, 3)), 0.1), ("cost",)),
+        Case("range", "LogitNormal", lambda: LogitNormal(mean=float("nan")), ("mean",)),
+        Case("range", "UShaped", lambda: UShaped(a=1000.0), ("a",)),
+        Case("range", "DiffusionPath", lambda: DiffusionPath(0.1, float("inf")), ("beta_max",)),
+        Case("range", "BridgePath", lambda: BridgePath(1e200), ("sigma",)),
+        Case("range", "GaussianPath", lambda: GaussianPath(sigma_min=2.0), ("sigma_min",)),
+        Case("range", "LinearPath", lambda: LinearPath(0.1)(x, x, torch.rand(8), x.double()), ("noise",)),
+        Case("range", "reflow.rectify", lambda: otcfm.reflow.rectify(_good(), "8gaussians", rounds=0), ("rounds",)),
+        Case("range", "reflow.PairSet", lambda: otcfm.reflow.PairSet(_x(5), _x(10)), ("x0", "x1")),
+        Case(
+            "range",
+            "blockwise_sinkhorn",
+            lambda: blockwise_sinkhorn(x.double() * 1e200, x.double() * 1e200, 0.1),
+            ("x0", "x1"),
+        ),
+        Case(
+            "range",
+            "target_variance_of_pairs",
+            lambda: otcfm.metrics.target_variance_of_pairs((x, x), (x, x), times=[2.0]),
+            ("times",),
+        ),
+        Case(
+            "range",
+            "condition_cost",
+            lambda: condition_cost(torch.rand(4, 4), torch.zeros(1).long(), torch.arange(4), None, g),
+            ("y0",),
+        ),
+        Case(
+            "range",
+            "likelihood",
+            lambda: otcfm.likelihood(_good(), x, 2, source_log_prob=lambda z: z.sum(1, keepdim=True)),
+            ("source_log_prob",),
+        ),
+        Case("model-fit", "integrate", lambda: otcfm.integrate(otcfm.models.MLP(3), x, 2), ("model",)),
+        Case("model-fit", "train", lambda: otcfm.train(model=otcfm.models.MLP(3), **quick), ("model",)),
+        Case("model-fit", "train", lambda: otcfm.train(model=torch.nn.Identity(), **quick), ("model",)),
+        Case("model-fit", "train", lambda: otcfm.train(callback=5, **quick), ("callback",)),
+        Case("model-fit", "integrate", lambda: otcfm.integrate(nan_flow, x, 2, "dopri5"), ("model",)),
+        Case("file", "train", lambda: otcfm.train(out=a_file, **quick), ("out",)),
+        Case("file", "load_model", lambda: otcfm.load_model(5), ("path",)),
+        Case(
+            "file",
+            "loader.coupled_loader",
+            lambda: otcfm.loader.coupled_loader("bogus", "moons", "exact", 8, num_workers=1),
+            ("source",),
+        ),
+        Case(
+            "file",
+            "reflow.train_on_pairs",
+            lambda: otcfm.reflow.train_on_pairs(x, _good(), steps=1, progress=False),
+            ("pairs",),
+        ),
+    ]
+
+
 def all_cases(directory: Path) -> list[Case]:
     """Every case, each with a unique id (repeated ids get ``#k`` in table order); files are made in ``directory``."""
     cases = [
@@ -584,6 +671,7 @@ def all_cases(directory: Path) -> list[Case]:
         *option_cases(),
         *file_cases(directory),
         *cli_cases(directory),
+        *review_cases(directory),
     ]
     seen: Counter = Counter()
     unique = []
