@@ -52,4 +52,8 @@ def get_coupler(coupler: str | Coupler, **options: Any) -> Coupler:
     if not isinstance(coupler, str):
         raise TypeError(f"coupler: expected a name or a Coupler instance, got {type(coupler).__name__}")
     check_choice(coupler, COUPLERS, "coupler")
-    return COUPLERS[coupler](**check_options(COUPLERS[coupler], options, "coupler"))
+    try:
+        return COUPLERS[coupler](**options)
+    except TypeError:  # an unknown option is named, with the valid ones; other TypeErrors pass as they are
+        check_options(COUPLERS[coupler], options, "coupler")
+        raise

@@ -64,7 +64,6 @@ def sample(
     check_generator(generator)
     if generator is not None and generator.device.type != "cpu":
         raise ValueError(f"generator: expected a CPU generator, got one on {generator.device}")
-    check_options(DATASETS[name], options, f"options of {name!r}", fixed=("n", "generator"))
     for key, value in options.items():
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"{key}: expected a finite number, got {value!r}")
@@ -74,7 +73,12 @@ def sample(
         device = None if device is None else torch.device(device)
     except (RuntimeError, TypeError) as error:
         raise ValueError(f"device: expected a torch.device or a name such as 'cpu', got {device!r}") from error
-    return DATASETS[name](n, generator, **options).to(device=device, dtype=dtype)
+    try:
+        drawn = DATASETS[name](n, generator, **options)
+    except TypeError:  # an unknown option is named (looked up only now: a signature costs ~10 us per call)
+        check_options(DATASETS[name], options, f"options of {name!r}", fixed=("n", "generator"))
+        raise
+    return drawn.to(device=device, dtype=dtype)
 
 
 #: A source or target distribution: a name in :data:`DATASETS` or ``f(n, generator) -> (n, ...)``.
