@@ -99,7 +99,7 @@ def _add_common(parser: argparse.ArgumentParser, steps_flag: str, steps_default:
     parser.add_argument(
         "--resume",
         action="store_true",
-        help="continue the run in OUT (train: options left at their defaults take its settings)",
+        help="continue the run in OUT (train: options not given take the run's own settings)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace a run already in OUT")
     parser.add_argument("--eval-n", type=_positive_int, default=2000, help="samples per draw in the W2 table")

@@ -109,8 +109,9 @@ def solve(
         a :class:`Solution` with the final state, output times, optional trajectory and NFE.
 
     Raises:
-        ValueError: unknown method (lists the valid ones), ``steps < 1``, bad ``x0``; ``"dopri5"`` needing more
-            than ``max_nfe`` evaluations (the message says whether the last velocity was finite).
+        ValueError: unknown method (lists the valid ones), ``steps < 1``, bad ``x0``, a model that fails on
+            ``x0``'s shape; ``"dopri5"`` whose time becomes NaN (a NaN model) or that needs more than ``max_nfe``
+            evaluations.
         ImportError: ``"dopri5"`` without torchdyn installed.
     """
     check_choice(method, METHODS, "method")
