@@ -76,6 +76,8 @@ class _Parser(argparse.ArgumentParser):
     """An argument parser whose errors are one line (``otcfm train: error: ...``) and exit with code 2."""
 
     def error(self, message: str) -> NoReturn:
+        if message.startswith("unrecognized arguments") and "--steps" in message.split():
+            message += " (reflow and distill take --train-steps and --solver-steps)"
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 

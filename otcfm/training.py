@@ -264,6 +264,12 @@ def _import_factory(spec: str) -> Callable[..., nn.Module]:
         raise ValueError(f"model: expected 'mlp' or 'package.module:factory', got {spec!r}")
     try:
         factory = getattr(importlib.import_module(module_name), attribute)
+    except ModuleNotFoundError as error:
+        top = module_name.split(".")[0]
+        raise ValueError(
+            f"model: cannot import {spec!r} ({error}); the folder holding {top!r} must be on the import path: "
+            "add it to PYTHONPATH (the otcfm command does not look in the current folder; python -m otcfm does)"
+        ) from error
     except (ImportError, AttributeError) as error:
         raise ValueError(f"model: cannot import {spec!r} ({error})") from error
     if not callable(factory):

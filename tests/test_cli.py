@@ -147,3 +147,11 @@ def test_resume_takes_the_runs_settings(tmp_path: Path) -> None:
     assert (config["coupler"], config["coupler_options"], config["lr"]) == ("sinkhorn", {"epsilon": 0.2}, 0.003)
     assert (config["batch_size"], config["hidden"], config["depth"], state["step"]) == (32, 16, 1, 32)
     assert main(["train", "--out", str(tmp_path), "--resume", "--coupler", "exact", *evaluation]) == 2  # changed
+
+
+def test_hints_for_two_common_slips(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["reflow", "--teacher", str(tmp_path), "--out", str(tmp_path / "r"), "--steps", "3"])
+    assert "reflow and distill take --train-steps and --solver-steps" in capsys.readouterr().err
+    assert main(["train", "--model", "no_such_module_here:make", "--out", str(tmp_path / "m"), *SMALL]) == 2
+    assert "add it to PYTHONPATH (the otcfm command does not look in the current folder" in capsys.readouterr().err
