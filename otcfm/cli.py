@@ -540,9 +540,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = commands[args.command](args)
         return code
-    except BrokenPipeError:  # `otcfm train ... | head`: the reader left; the work is done and saved
+    except BrokenPipeError:  # `otcfm train ... | head`: the reader left; what was finished is saved
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
-        return 0 if code is None else code
+        return 141  # as a shell reports a command that SIGPIPE stopped: the command did not run to its end
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C while exiting gives no traceback
         print("otcfm: interrupted; finished steps are saved, rerun with --resume to continue", file=sys.stderr)

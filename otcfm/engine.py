@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ from torch import Tensor, nn
 from otcfm import checkpoint as ckpt
 from otcfm import distributed
 from otcfm._args import check_flag
-from otcfm.data.sources import FILE_SUFFIXES
+from otcfm.data.sources import same_file
 from otcfm.models import model_spec
 from otcfm.runlock import run_lock
 
@@ -412,13 +411,6 @@ def check_resume(resume: bool, overwrite: bool) -> None:
         raise ValueError("resume and overwrite: choose one (continue the run in out, or replace it)")
 
 
-def _same_file(before: object, now: object) -> bool:
-    """Whether two recorded data files are one: checkpoints before 2026-11-25 recorded the path as typed (a
-    relative one is read from the working directory); the content is compared by its fingerprint anyway."""
-    files = isinstance(before, str) and isinstance(now, str) and before.endswith(FILE_SUFFIXES)
-    return files and os.path.abspath(before) == os.path.abspath(now)
-
-
 def _check_same_run(state: dict[str, Any], run: dict[str, Any], defaults: dict[str, Any], path: Path) -> None:
     saved = state.get("run", state.get("config"))  # format 1 recorded the TrainConfig only
     if not isinstance(saved, dict):
@@ -429,7 +421,7 @@ def _check_same_run(state: dict[str, Any], run: dict[str, Any], defaults: dict[s
         if key == "steps":
             continue
         before = saved.get(key, defaults.get(key, missing))
-        if before is not missing and before != value and not _same_file(before, value):
+        if before is not missing and before != value and not same_file(before, value):
             differing.append(f"{key}: checkpoint {before!r} vs now {value!r}")
     if differing:
         raise ValueError(f"resume: the checkpoint was made with another config ({', '.join(differing)})")

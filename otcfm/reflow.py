@@ -31,7 +31,7 @@ from otcfm import distributed
 from otcfm._args import check_count, check_flag
 from otcfm._checks import check_choice
 from otcfm.data import Sampler, draw
-from otcfm.data.sources import DataSource, as_source, content_hash
+from otcfm.data.sources import DataSource, as_source, content_hash, same_file
 from otcfm.engine import LRSchedule, Precision, Schedule, fit, resolve_device
 from otcfm.flow import FlowMatcher
 from otcfm.solvers import METHODS, Method, check_output, check_velocity, integrate
@@ -191,12 +191,15 @@ def generate_pairs(
     return load_pairs(directory)
 
 
-def _describe(pairs: PairSet | PairSource) -> dict[str, Any] | str:
-    """What a run records of its pairs, for resume to compare: a generated set's description, the content of a
-    set made by hand (its description is empty), or the source's ``repr``."""
+def _describe(pairs: PairSet | PairSource) -> dict[str, Any]:
+    """What a run records of its pairs, for resume to compare: a generated set's description (or the source's
+    ``repr``), and for a set made by hand (whose description is empty) a hash of its content, under a key of its
+    own that runs recorded before it had not (they resume as before)."""
     if not isinstance(pairs, PairSet):
-        return repr(pairs)
-    return pairs.meta or {"content": f"{content_hash(pairs.x0)}:{content_hash(pairs.x1)}"}
+        return {"pairs": repr(pairs)}
+    if pairs.meta:
+        return {"pairs": pairs.meta}
+    return {"pairs": pairs.meta, "pairs_content": f"{content_hash(pairs.x0)}:{content_hash(pairs.x1)}"}
 
 
 def _check_or_write_meta(directory: Path, meta: dict[str, Any], overwrite: bool = False) -> None:
@@ -205,7 +208,11 @@ def _check_or_write_meta(directory: Path, meta: dict[str, Any], overwrite: bool 
     if path.is_file():
         saved = _read_meta(path)
         # pair sets written before "source_draw" was recorded are checked on the other keys
-        differing = [k for k in meta if saved.get(k) != meta[k] and (k != "source_draw" or k in saved)]
+        differing = [
+            k
+            for k in meta
+            if saved.get(k) != meta[k] and (k != "source_draw" or k in saved) and not same_file(saved.get(k), meta[k])
+        ]
         if not differing:
             return
         if not overwrite:
@@ -444,7 +451,7 @@ def _fit(
     identity = {
         "stage": desc,
         **settings,
-        "pairs": _describe(pairs),
+        **_describe(pairs),
         "batch_size": batch_size,
         "lr": lr,
         "seed": seed,

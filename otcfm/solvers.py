@@ -182,7 +182,7 @@ def _first_call(model: Callable[..., Tensor], x: Tensor, t: Tensor, argument: st
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(
             f"{argument}: calling it as {argument}(x, t) on samples of shape {tuple(x.shape)} failed ({first}); "
-            "does it take samples of this shape?"
+            f"does it take samples of this shape and dtype ({x.dtype})?"
         ) from error
 
 

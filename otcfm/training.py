@@ -31,7 +31,7 @@ from otcfm import distributed
 from otcfm._args import check_flag, check_options
 from otcfm.couplers import COUPLERS, Coupler, SemidiscreteCoupler, get_coupler
 from otcfm.data import DATASETS
-from otcfm.data.sources import DataSource, as_source
+from otcfm.data.sources import FILE_SUFFIXES, DataSource, as_source
 from otcfm.engine import (
     CHECKPOINT_NAME,
     FORMAT_VERSION,
@@ -242,6 +242,17 @@ def _flow_matcher(config: TrainConfig, objects: dict[str, Any]) -> FlowMatcher:
     return FlowMatcher(coupler=coupler, path=path, sigma=sigma, time_sampler=time_sampler)
 
 
+def _recorded_source(config: TrainConfig, path: Path) -> TrainConfig:
+    """``source="auto"`` on resume: the source the run recorded, which 'auto' chose when it started (runs from
+    before 2026-11-25 gave a user's own 2-D data 8gaussians, 'auto' now gives them a Gaussian)."""
+    saved = ckpt.load(path).get("config") if path.is_file() else None
+    recorded = saved.get("source") if isinstance(saved, dict) else None
+    nameable = isinstance(recorded, str) and (recorded in DATASETS or recorded.endswith(FILE_SUFFIXES))
+    if not nameable or config.source_options:  # an object's description cannot be drawn from: left to the check
+        return config
+    return dataclasses.replace(config, source=saved["source"], source_options=saved.get("source_options", {}))
+
+
 def _data(config: TrainConfig, objects: dict[str, Any]) -> tuple[DataSource, DataSource]:
     target_data = objects.get("target", config.target)
     target = as_source(target_data, "target", config.target_options)
@@ -375,6 +386,8 @@ def train(
         config = dataclasses.replace(config or TrainConfig(), **names)
     except TypeError as error:  # an unknown keyword
         raise TypeError(f"train: {error}; valid settings are the fields of TrainConfig") from error
+    if resume and out is not None and config.source == "auto" and "source" not in objects:
+        config = _recorded_source(config, Path(out) / CHECKPOINT_NAME)
     source, target = _data(config, objects)
     described = {k: repr(v) for k, v in objects.items() if k in ("coupler", "path", "time_sampler")}
     if model is not None:
@@ -389,7 +402,8 @@ def train(
     if next(net_model.parameters(), None) is None:
         raise ValueError("model: it has no parameters to train")
     place = next(net_model.parameters()).device
-    check_velocity(net_model, source(2, torch.Generator().manual_seed(0)).to(place), "model")  # before any work
+    with torch.autocast(place.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):  # as the steps run it
+        check_velocity(net_model, source(2, torch.Generator().manual_seed(0)).to(place), "model")  # before any work
     semidiscrete = fm.coupler if isinstance(fm.coupler, SemidiscreteCoupler) else None
     dataset = None
     if semidiscrete is not None:

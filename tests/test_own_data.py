@@ -256,13 +256,33 @@ def test_the_probe_leaves_batch_norm_statistics_and_modes_alone() -> None:
 def test_a_data_file_is_recorded_absolute_and_old_relative_records_resume(
     npy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A run found its file only from the directory it was started in (otcfm sample/reflow elsewhere failed)."""
-    from otcfm.engine import _same_file
+    """A run found its file only from the directory it was started in (otcfm sample/reflow elsewhere failed);
+    a checkpoint written before, with the path as typed ('data.npy'), still resumes."""
+    from otcfm import checkpoint
 
     monkeypatch.chdir(npy.parent)
     run = otcfm.train(target="data.npy", out=tmp_path / "run", progress=False, **QUICK)
-    assert run.config.target == str(npy.resolve()) or run.config.target == str(npy)
-    assert _same_file("data.npy", str(npy)) and not _same_file("data.npy", "other.npy")
+    assert Path(run.config.target).is_absolute() and Path(run.config.target).samefile(npy)
     monkeypatch.chdir(tmp_path)
-    model, config = otcfm.load_model(tmp_path / "run")
+    _, config = otcfm.load_model(tmp_path / "run")
     assert config.target == run.config.target  # readable from here
+
+    old = dict(QUICK, steps=QUICK["steps"] - 2)
+    otcfm.train(target=str(npy), out=tmp_path / "old", progress=False, **old)
+    path = tmp_path / "old" / "checkpoint.pt"
+    state = checkpoint.load(path)
+    for record in ("config", "run"):  # as the session before this one wrote it
+        state[record] = {**state[record], "target": "data.npy"}
+    checkpoint.atomic_save(state, path)
+    monkeypatch.chdir(npy.parent)
+    resumed = otcfm.train(target="data.npy", out=tmp_path / "old", resume=True, progress=False, **QUICK)
+    assert resumed.start_step == old["steps"] and len(resumed.losses) == QUICK["steps"]
+
+
+def test_resume_with_source_auto_keeps_the_recorded_source(tmp_path: Path) -> None:
+    """A run of 2-D data that 'auto' gave 8gaussians (before 2026-11-25) resumes with source='auto'."""
+    data = torch.randn(200, 2, generator=torch.Generator().manual_seed(0)) + 4
+    short = dict(QUICK, steps=QUICK["steps"] - 2)
+    otcfm.train(target=data, source="8gaussians", out=tmp_path, progress=False, **short)
+    resumed = otcfm.train(target=data, out=tmp_path, resume=True, progress=False, **QUICK)  # source: 'auto'
+    assert resumed.config.source == "8gaussians" and resumed.start_step == short["steps"]

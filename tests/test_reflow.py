@@ -205,7 +205,31 @@ def test_pairs_held_as_a_tuple_train_and_resume_only_on_the_same_tensors(tmp_pat
     reflow.train_on_pairs((x0, x1), copy.deepcopy(net), run=reflow.RunOptions(out=tmp_path), **options)
     again = reflow.RunOptions(out=tmp_path, resume=True)
     reflow.train_on_pairs((x0, x1), copy.deepcopy(net), run=again, **options)  # the same pairs: resumes
-    with pytest.raises(ValueError, match="pairs"):  # other pairs with the same (empty) description
+    with pytest.raises(ValueError, match="pairs_content"):  # other pairs with the same (empty) description
         reflow.train_on_pairs((x0, x1 + 1), copy.deepcopy(net), run=again, **options)
+    from otcfm import checkpoint
+
+    state = checkpoint.load(tmp_path / "checkpoint.pt")  # as runs recorded before the content was
+    checkpoint.atomic_save(
+        {**state, "run": {k: v for k, v in state["run"].items() if k != "pairs_content"}}, tmp_path / "checkpoint.pt"
+    )
+    reflow.train_on_pairs((x0, x1), copy.deepcopy(net), run=again, **dict(options, steps=6))
     with pytest.raises(TypeError, match="pairs: expected a PairSet, a tuple"):
         reflow.train_on_pairs(x0, copy.deepcopy(net), **options)
+
+
+def test_a_pair_set_of_a_file_source_recorded_relative_is_still_resumed(
+    teacher: torch.nn.Module, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    import numpy as np
+
+    np.save(tmp_path / "noise.npy", np.random.default_rng(0).normal(size=(64, 2)))
+    monkeypatch.chdir(tmp_path)
+    settings = {"steps": 2, "method": "euler", "out": tmp_path / "p", "progress": False}
+    first = reflow.generate_pairs(teacher, "noise.npy", 20, **settings)
+    meta = json.loads((tmp_path / "p" / "meta.json").read_text())
+    assert meta["source"] == str(tmp_path / "noise.npy")
+    (tmp_path / "p" / "meta.json").write_text(json.dumps({**meta, "source": "noise.npy"}))  # as recorded before
+    assert torch.equal(reflow.generate_pairs(teacher, "noise.npy", 20, **settings).x1, first.x1)

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, TensorDataset
 
-__all__ = ["FILE_SUFFIXES", "DataLike", "DataSource", "as_source"]
+__all__ = ["FILE_SUFFIXES", "DataLike", "DataSource", "as_source", "content_hash", "same_file"]
 
 #: File types :func:`as_source` reads.
 FILE_SUFFIXES = (".npy", ".pt", ".pth")
@@ -134,11 +134,21 @@ def _no_options(options: dict[str, Any], argument: str) -> None:
 
 
 def content_hash(tensor: Tensor) -> str:
-    """SHA-256 of a tensor's shape, dtype and values, first 16 hex digits: identifies a dataset's content."""
+    """SHA-256 of a tensor's shape, dtype and values, first 16 hex digits: identifies a dataset's content.
+
+    A contiguous CPU tensor is hashed where it lies (no copy of a dataset that may be gigabytes)."""
     data = tensor.detach().cpu().contiguous()
     digest = hashlib.sha256(f"{tuple(data.shape)}:{data.dtype}".encode())
-    digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    if data.numel():
+        digest.update(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
     return digest.hexdigest()[:16]
+
+
+def same_file(before: object, now: object) -> bool:
+    """Whether two recorded data files are one: records before 2026-11-25 kept the path as typed (a relative one
+    is read from the working directory) and now the absolute path; the content is compared by fingerprint anyway."""
+    files = isinstance(before, str) and isinstance(now, str) and before.endswith(FILE_SUFFIXES)
+    return files and os.path.abspath(before) == os.path.abspath(now)
 
 
 def _from_name(name: str, argument: str, options: dict[str, Any], like: DataSource | None) -> DataSource:
