@@ -365,17 +365,17 @@ _FIELD_OPTIONS = {
     "path_options": "path_option",
     "time_sampler_options": "time_sampler_option",
     "model_options": "model_option",
-    "source_options": "dim",
-    "target_options": "dim",
 }
-#: Settings a resumed run never takes from its checkpoint: otcfm never imports code named in a file.
-_NOT_FROM_CHECKPOINT = ("model", "model_options")
+#: Settings a resumed run never takes from its checkpoint: otcfm never imports code named in a file. The data's
+#: options follow the data and ``--dim`` (below).
+_NOT_FROM_CHECKPOINT = ("model", "model_options", "source_options", "target_options")
 
 
-def _with_run_settings(config: TrainConfig, out: Path, given: set[str]) -> TrainConfig:
+def _with_run_settings(config: TrainConfig, out: Path, given: set[str], dim: int | None) -> TrainConfig:
     """On ``--resume``: every setting the command line does not give takes the value the run in ``out``
     recorded, so ``otcfm train --out DIR --resume`` continues DIR as it was started (``--steps`` extends it);
-    a model factory is given again with ``--model``."""
+    a model factory is given again with ``--model``. The options of the source and target are ``--dim`` where
+    it is given (for the gaussian / mixture data among them), else the recorded ones of the recorded data."""
     path = out / CHECKPOINT_NAME
     if not path.is_file():
         return config
@@ -389,6 +389,12 @@ def _with_run_settings(config: TrainConfig, out: Path, given: set[str]) -> Train
         and field.name not in _NOT_FROM_CHECKPOINT
         and _FIELD_OPTIONS.get(field.name, field.name) not in given
     }
+    for side in ("source", "target"):
+        data = taken.get(side, getattr(config, side))
+        if dim is not None:
+            taken[f"{side}_options"] = {"dim": dim} if data in DIM_DATASETS else {}
+        elif data == saved.get(side):
+            taken[f"{side}_options"] = saved.get(f"{side}_options", {})
     return dataclasses.replace(config, **taken)
 
 
@@ -396,11 +402,11 @@ def _train(args: argparse.Namespace) -> int:
     if args.pool_size is not None and (args.pool_size < args.batch_size or args.pool_size % args.batch_size):
         raise ValueError(f"--pool-size: expected a multiple of --batch-size {args.batch_size}, got {args.pool_size}")
     config = _config(args)
-    if args.dim is not None and not ({args.source, args.target} & set(DIM_DATASETS)):
-        raise ValueError(f"--dim: applies to {' and '.join(DIM_DATASETS)} data; neither --source nor --target is")
     out = _check_out(args.out, args.resume, args.overwrite)
     if args.resume:
-        config = _with_run_settings(config, out, args.given)
+        config = _with_run_settings(config, out, args.given, args.dim)
+    if args.dim is not None and not ({config.source, config.target} & set(DIM_DATASETS)):
+        raise ValueError(f"--dim: applies to {' and '.join(DIM_DATASETS)} data; neither --source nor --target is")
     started = time.perf_counter()
     result = train(
         config, out=out, resume=args.resume, overwrite=args.overwrite, device=args.device, progress=not args.no_progress

@@ -155,3 +155,15 @@ def test_hints_for_two_common_slips(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "reflow and distill take --train-steps and --solver-steps" in capsys.readouterr().err
     assert main(["train", "--model", "no_such_module_here:make", "--out", str(tmp_path / "m"), *SMALL]) == 2
     assert "add it to PYTHONPATH (the otcfm command does not look in the current folder" in capsys.readouterr().err
+
+
+def test_resume_with_dim(tmp_path: Path) -> None:
+    """--dim on resume applied to the default source/target, not the run's: 'source_options: {'dim': 3} vs {}'."""
+    evaluation = ["--eval-n", "200", "--eval-draws", "2", "--no-progress"]
+    first = ["train", "--source", "gaussian", "--target", "mixture", "--dim", "3", "--out", str(tmp_path), *SMALL]
+    assert main(first) == 0
+    assert main(["train", "--out", str(tmp_path), "--resume", "--steps", "32", *evaluation]) == 0
+    again = ["--target", "mixture", "--dim", "3", "--steps", "34"]
+    assert main(["train", "--out", str(tmp_path), "--resume", *again, *evaluation]) == 0
+    assert main(["train", "--out", str(tmp_path), "--resume", "--dim", "3", "--steps", "36", *evaluation]) == 0
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 36
