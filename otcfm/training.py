@@ -150,11 +150,12 @@ class TrainConfig:
             if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
                 raise TypeError(f"{name}: expected a dict of keyword options, got {value!r}")
             try:
-                json.dumps(value)
+                plain = json.loads(json.dumps(value))  # numpy floats become floats: a checkpoint holds plain values
             except (TypeError, ValueError) as error:
                 raise TypeError(
                     f"{name}: expected JSON-like values (numbers, strings, lists), got {value!r}"
                 ) from error
+            object.__setattr__(self, name, plain)
 
     def flow_matcher(self) -> FlowMatcher:
         """The :class:`FlowMatcher` this config describes (names and options)."""

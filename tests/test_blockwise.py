@@ -99,7 +99,8 @@ def test_sinkhorn_coupler_goes_blockwise_above_its_budget() -> None:
     ],
 )
 def test_clouds_beyond_their_dtype_pair_as_in_float64(scale: float, offset: float, dtype: torch.dtype) -> None:
-    """Valid partners (the probe found index n1 for every row at float16 x 100) and the float64 solve's plan."""
+    """Valid partners (the probe found index n1 for every row at float16 x 100), the float64 solve's epsilon and
+    potentials (up to the constant they are defined up to; 1e-3 of the mean cost), and OT-like pairs."""
     g = torch.Generator().manual_seed(5)
     x0 = (torch.randn(48, 2, generator=g, dtype=torch.float64) * scale + offset).to(dtype)
     x1 = (torch.randn(48, 2, generator=g, dtype=torch.float64) * scale + offset).to(dtype)
@@ -107,6 +108,8 @@ def test_clouds_beyond_their_dtype_pair_as_in_float64(scale: float, offset: floa
     high = blockwise_sinkhorn(x0.double(), x1.double(), 0.1, tol=1e-6, max_iter=5000, memory_budget=2000)
     assert low.converged and torch.isfinite(low.g).all()
     assert abs(low.epsilon - high.epsilon) <= 1e-3 * high.epsilon
+    shift = (low.g.double() - high.g).mean()
+    assert float((low.g.double() - high.g - shift).abs().max()) <= 1e-3 * high.epsilon / 0.1
     rows = [draw_partners(x0, x1, low.g, low.epsilon, torch.Generator().manual_seed(s), 2000) for s in range(3)]
     assert all(int(j.min()) >= 0 and int(j.max()) < 48 for j in rows)
     a, b = x0.double(), x1.double()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -145,7 +146,7 @@ def test_variance_metrics_check_their_inputs() -> None:
     g = torch.Generator().manual_seed(0)
     pairs = (torch.randn(16, 2, generator=g), torch.randn(16, 2, generator=g))
     nan = (pairs[0] * float("nan"), pairs[1])
-    with pytest.raises(ValueError, match="x0: contains NaN"):
+    with pytest.raises(ValueError, match="pool x0: contains NaN"):
         target_variance_of_pairs(nan, pairs)
     with pytest.raises(ValueError, match=r"times: expected a non-empty sequence of numbers in \[0, 1\]"):
         target_variance_of_pairs(pairs, pairs, times=[2.0])
@@ -162,3 +163,6 @@ def test_variance_metrics_check_their_inputs() -> None:
     with pytest.raises(ValueError, match="n_eval: expected a positive integer"):
         gaussian_target_variance(pairs[1], n_eval=0)
     assert target_variance_of_pairs(pairs, pairs, times=[0.5]).total >= 0
+    mixed = (pairs[0].double(), pairs[1])  # both are taken in float64: mixed dtypes stay accepted
+    for widths in (np.array([0.1, 0.3]), torch.tensor([0.1, 0.3]), [np.float32(0.1)]):
+        assert target_variance_of_pairs(mixed, pairs, times=[0.5], bandwidths=widths).total >= 0

@@ -251,3 +251,12 @@ def test_python_dash_m_otcfm_is_the_command() -> None:
 
     done = subprocess.run([sys.executable, "-m", "otcfm", "--version"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.startswith("otcfm ")
+
+
+def test_numpy_option_values_make_a_loadable_checkpoint(tmp_path: Path) -> None:
+    """np.float64 passed the JSON check but made a checkpoint that torch's weights-only load refused."""
+    import numpy as np
+
+    train(SMALL, coupler="sinkhorn", coupler_options={"epsilon": np.float64(0.2)}, out=tmp_path, progress=False)
+    _, config = load_model(tmp_path)
+    assert config.coupler_options == {"epsilon": 0.2} and type(config.coupler_options["epsilon"]) is float

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from otcfm._args import check_count, check_generator, check_rate
-from otcfm._checks import check_batch, check_pair
+from otcfm._checks import check_batch
 from otcfm.data import Sampler, draw
 from otcfm.flow import FlowMatcher
 from otcfm.paths import LinearPath
@@ -232,13 +232,17 @@ def target_variance_of_pairs(
     for name, pairs in (("pool", pool), ("evaluation", evaluation)):
         if not (isinstance(pairs, (tuple, list)) and len(pairs) == 2):
             raise TypeError(f"{name}: expected a pair (x0, x1) of tensors, got {type(pairs).__name__}")
-        check_pair(*pairs, same_batch=True)
+        for side, x in zip(("x0", "x1"), pairs, strict=True):
+            check_batch(x, f"{name} {side}")  # any floating dtypes: both are taken in float64
     check_rate(sigma, "sigma", allow_zero=True)
     times = _check_times(times, below_one=False)
-    if bandwidths is not None and (
-        not bandwidths or not all(isinstance(h, (int, float)) and math.isfinite(h) and h >= 0 for h in bandwidths)
-    ):
-        raise ValueError(f"bandwidths: expected a non-empty list of finite numbers >= 0, got {bandwidths!r}")
+    if bandwidths is not None:
+        try:
+            bandwidths = [float(h) for h in bandwidths]  # a list, an array or a tensor of numbers
+        except (TypeError, ValueError) as error:
+            raise TypeError(f"bandwidths: expected a sequence of numbers, got {bandwidths!r}") from error
+        if not bandwidths or not all(math.isfinite(h) and h >= 0 for h in bandwidths):
+            raise ValueError(f"bandwidths: expected a non-empty list of finite numbers >= 0, got {bandwidths!r}")
     check_generator(generator)
     pool0, pool1 = (x.reshape(x.shape[0], -1).to(torch.float64) for x in pool)
     eval0, eval1 = (x.reshape(x.shape[0], -1).to(torch.float64) for x in evaluation)
