@@ -288,6 +288,8 @@ def _run(
             ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
+        if state.get("global_rng") is not None:  # checkpoints from before 2026-11-25 did not record it
+            _set_global_rng(state["global_rng"], device)
         losses = list(state["losses"])
         if len(losses) > schedule.steps:
             raise ValueError(
@@ -311,7 +313,7 @@ def _run(
                 )
             losses.extend(values)
 
-    def save(generator_state: Tensor) -> None:
+    def save(generator_state: Tensor, global_rng: dict[str, Tensor]) -> None:
         flush()
         if path is not None and rank == 0:
             ckpt.atomic_save(
@@ -327,6 +329,7 @@ def _run(
                     "planned_steps": schedule.steps,
                     "optimizer": optimizer.state_dict(),
                     "generator": generator_state,
+                    "global_rng": global_rng,
                     "losses": losses,
                     "world_size": world_size,
                 },
@@ -340,7 +343,7 @@ def _run(
     try:
         while len(losses) + len(pending) < schedule.steps:
             done = len(losses) + len(pending)
-            start_state = generator.get_state()
+            start_state, start_global = generator.get_state(), _global_rng(device)
             updating = False
             try:
                 if rank > 0:
@@ -362,12 +365,12 @@ def _run(
                 updating = False
             except KeyboardInterrupt:
                 if not updating:  # the unfinished step left no trace: save the finished ones
-                    save(start_state)
+                    save(start_state, start_global)
                 raise
             done += 1
             bar.update(1)
             if done % schedule.checkpoint_every == 0 or done == schedule.steps:
-                save(generator.get_state())
+                save(generator.get_state(), _global_rng(device))
             if callback is not None or done % 50 == 0:
                 flush()
                 bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
@@ -375,13 +378,28 @@ def _run(
                 try:
                     callback(done, losses[-1])
                 except KeyboardInterrupt:
-                    save(generator.get_state())
+                    save(generator.get_state(), _global_rng(device))
                     raise
         flush()
     finally:
         bar.close()
     model.eval()
     return Fitted(model, ema, losses, start_step)
+
+
+def _global_rng(device: torch.device) -> dict[str, Tensor]:
+    """torch's global random state of the CPU (and of ``device`` when it is a GPU): what a model's own randomness
+    (Dropout) draws from, recorded in checkpoints so that a resumed run draws what the uninterrupted one did."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_global_rng(state: dict[str, Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:

@@ -260,3 +260,35 @@ def test_numpy_option_values_make_a_loadable_checkpoint(tmp_path: Path) -> None:
     train(SMALL, coupler="sinkhorn", coupler_options={"epsilon": np.float64(0.2)}, out=tmp_path, progress=False)
     _, config = load_model(tmp_path)
     assert config.coupler_options == {"epsilon": 0.2} and type(config.coupler_options["epsilon"]) is float
+
+
+class _Dropped(torch.nn.Module):
+    """An MLP with Dropout, whose masks come from torch's global generator, not from otcfm's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            self.net = otcfm.models.MLP(2, hidden=16, depth=2)
+        self.drop = torch.nn.Dropout(0.3)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.net(x, t))
+
+
+def test_a_model_with_dropout_resumes_bit_exactly(tmp_path: Path) -> None:
+    """Checkpoints record torch's global random state: without it a resumed Dropout model drew other masks."""
+    torch.manual_seed(11)
+    full = train(SMALL, model=_Dropped(), progress=False)
+
+    def stop(step: int, loss: float) -> None:
+        if step == 7:
+            raise KeyboardInterrupt
+
+    torch.manual_seed(11)
+    with pytest.raises(KeyboardInterrupt):
+        train(SMALL, model=_Dropped(), out=tmp_path, callback=stop, progress=False)
+    torch.manual_seed(999)  # another process, another global state: the checkpoint's is restored
+    resumed = train(SMALL, model=_Dropped(), out=tmp_path, resume=True, progress=False)
+    assert resumed.start_step == 7
+    _assert_same_run(full, resumed)
