@@ -286,3 +286,10 @@ def test_resume_with_source_auto_keeps_the_recorded_source(tmp_path: Path) -> No
     otcfm.train(target=data, source="8gaussians", out=tmp_path, progress=False, **short)
     resumed = otcfm.train(target=data, out=tmp_path, resume=True, progress=False, **QUICK)  # source: 'auto'
     assert resumed.config.source == "8gaussians" and resumed.start_step == short["steps"]
+
+
+def test_the_probe_runs_as_the_steps_do_under_bf16() -> None:
+    """A bf16 model with precision='bf16' trained before the probe existed; the probe refused it (float32 input)."""
+    model = otcfm.models.MLP(2, hidden=16, depth=1).to(torch.bfloat16)
+    result = otcfm.train(target="moons", model=model, precision="bf16", progress=False, **QUICK)
+    assert len(result.losses) == QUICK["steps"]
