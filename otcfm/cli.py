@@ -509,6 +509,8 @@ def _reflow(args: argparse.Namespace) -> int:
         "progress": not args.no_progress,
         "run": run,
     }
+    checkpoint = out / CHECKPOINT_NAME
+    start = int(ckpt.load(checkpoint).get("step", 0)) if args.resume and checkpoint.is_file() else 0
     if args.command == "reflow":
         reflow.train_on_pairs(pairs, student, time_sampler=args.time_sampler, **common)
     else:
@@ -517,9 +519,10 @@ def _reflow(args: argparse.Namespace) -> int:
     if distributed.world()[0] > 0:
         return 0  # rank 0 evaluates and reports
     student = student.cpu()
+    resumed = f" (resumed at step {start})" if start else ""
     print(
-        f"{args.command}: {args.pairs} pairs and {args.train_steps} steps in {seconds:.1f} s; "
-        f"checkpoint: {out / CHECKPOINT_NAME}"
+        f"{args.command}: {args.pairs} pairs and {args.train_steps - start} steps{resumed} in {seconds:.1f} s "
+        f"({args.train_steps} in all); checkpoint: {checkpoint}"
     )
     plot_steps = 1 if args.command == "distill" else 100  # a one-step model is drawn as what it is
     evaluation = _evaluate(student, config, args.eval_n, args.eval_draws, out, args.command, plot_steps)

@@ -195,6 +195,7 @@ def test_cli_reflow_and_distill(tmp_path: Path, capsys: pytest.CaptureFixture[st
     more = [a if a != "3" else "5" for a in common]
     assert main(["reflow", *more, "--out", str(tmp_path / "reflow"), "--resume"]) == 0
     assert otcfm.checkpoint.load(tmp_path / "reflow" / "checkpoint.pt")["step"] == 5
+    assert "2 steps (resumed at step 3)" in capsys.readouterr().out  # as train reports it
 
 
 def test_pairs_held_as_a_tuple_train_and_resume_only_on_the_same_tensors(tmp_path: Path) -> None:
