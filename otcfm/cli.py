@@ -554,7 +554,11 @@ def main(argv: list[str] | None = None) -> int:
         return 141  # as a shell reports a command that SIGPIPE stopped: the command did not run to its end
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C while exiting gives no traceback
-        print("otcfm: interrupted; finished steps are saved, rerun with --resume to continue", file=sys.stderr)
+        print(
+            "otcfm: interrupted; finished work (steps, pairs, a semidiscrete fit) is saved in --out, rerun with "
+            "--resume to continue",
+            file=sys.stderr,
+        )
         return 130
     except USER_ERRORS as error:
         message = " ".join(str(error).split()) or type(error).__name__

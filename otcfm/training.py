@@ -410,7 +410,7 @@ def train(
     if semidiscrete is not None:
         if config.pool_size is not None:
             raise ValueError("pool_size: the semidiscrete coupler pairs with the whole dataset; pools are for others")
-        dataset = _fit_semidiscrete(semidiscrete, config, source, target, out if resume else None, device_, progress)
+        dataset = _fit_semidiscrete(semidiscrete, config, source, target, out, resume, overwrite, device_, progress)
         global_coupling, paired = False, fm  # every rank pairs its batch with the whole dataset itself
     pools = None
     if config.pool_size is not None:
@@ -462,16 +462,25 @@ def train(
     return TrainResult(fitted.model, fitted.ema, fitted.losses, config, fitted.start_step)
 
 
+#: Where ``train`` keeps an unfinished semidiscrete fit in ``out`` (see :func:`_fit_semidiscrete`).
+SEMIDISCRETE_FIT_NAME = "semidiscrete-fit.pt"
+
+
 def _fit_semidiscrete(
     coupler: SemidiscreteCoupler,
     config: TrainConfig,
     source: DataSource,
     target: DataSource,
-    resume_from: str | Path | None,
+    out: str | Path | None,
+    resume: bool,
+    overwrite: bool,
     device: torch.device,
     progress: bool,
 ) -> torch.Tensor:
-    """The whole target dataset on ``device``, with ``coupler``'s potentials fitted on it (or resumed, or checked)."""
+    """The whole target dataset on ``device``, with ``coupler``'s potentials fitted on it (or resumed, or checked).
+
+    With ``out``, the fit saves its state in ``out/semidiscrete-fit.pt`` as it goes, so an interrupted fit resumes
+    where it stopped (a file of another problem is refused by the fit; ``overwrite`` starts it afresh)."""
     if target.rows is None:
         raise ValueError(
             f"coupler: 'semidiscrete' pairs with a whole finite dataset, but target {target.spec!r} is a sampler; "
@@ -479,7 +488,7 @@ def _fit_semidiscrete(
             "it once, e.g. otcfm.data.sample('mixture', 20000, generator, dim=32))"
         )
     dataset = target.rows.to(device)
-    saved = Path(resume_from) / CHECKPOINT_NAME if resume_from is not None else None
+    saved = Path(out) / CHECKPOINT_NAME if out is not None and resume else None
     if saved is not None and saved.exists():
         state = ckpt.load(saved).get("semidiscrete")
         if state is not None:
@@ -490,7 +499,12 @@ def _fit_semidiscrete(
         return dataset
     generator = torch.Generator().manual_seed(distributed.stream_seed(config.seed, "semidiscrete", 0))
     main = distributed.world()[0] == 0
-    report = coupler.fit(source, dataset, generator=generator, progress=progress and main)
+    progress_file = Path(out) / SEMIDISCRETE_FIT_NAME if out is not None and main else None
+    if progress_file is not None and overwrite and progress_file.exists():
+        progress_file.unlink()
+    if progress_file is not None:
+        progress_file.parent.mkdir(parents=True, exist_ok=True)
+    report = coupler.fit(source, dataset, generator=generator, progress=progress and main, checkpoint=progress_file)
     if progress and main:
         print(
             f"semidiscrete potentials: {report.steps} steps in {report.seconds:.1f} s, assignment error "

@@ -293,3 +293,29 @@ def test_the_probe_runs_as_the_steps_do_under_bf16() -> None:
     model = otcfm.models.MLP(2, hidden=16, depth=1).to(torch.bfloat16)
     result = otcfm.train(target="moons", model=model, precision="bf16", progress=False, **QUICK)
     assert len(result.losses) == QUICK["steps"]
+
+
+def test_an_interrupted_semidiscrete_fit_resumes(tmp_path: Path) -> None:
+    """Ctrl-C during train's semidiscrete fit lost all of it (and the CLI said the finished work was saved)."""
+    data = torch.randn(300, 2, generator=torch.Generator().manual_seed(0)) * 0.5 + 2
+    calls = {"n": 0, "stop": None}
+
+    def noise(n: int, generator: torch.Generator) -> torch.Tensor:
+        calls["n"] += 1
+        if calls["n"] == calls["stop"]:
+            raise KeyboardInterrupt
+        return torch.randn(n, 2, generator=generator)
+
+    settings = dict(
+        QUICK, target=data, source=noise, coupler="semidiscrete", progress=False,
+        coupler_options={"fit_steps": 250, "fit_batch_size": 64},
+    )  # fmt: skip
+    full = otcfm.train(out=tmp_path / "full", **settings)
+    calls.update(n=0, stop=160)  # the fit checkpoints every 100 steps
+    with pytest.raises(KeyboardInterrupt):
+        otcfm.train(out=tmp_path / "cut", **settings)
+    assert (tmp_path / "cut" / "semidiscrete-fit.pt").is_file()
+    calls.update(n=0, stop=None)
+    resumed = otcfm.train(out=tmp_path / "cut", resume=True, **settings)
+    assert calls["n"] < 250  # the fit went on from its checkpoint
+    assert _same(full.model, resumed.model)
