@@ -136,6 +136,11 @@ class CoupledBatches(IterableDataset):
             check_pool_size(pool_size, batch_size)
         self.source, self.target = source, target
         self.coupler = get_coupler(coupler)
+        if self.coupler.name == "semidiscrete":
+            raise ValueError(
+                "coupler: 'semidiscrete' pairs each source sample with the whole dataset, not with a drawn target "
+                "batch; use it in FlowMatcher.loss(model, x0, dataset) or otcfm.train(coupler='semidiscrete')"
+            )
         self.batch_size, self.seed, self.pool_size = batch_size, seed, pool_size
         _probe(source, target)  # here, not in a worker process, where an error arrives wrapped at the first batch
 

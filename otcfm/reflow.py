@@ -287,6 +287,11 @@ class OnlinePairs:
     """
 
     def __init__(self, teacher: nn.Module, source: Sampler, steps: int = 20, method: Method = "rk4") -> None:
+        if not isinstance(teacher, nn.Module):
+            raise TypeError(f"teacher: expected an nn.Module called as teacher(x, t), got {type(teacher).__name__}")
+        check_count(steps, "steps")
+        check_choice(method, METHODS, "method")
+        as_source(source, "source")  # a bad name or object is named now, not at the first draw
         self.teacher = copy.deepcopy(teacher).eval().requires_grad_(False)
         self.source, self.steps, self.method = source, steps, method
 

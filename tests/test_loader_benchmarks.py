@@ -188,3 +188,9 @@ def test_bad_sources_are_named_before_any_worker_starts() -> None:
         coupled_loader("moons", lambda n, g: torch.full((n, 2), float("nan")), "exact", 8, num_workers=1)
     with pytest.raises(ValueError, match=r"source and target: expected samples of one shape, got \(3,\) and \(2,\)"):
         coupled_loader(lambda n, g: torch.randn(n, 3, generator=g), "moons", "exact", 8)
+
+
+def test_the_semidiscrete_coupler_is_refused_up_front() -> None:
+    """It was accepted and failed inside a worker ('potentials: not fitted'), whose death spoiled later loaders."""
+    with pytest.raises(ValueError, match="coupler: 'semidiscrete' pairs each source sample with the whole dataset"):
+        coupled_loader("8gaussians", "moons", "semidiscrete", 8, num_workers=1)

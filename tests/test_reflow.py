@@ -234,3 +234,16 @@ def test_a_pair_set_of_a_file_source_recorded_relative_is_still_resumed(
     assert meta["source"] == str(tmp_path / "noise.npy")
     (tmp_path / "p" / "meta.json").write_text(json.dumps({**meta, "source": "noise.npy"}))  # as recorded before
     assert torch.equal(reflow.generate_pairs(teacher, "noise.npy", 20, **settings).x1, first.x1)
+
+
+def test_online_pairs_and_target_variance_name_bad_settings_up_front(teacher: torch.nn.Module) -> None:
+    from otcfm.metrics import target_variance
+
+    with pytest.raises(ValueError, match="steps: expected a positive integer"):
+        reflow.OnlinePairs(teacher, "8gaussians", steps=0)
+    with pytest.raises(ValueError, match="method: unknown value 'bogus'"):
+        reflow.OnlinePairs(teacher, "8gaussians", method="bogus")
+    with pytest.raises(ValueError, match="source: unknown dataset 'nonexistent'"):
+        reflow.OnlinePairs(teacher, "nonexistent")
+    with pytest.raises(ValueError, match="source: unknown value 'nonexistent'"):  # said 'name:'
+        target_variance(otcfm.FlowMatcher(coupler="independent"), "nonexistent", "moons", batch_size=8)
