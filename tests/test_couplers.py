@@ -486,3 +486,15 @@ def test_unknown_options_list_the_valid_ones() -> None:
         otcfm.data.sample("moons", 4, dtype=torch.int64)  # truncated the samples to integers
     with pytest.raises(ValueError, match="device: expected a torch.device"):
         otcfm.data.sample("moons", 4, device="bogus")
+
+
+def test_sinkhorn_with_hard_labels_of_unequal_counts_says_why_it_does_not_converge() -> None:
+    """A second walkthrough found it never converging (10 of 10); the warning now names the cause and the remedy."""
+    g = torch.Generator().manual_seed(0)
+    x0, x1 = torch.randn(64, 2, generator=g), torch.randn(64, 2, generator=g)
+    y0, y1 = torch.randint(3, (64,), generator=g), torch.randint(3, (64,), generator=g)
+    with pytest.warns(otcfm.couplers.ConvergenceWarning, match="give label_weight a finite penalty"):
+        get_coupler("sinkhorn", max_iter=200)(x0, x1, y0=y0, y1=y1, generator=g)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a finite penalty converges
+        get_coupler("sinkhorn", label_weight=10.0)(x0, x1, y0=y0, y1=y1, generator=g)

@@ -463,7 +463,8 @@ class SinkhornCoupler(OTCoupler):
                     j = _random.multinomial(weights, generator, x0.device)
                     return Pairing(torch.arange(x0.shape[0], device=x0.device), j)
         result = self.plan(x0, x1, y0, y1, generator)
-        self._warn(result.converged, result.error, result.iterations, result.epsilon)
+        hard = y1 is not None and self.label_weight is None and not y1.is_floating_point()
+        self._warn(result.converged, result.error, result.iterations, result.epsilon, hard)
         return pairs_from_plan(result.plan, generator, x0.device, self.replace)
 
     def _float32_problem(self, x0: Tensor, x1: Tensor, y1: Tensor | None) -> _Float32Problem | None:
@@ -502,11 +503,19 @@ class SinkhornCoupler(OTCoupler):
             mean=problem.mean,
         )  # fmt: skip
 
-    def _warn(self, converged: bool, error: float, iterations: int, epsilon: float) -> None:
+    def _warn(self, converged: bool, error: float, iterations: int, epsilon: float, hard_labels: bool = False) -> None:
         if not converged:
+            remedy = (
+                "; with hard labels (label_weight=None) and label counts that differ between the batches, the "
+                "pairs that must cross labels carry a penalty whose kernel underflows, so no plan meets the "
+                "marginals: give label_weight a finite penalty (a few times the mean cost), or batches with equal "
+                "label counts"
+                if hard_labels
+                else ""
+            )
             warnings.warn(
                 f"sinkhorn did not converge: target marginal error {error:.3g} > tol {self.tol:g} after "
-                f"{iterations} iterations (epsilon {epsilon:.3g}); raise max_iter or epsilon",
+                f"{iterations} iterations (epsilon {epsilon:.3g}); raise max_iter or epsilon{remedy}",
                 ConvergenceWarning,
                 stacklevel=4,
             )
