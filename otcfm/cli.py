@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, NoReturn
 
+import numpy as np
 import torch
 
 from otcfm import __version__, distributed, metrics, reflow
@@ -222,7 +223,11 @@ def _parser(train_defaults: dict[str, Any] | None = None) -> argparse.ArgumentPa
     sa.add_argument("--method", default="euler", choices=METHODS, help="ODE solver")
     sa.add_argument("--seed", type=int, default=0, help="seed of the source draw")
     sa.add_argument("--model", default=None, help="'package.module:factory' for a checkpoint of such a model")
-    sa.add_argument("--out", required=True, help="output .pt file of the (n, ...) samples")
+    sa.add_argument(
+        "--out",
+        required=True,
+        help="output file of the (n, ...) samples: .npy for numpy (np.load), else torch (torch.load)",
+    )
     sa.add_argument("--png", help="also save a PNG of trajectories and samples")
     return parser
 
@@ -461,7 +466,10 @@ def _sample(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.png:
         Path(args.png).parent.mkdir(parents=True, exist_ok=True)
-    torch.save(trajectory[-1], out)
+    if out.suffix == ".npy":  # what the name promises: a numpy file (np.load), as train reads one
+        np.save(out, trajectory[-1].numpy())
+    else:
+        torch.save(trajectory[-1], out)
     print(f"saved {args.n} samples ({args.method}, {args.steps} steps) to {out}")
     if args.png:
         from otcfm.plotting import plot_flow

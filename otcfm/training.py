@@ -383,10 +383,10 @@ def train(
     check_resume(resume, overwrite)
     if config is not None and not isinstance(config, TrainConfig):
         raise TypeError(f"config: expected a TrainConfig, got {type(config).__name__}")
-    try:
-        config = dataclasses.replace(config or TrainConfig(), **names)
-    except TypeError as error:  # an unknown keyword
-        raise TypeError(f"train: {error}; valid settings are the fields of TrainConfig") from error
+    unknown = sorted(set(names) - {f.name for f in dataclasses.fields(TrainConfig)})
+    if unknown:
+        raise TypeError(f"train: unknown settings {unknown}; valid settings are the fields of TrainConfig")
+    config = dataclasses.replace(config or TrainConfig(), **names)  # TrainConfig checks each value
     if resume and out is not None and config.source == "auto" and "source" not in objects:
         config = _recorded_source(config, Path(out) / CHECKPOINT_NAME)
     source, target = _data(config, objects)

@@ -167,3 +167,12 @@ def test_resume_with_dim(tmp_path: Path) -> None:
     assert main(["train", "--out", str(tmp_path), "--resume", *again, *evaluation]) == 0
     assert main(["train", "--out", str(tmp_path), "--resume", "--dim", "3", "--steps", "36", *evaluation]) == 0
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 36
+
+
+def test_sample_to_npy_writes_numpy(tmp_path: Path) -> None:
+    import numpy as np
+
+    assert main(["train", "--out", str(tmp_path / "run"), *SMALL]) == 0
+    out = tmp_path / "s.npy"
+    assert main(["sample", "--checkpoint", str(tmp_path / "run"), "--n", "16", "--steps", "2", "--out", str(out)]) == 0
+    assert np.load(out).shape == (16, 2)  # was torch's format under a .npy name
