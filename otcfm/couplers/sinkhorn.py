@@ -428,7 +428,14 @@ class SinkhornCoupler(OTCoupler):
         """Entropic plan of ``x0: (B0, ...)``, ``x1: (B1, ...)``; a relative epsilon scales the label-free cost."""
         base, unit = self.scaled_base_cost(x0, x1)  # checked finite; the label term of checked labels keeps it so
         eps = absolute_epsilon(self.epsilon if self.relative else self.epsilon / unit / unit, self.relative, base)
-        cost = condition_cost(base, y0, y1, self.label_weight, generator)
+        weight = self.label_weight
+        if weight is None and y1 is not None and not y1.is_floating_point():
+            # Hard labels: a mismatch costs the largest transport cost. That is enough for the fewest label
+            # crossings (swapping two crossing pairs saves 2 x that, and costs at most as much), and unlike
+            # condition_cost's exact-OT penalty, (B0 + 1) x the largest cost, the kernel of the pairs that must
+            # cross (label counts that differ) does not underflow, so the iterations can meet the marginals.
+            weight = float(base.max()) or 1.0
+        cost = condition_cost(base, y0, y1, weight, generator)
         result = _result(_scaling(cost, eps, None, None, False, self.tol, self.max_iter, self.anneal), None, self.tol)
         if unit == 1.0:
             return result
@@ -506,10 +513,9 @@ class SinkhornCoupler(OTCoupler):
     def _warn(self, converged: bool, error: float, iterations: int, epsilon: float, hard_labels: bool = False) -> None:
         if not converged:
             remedy = (
-                "; with hard labels (label_weight=None) and label counts that differ between the batches, the "
-                "pairs that must cross labels carry a penalty whose kernel underflows, so no plan meets the "
-                "marginals: give label_weight a finite penalty (a few times the mean cost), or batches with equal "
-                "label counts"
+                "; with hard labels (label_weight=None) a mismatch costs the largest transport cost, and label "
+                "counts that differ between the batches force some crossings, which take more iterations: raise "
+                "max_iter, or give label_weight a smaller finite penalty"
                 if hard_labels
                 else ""
             )
