@@ -33,19 +33,20 @@ from otcfm._args import check_count, check_flag, check_rate
 from otcfm.couplers.base import Pairing
 from otcfm.couplers.cost import condition_cost, squared_euclidean_cost
 from otcfm.couplers.plan import CostFn, OTCoupler, pairs_from_plan
-from otcfm.couplers.sinkhorn import ConvergenceWarning, SinkhornResult, _matvec, absolute_epsilon, marginal_weights
+from otcfm.couplers.sinkhorn import (
+    ConvergenceWarning,
+    SinkhornResult,
+    _matvec,
+    absolute_epsilon,
+    check_cost_matrix,
+    marginal_weights,
+)
 
 __all__ = ["PartialCoupler", "UnbalancedCoupler", "partial_plan", "unbalanced_plan"]
 
 
 def _check(cost: Tensor, epsilon: float, tol: float, max_iter: int) -> None:
-    if not isinstance(cost, Tensor) or not cost.is_floating_point():
-        got = f"dtype {cost.dtype}" if isinstance(cost, Tensor) else type(cost).__name__
-        raise TypeError(f"cost: expected a floating-point torch.Tensor, got {got}")
-    if cost.ndim != 2 or 0 in cost.shape:
-        raise ValueError(f"cost: expected a non-empty 2-D matrix, got shape {tuple(cost.shape)}")
-    if not bool(torch.isfinite(cost).all()):
-        raise ValueError("cost: contains NaN or Inf")
+    check_cost_matrix(cost)
     check_rate(epsilon, "epsilon")
     check_rate(tol, "tol")
     check_count(max_iter, "max_iter")

@@ -162,6 +162,12 @@ def sinkhorn_plan(
     Raises:
         ValueError: ``epsilon <= 0`` or below ``1e-7`` of the mean cost, NaN/Inf cost, bad weights.
     """
+    check_cost_matrix(cost)
+    return _result(_scaling(cost, epsilon, a, b, relative, tol, max_iter, anneal), b, tol)
+
+
+def check_cost_matrix(cost: object) -> Tensor:
+    """``cost`` must be a non-empty, finite, floating ``(B0, B1)`` tensor: the input of the plan functions."""
     if not isinstance(cost, Tensor) or not cost.is_floating_point():
         got = f"dtype {cost.dtype}" if isinstance(cost, Tensor) else type(cost).__name__
         raise TypeError(f"cost: expected a floating-point torch.Tensor, got {got}")
@@ -169,7 +175,7 @@ def sinkhorn_plan(
         raise ValueError(f"cost: expected a non-empty 2-D matrix, got shape {tuple(cost.shape)}")
     if not all_finite(cost):
         raise ValueError("cost: contains NaN or Inf")
-    return _result(_scaling(cost, epsilon, a, b, relative, tol, max_iter, anneal), b, tol)
+    return cost
 
 
 def _result(scaled: _Scaled, b: Tensor | None, tol: float) -> SinkhornResult:
