@@ -16,9 +16,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from otcfm._args import check_count
-from otcfm._checks import check_batch, check_choice
+from otcfm._checks import check_batch
 from otcfm.couplers import Coupler, get_coupler
-from otcfm.data import DATASETS, Sampler, draw
+from otcfm.data import Sampler, check_sampler, draw
 
 __all__ = ["CoupledBatches", "CoupledLoader", "PoolStream", "check_pool_size", "coupled_loader", "couple_pool"]
 
@@ -91,11 +91,7 @@ def _probe(source: Sampler, target: Sampler) -> None:
     probe = torch.Generator().manual_seed(0)
     drawn = []
     for name, sampler in (("source", source), ("target", target)):
-        if isinstance(sampler, str):
-            check_choice(sampler, DATASETS, name)
-        elif not callable(sampler):
-            raise TypeError(f"{name}: expected a dataset name or a callable f(n, generator), got {sampler!r:.80}")
-        drawn.append(check_batch(draw(sampler, 2, probe), name))
+        drawn.append(check_batch(draw(check_sampler(sampler, name), 2, probe), name))
     if drawn[0].shape[1:] != drawn[1].shape[1:]:
         raise ValueError(
             f"source and target: expected samples of one shape, got {tuple(drawn[0].shape[1:])} and "

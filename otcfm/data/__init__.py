@@ -14,7 +14,7 @@ from otcfm._checks import check_choice
 from otcfm.data import toy2d
 from otcfm.data.digits import digits, load_digits
 
-__all__ = ["DATASETS", "Sampler", "draw", "load_digits", "sample"]
+__all__ = ["DATASETS", "Sampler", "check_sampler", "draw", "load_digits", "sample"]
 
 #: Registered samplers ``f(n, generator, **options) -> (n, ...)`` on the CPU (``digits``: ``(n, 1, 8, 8)``,
 #: needs scikit-learn).
@@ -89,6 +89,13 @@ def draw(sampler: Sampler, n: int, generator: torch.Generator | None = None) -> 
     """``n`` samples of a named dataset or of a sampler callable ``f(n, generator)``."""
     if isinstance(sampler, str):
         return sample(sampler, n, generator)
-    if not callable(sampler):
-        raise TypeError(f"sampler: expected a dataset name or a callable f(n, generator), got {sampler!r}")
-    return sampler(n, generator)
+    return check_sampler(sampler, "sampler")(n, generator)
+
+
+def check_sampler(sampler: object, name: str) -> Sampler:
+    """``sampler`` must be a name in :data:`DATASETS` or a callable ``f(n, generator)``; raises naming ``name``."""
+    if isinstance(sampler, str):
+        check_choice(sampler, DATASETS, name)
+    elif not callable(sampler):
+        raise TypeError(f"{name}: expected a dataset name or a callable f(n, generator), got {sampler!r:.80}")
+    return sampler

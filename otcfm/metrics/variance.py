@@ -21,8 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from otcfm._args import check_count, check_generator, check_rate
-from otcfm._checks import check_batch, check_choice
-from otcfm.data import DATASETS, Sampler, draw
+from otcfm._checks import check_batch
+from otcfm.data import Sampler, check_sampler, draw
 from otcfm.flow import FlowMatcher
 from otcfm.paths import LinearPath
 
@@ -208,11 +208,8 @@ def target_variance(
     check_count(n_eval, "n_eval")
     check_generator(generator)
     _check_times(times, below_one=False)
-    for name, sampler in (("source", source), ("target", target)):
-        if isinstance(sampler, str):
-            check_choice(sampler, DATASETS, name)
-        elif not callable(sampler):
-            raise TypeError(f"{name}: expected a dataset name or a callable f(n, generator), got {sampler!r:.80}")
+    check_sampler(source, "source")
+    check_sampler(target, "target")
     pool0, pool1 = coupled_pairs(fm, source, target, batch_size, n_pool, generator)
     eval0, eval1 = coupled_pairs(fm, source, target, batch_size, n_eval, generator)
     return target_variance_of_pairs((pool0, pool1), (eval0, eval1), fm.path.sigma, times, bandwidths, generator)
