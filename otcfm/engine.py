@@ -225,13 +225,7 @@ def fit(
     """
     if not isinstance(schedule, Schedule):
         raise TypeError(f"schedule: expected a Schedule, got {type(schedule).__name__}")
-    check_resume(resume, overwrite)
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected an nn.Module called as model(x, t), got {type(model).__name__}")
-    if next(model.parameters(), None) is None:
-        raise ValueError("model: it has no parameters to train")
-    if callback is not None and not callable(callback):
-        raise TypeError(f"callback: expected a function callback(step, loss) or None, got {type(callback).__name__}")
+    check_run(model, resume, overwrite, callback)
     path = Path(out) / CHECKPOINT_NAME if out is not None else None
     if resume and path is None:
         raise ValueError("resume: needs out, the directory holding checkpoint.pt")
@@ -423,10 +417,18 @@ def _check_same_schedule(state: dict[str, Any], schedule: Schedule, path: Path) 
         raise ValueError(f"resume: the checkpoint {path} was made with another config ({differing})")
 
 
-def check_resume(resume: bool, overwrite: bool) -> None:
-    """``resume`` and ``overwrite`` are flags, and at most one of them is set (continue a run, or replace it)."""
+def check_run(model: nn.Module, resume: bool, overwrite: bool, callback: Callable[[int, float], None] | None) -> None:
+    """The arguments of a training run that :func:`fit` and its callers check before any long work: ``resume`` and
+    ``overwrite`` are flags and at most one is set (continue a run, or replace it), ``model`` an ``nn.Module`` with
+    parameters, ``callback`` None or callable."""
     if check_flag(resume, "resume") and check_flag(overwrite, "overwrite"):
         raise ValueError("resume and overwrite: choose one (continue the run in out, or replace it)")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module called as model(x, t), got {type(model).__name__}")
+    if next(model.parameters(), None) is None:
+        raise ValueError("model: it has no parameters to train")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback: expected a function callback(step, loss) or None, got {type(callback).__name__}")
 
 
 def _check_same_run(state: dict[str, Any], run: dict[str, Any], defaults: dict[str, Any], path: Path) -> None:

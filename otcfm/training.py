@@ -38,7 +38,7 @@ from otcfm.engine import (
     LRSchedule,
     Precision,
     Schedule,
-    check_resume,
+    check_run,
     check_schedule,
     fit,
     resolve_device,
@@ -378,9 +378,6 @@ def train(
         model = None
     if model is not None and not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module or 'package.module:factory', got {type(model).__name__}")
-    if callback is not None and not callable(callback):
-        raise TypeError(f"callback: expected a function callback(step, loss) or None, got {type(callback).__name__}")
-    check_resume(resume, overwrite)
     if config is not None and not isinstance(config, TrainConfig):
         raise TypeError(f"config: expected a TrainConfig, got {type(config).__name__}")
     unknown = sorted(set(names) - {f.name for f in dataclasses.fields(TrainConfig)})
@@ -400,8 +397,7 @@ def train(
     paired = FlowMatcher(coupler="paired", path=fm.path, time_sampler=fm.time_sampler) if global_coupling else fm
     net_model = model if model is not None else build_model(config, target.features)
     device_ = resolve_device(device)
-    if next(net_model.parameters(), None) is None:
-        raise ValueError("model: it has no parameters to train")
+    check_run(net_model, resume, overwrite, callback)  # the engine's checks, before the probe and any fit
     place = next(net_model.parameters()).device
     with torch.autocast(place.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):  # as the steps run it
         check_velocity(net_model, source(2, torch.Generator().manual_seed(0)).to(place), "model")  # before any work
