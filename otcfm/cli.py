@@ -23,7 +23,7 @@ from otcfm.data import DATASETS
 from otcfm.data.sources import DataSource, as_source
 from otcfm.engine import CHECKPOINT_NAME, LR_SCHEDULES
 from otcfm.paths import PATHS
-from otcfm.solvers import METHODS, integrate
+from otcfm.solvers import METHODS, integrate, solve
 from otcfm.timesteps import TIME_SAMPLERS
 from otcfm.training import TrainConfig, build_model, load_model, train
 
@@ -70,7 +70,20 @@ def _positive_float(text: str) -> float:
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Help with every option's default, and descriptions kept as written."""
+    """Help with every option's default, and descriptions kept as written.
+
+    The default is shown as ``(default: value)``, except where the help text says it itself (an option whose
+    default is None says what leaving it out means), for flags (off unless given) and required options; a
+    repeatable option shows ``(default: none)``.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text, default = action.help or "", action.default
+        if "default" in text or action.required or default is None or default is False:
+            return text
+        if isinstance(default, list) and not default:
+            return f"{text} (default: none)"
+        return super()._get_help_string(action)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -94,7 +107,12 @@ def _add_common(parser: argparse.ArgumentParser, steps_flag: str, steps_default:
         help="cosine: decay the rate from --lr to 0 over the steps",
     )
     parser.add_argument("--ema-decay", type=float, default=0.0, help="EMA of the weights, in [0, 1); 0: none")
-    parser.add_argument("--grad-clip", type=_positive_float, default=None, help="clip the gradient norm")
+    parser.add_argument(
+        "--grad-clip",
+        type=_positive_float,
+        default=None,
+        help="clip the gradient norm at this value (default: no clipping)",
+    )
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast forward")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when available)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every draw and of the initial weights")
@@ -110,8 +128,8 @@ def _add_common(parser: argparse.ArgumentParser, steps_flag: str, steps_default:
     parser.add_argument(
         "--model",
         default=None,
-        help="'package.module:factory' building the model (train: default the MLP; reflow/distill/sample: "
-        "needed for a checkpoint of such a model, since otcfm never imports code named in a file)",
+        help="'package.module:factory' building the model (default: the built-in MLP); reflow and distill need it "
+        "again for a teacher made by a factory, since otcfm never imports code named in a file",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -140,7 +158,12 @@ def _parser(train_defaults: dict[str, Any] | None = None) -> argparse.ArgumentPa
         "datasets, else a standard Gaussian of the target's shape)",
     )
     tr.add_argument("--target", default=defaults.target, help=f"x1: {names}, or a .npy/.pt file")
-    tr.add_argument("--dim", type=_positive_int, default=None, help="dimension of gaussian / mixture data")
+    tr.add_argument(
+        "--dim",
+        type=_positive_int,
+        default=None,
+        help="dimension of gaussian / mixture data (default: the dataset's own)",
+    )
     tr.add_argument("--coupler", default=defaults.coupler, choices=sorted(COUPLERS), help="who is paired with whom")
     tr.add_argument(
         "--coupler-option",
@@ -151,7 +174,9 @@ def _parser(train_defaults: dict[str, Any] | None = None) -> argparse.ArgumentPa
         help="a coupler option, repeatable: epsilon=0.01, solver=lsa, replace=true, label_weight=10",
     )
     tr.add_argument("--path", default=defaults.path, choices=sorted(PATHS), help="probability path")
-    tr.add_argument("--sigma", type=float, default=defaults.sigma, help="the path's noise parameter")
+    tr.add_argument(
+        "--sigma", type=float, default=defaults.sigma, help="the path's noise parameter (default: the path's own)"
+    )
     tr.add_argument(
         "--path-option",
         type=_key_value,
@@ -222,13 +247,17 @@ def _parser(train_defaults: dict[str, Any] | None = None) -> argparse.ArgumentPa
     sa.add_argument("--steps", type=_positive_int, default=100, help="solver steps")
     sa.add_argument("--method", default="euler", choices=METHODS, help="ODE solver")
     sa.add_argument("--seed", type=int, default=0, help="seed of the source draw")
-    sa.add_argument("--model", default=None, help="'package.module:factory' for a checkpoint of such a model")
+    sa.add_argument(
+        "--model",
+        default=None,
+        help="'package.module:factory' for a checkpoint of such a model (default: the checkpoint's own MLP)",
+    )
     sa.add_argument(
         "--out",
         required=True,
         help="output file of the (n, ...) samples: .npy for numpy (np.load), else torch (torch.load)",
     )
-    sa.add_argument("--png", help="also save a PNG of trajectories and samples")
+    sa.add_argument("--png", help="also save a PNG of trajectories and samples (default: no figure)")
     return parser
 
 
@@ -288,7 +317,8 @@ def _mean_std(values: list[float]) -> dict[str, float]:
 def _print_table(result: dict[str, Any], config: TrainConfig, stage: str = "") -> None:
     print(
         f"W2 vs Euler steps: {config.source} -> {config.target}, {_describe(config, stage)}, "
-        f"n={result['n']} held-out samples, mean +- std over {result['draws']} draws"
+        f"n={result['n']} held-out samples, mean +- std over {result['draws']} "
+        f"draw{'s' if result['draws'] != 1 else ''}"
     )
     print("| Euler steps | W2 |")
     print("|---:|---:|")
@@ -462,7 +492,8 @@ def _sample(args: argparse.Namespace) -> int:
     model, config = _load(args.checkpoint, args.model, "--checkpoint")
     source, target = _data(config)
     x0 = source(args.n, torch.Generator().manual_seed(args.seed))
-    trajectory = integrate(model, x0, args.steps, args.method, return_trajectory=True)
+    solution = solve(model, x0, args.steps, args.method, return_trajectory=True)
+    trajectory = solution.trajectory
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.png:
         Path(args.png).parent.mkdir(parents=True, exist_ok=True)
@@ -470,7 +501,8 @@ def _sample(args: argparse.Namespace) -> int:
         np.save(out, trajectory[-1].numpy())
     else:
         torch.save(trajectory[-1], out)
-    print(f"saved {args.n} samples ({args.method}, {args.steps} steps) to {out}")
+    steps = f"{args.steps} output times" if args.method == "dopri5" else f"{args.steps} steps"  # dopri5 picks its own
+    print(f"saved {args.n} samples ({args.method}, {steps}, {solution.nfe} network evaluations) to {out}")
     if args.png:
         from otcfm.plotting import plot_flow
 

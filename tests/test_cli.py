@@ -43,8 +43,14 @@ def test_train_then_sample(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     samples = tmp_path / "x.pt"
     png = tmp_path / "x.png"
     args = ["sample", "--checkpoint", str(out), "--n", "64", "--steps", "3", "--out", str(samples), "--png", str(png)]
+    capsys.readouterr()
     assert main(args) == 0
     assert torch.load(samples).shape == (64, 2) and png.stat().st_size > 0
+    assert "(euler, 3 steps, 3 network evaluations)" in capsys.readouterr().out
+    pytest.importorskip("torchdyn")  # dopri5 chooses its steps: the message names output times and the NFE
+    assert main([*args[:-2], "--method", "dopri5"]) == 0
+    said = capsys.readouterr().out
+    assert "(dopri5, 3 output times, " in said and " steps" not in said
 
 
 def test_train_resume_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -107,6 +113,11 @@ def test_help_shows_every_default_and_version(capsys: pytest.CaptureFixture[str]
                 "checkpoint",
             ):
                 assert "(default:" in line, f"{command} --{option} shows no default"
+            assert line.count("(default:") <= 1, f"{command} --{option} shows its default twice"
+        for meaningless in ("(default: None)", "(default: [])", "(default: False)"):
+            assert meaningless not in text, f"{command} --help shows {meaningless}"
+        seed = next(line for line in text.split("\n  --")[1:] if line.startswith("seed"))
+        assert "(default: 0)" in seed, "a default of 0 is shown too"
     with pytest.raises(SystemExit):
         main(["--version"])
     assert capsys.readouterr().out.startswith("otcfm 0.")
