@@ -203,8 +203,9 @@ def table(done: dict, setups: dict[str, int]) -> str:
             continue
         q = m.get("quality", {})
         w2s = [f"{q[k]:.2f}" if k in q else "-" for k in ("1", "2", "4", "100")]
+        label = setup if m["pool_size"] == SETUPS[setup][2] else f"{setup}, run at P={m['pool_size']} (--quick)"
         rows.append(
-            [setup, m["pool_size"], f"{m['coupling_ms']:.1f}", f"{m['extra_peak_gib']:.2f}", f"{m['cost_ratio']:.3f}",
+            [label, m["pool_size"], f"{m['coupling_ms']:.1f}", f"{m['extra_peak_gib']:.2f}", f"{m['cost_ratio']:.3f}",
              f"{m['target_variance']:.1f}", f"{m['entropy']:.3f}", *w2s]
         )  # fmt: skip
     header = ["set-up", "P", "coupling ms / step", "extra peak GiB", "cost ratio", "target variance",
