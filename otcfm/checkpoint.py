@@ -43,7 +43,7 @@ def _feed(h: Any, obj: Any) -> None:
         data = obj.detach().cpu().contiguous()
         h.update(f"T{data.dtype}{tuple(data.shape)}:".encode())
         if data.numel():
-            h.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
+            h.update(data.reshape(-1).view(torch.uint8).numpy())  # hashed in place: no copy of the bytes
     elif isinstance(obj, dict):
         h.update(f"D{len(obj)}:".encode())
         for key, value in obj.items():
