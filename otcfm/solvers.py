@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from otcfm._args import check_count, check_rate
 from otcfm._checks import check_batch, check_choice
@@ -235,7 +235,18 @@ def _solve_adaptive(
 ) -> Solution:
     neural_ode = load_neural_ode()
     field = TorchdynField(model, max_nfe)
-    node = neural_ode(field, solver="dopri5", atol=atol, rtol=rtol, sensitivity="autograd", return_t_eval=False)
+    # torchdyn prints a notice for a field without parameters (a plain function) and gives it a dummy one;
+    # handing it that placeholder keeps the output quiet and changes nothing else
+    placeholder = () if any(True for _ in field.parameters()) else (nn.Parameter(torch.zeros(1, device=x.device)),)
+    node = neural_ode(
+        field,
+        solver="dopri5",
+        atol=atol,
+        rtol=rtol,
+        sensitivity="autograd",
+        return_t_eval=False,
+        optimizable_params=placeholder,
+    )
     trajectory = node(x, times)
     return Solution(trajectory[-1], times, trajectory if keep else None, field.nfe)
 

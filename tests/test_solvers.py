@@ -125,6 +125,14 @@ def test_dopri5_through_torchdyn() -> None:
     assert solution.nfe == field.calls > 0
 
 
+def test_dopri5_of_a_plain_function_prints_nothing(capsys: pytest.CaptureFixture[str]) -> None:
+    """torchdyn prints a notice for a field without parameters; a plain function is a valid model here."""
+    _require_torchdyn()
+    solution = solve(lambda x, t: -x, X0, steps=2, method="dopri5", atol=1e-8, rtol=1e-8)
+    torch.testing.assert_close(solution.x, X0 * math.exp(-1.0), rtol=0, atol=1e-6)
+    assert capsys.readouterr().out == ""
+
+
 def test_dopri5_stops_where_it_cannot_progress() -> None:
     """The probe's hangs: a NaN model and a flow that blows up in finite time (dx/dt = x^2 from 2, at t = 0.5)
     made dopri5 shrink its steps without end; now a NaN time raises at once and the budget bounds the rest."""
