@@ -25,7 +25,7 @@ from otcfm.engine import CHECKPOINT_NAME, LR_SCHEDULES
 from otcfm.paths import PATHS
 from otcfm.solvers import METHODS, integrate, solve
 from otcfm.timesteps import TIME_SAMPLERS
-from otcfm.training import TrainConfig, build_model, load_model, train
+from otcfm.training import SEMIDISCRETE_FIT_NAME, TrainConfig, build_model, load_model, train
 
 __all__ = ["main", "run"]
 
@@ -401,22 +401,41 @@ _FIELD_OPTIONS = {
     "time_sampler_options": "time_sampler_option",
     "model_options": "model_option",
 }
-#: Settings a resumed run never takes from its checkpoint: otcfm never imports code named in a file. The data's
-#: options follow the data and ``--dim`` (below).
+#: Settings a resumed run never takes from its checkpoint: otcfm never imports code named in a file, so a model
+#: factory is given again (its options are taken with it, below). The data's options follow the data and ``--dim``.
 _NOT_FROM_CHECKPOINT = ("model", "model_options", "source_options", "target_options")
 
 
 def _with_run_settings(config: TrainConfig, out: Path, given: set[str], dim: int | None) -> TrainConfig:
     """On ``--resume``: every setting the command line does not give takes the value the run in ``out``
     recorded, so ``otcfm train --out DIR --resume`` continues DIR as it was started (``--steps`` extends it);
-    a model factory is given again with ``--model``. The options of the source and target are ``--dim`` where
-    it is given (for the gaussian / mixture data among them), else the recorded ones of the recorded data."""
+    a model factory is given again with ``--model`` (its ``--model-option`` values are the run's unless given).
+    The options of the source and target are ``--dim`` where it is given (for the gaussian / mixture data among
+    them), else the recorded ones of the recorded data. Without a run in ``out`` yet, the options given start one
+    (a job that is restarted with the same command line), and a notice says so."""
     path = out / CHECKPOINT_NAME
     if not path.is_file():
+        if distributed.world()[0] == 0:
+            print(
+                f"otcfm train: --resume: no run in {out} yet (no {CHECKPOINT_NAME}); starting one with the "
+                "options given",
+                file=sys.stderr,
+            )
         return config
     saved = ckpt.load(path).get("config")
     if not isinstance(saved, dict):
         return config
+    recorded_model = saved.get("model", "mlp")
+    if "model" not in given and str(recorded_model).startswith("object:"):
+        raise ValueError(
+            f"--resume: the run in {out} was made in Python with a model object ({recorded_model[7:]}); resume it "
+            "there: otcfm.train(model=..., out=..., resume=True)"
+        )
+    if "model" not in given and recorded_model != "mlp":
+        raise ValueError(
+            f"--model: the run in {out} was made with --model {recorded_model}; give it again "
+            "(otcfm never imports code named in a file)"
+        )
     taken = {
         field.name: saved[field.name]
         for field in dataclasses.fields(TrainConfig)
@@ -424,6 +443,8 @@ def _with_run_settings(config: TrainConfig, out: Path, given: set[str], dim: int
         and field.name not in _NOT_FROM_CHECKPOINT
         and _FIELD_OPTIONS.get(field.name, field.name) not in given
     }
+    if config.model == recorded_model and "model_option" not in given:
+        taken["model_options"] = saved.get("model_options", {})
     for side in ("source", "target"):
         data = taken.get(side, getattr(config, side))
         if dim is not None:
@@ -436,6 +457,9 @@ def _with_run_settings(config: TrainConfig, out: Path, given: set[str], dim: int
 def _train(args: argparse.Namespace) -> int:
     if args.pool_size is not None and (args.pool_size < args.batch_size or args.pool_size % args.batch_size):
         raise ValueError(f"--pool-size: expected a multiple of --batch-size {args.batch_size}, got {args.pool_size}")
+    mlp_only = sorted(name for name in ("hidden", "depth") if name in args.given)
+    if args.model is not None and mlp_only:
+        raise ValueError(f"--{mlp_only[0]}: sets the built-in MLP; --model {args.model} builds the model")
     config = _config(args)
     out = _check_out(args.out, args.resume, args.overwrite)
     if args.resume:
@@ -594,11 +618,16 @@ def main(argv: list[str] | None = None) -> int:
         return 141  # as a shell reports a command that SIGPIPE stopped: the command did not run to its end
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C while exiting gives no traceback
-        print(
-            "otcfm: interrupted; finished work (steps, pairs, a semidiscrete fit) is saved in --out, rerun with "
-            "--resume to continue",
-            file=sys.stderr,
-        )
+        if args.command == "sample":
+            print("otcfm: interrupted; no samples written", file=sys.stderr)
+        elif _saved_work(Path(args.out)):
+            print(
+                "otcfm: interrupted; finished work (steps, pairs, a semidiscrete fit) is saved in --out, rerun the "
+                "command with --resume to continue",
+                file=sys.stderr,
+            )
+        else:
+            print(f"otcfm: interrupted before anything was saved in {args.out}; nothing to resume", file=sys.stderr)
         return 130
     except USER_ERRORS as error:
         message = " ".join(str(error).split()) or type(error).__name__
@@ -607,6 +636,12 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if launched:  # ranks that finished wait for each other (rank 0 evaluates after the others return)
             distributed.shutdown(wait_for_all=code is not None)
+
+
+def _saved_work(out: Path) -> bool:
+    """Whether ``out`` holds finished work a ``--resume`` continues: a checkpoint, a semidiscrete fit, pairs."""
+    saved = (out / CHECKPOINT_NAME, out / SEMIDISCRETE_FIT_NAME)
+    return any(path.is_file() for path in saved) or any((out / "pairs").glob("chunk-*.pt"))
 
 
 def run() -> None:

@@ -8,6 +8,8 @@ to the same parameters an uninterrupted run reaches (bit for bit on the same num
 Randomness: one CPU ``torch.Generator`` seeded with ``schedule.seed`` feeds ``step_loss`` on rank 0 (a
 one-process run is the one-rank case) and is saved in every checkpoint; rank ``r > 0`` draws step ``s`` from a
 generator seeded with ``stream_seed(seed, r, s)``, so resuming on any number of ranks needs no per-rank state.
+torch's global generator, which a model's own randomness (Dropout) draws from, is seeded from ``seed`` and the
+rank for the run, recorded in checkpoints, and given back to the caller as it was when :func:`fit` returns.
 
 Checkpoint files (``out/checkpoint.pt``) hold the model's weights and :func:`otcfm.models.model_spec`, the EMA
 weights, the optimiser and generator states, every step's loss, ``run`` (the settings a resume must match) and
@@ -245,9 +247,12 @@ def fit(
             ckpt.remove_stale_temporaries(path.parent, CHECKPOINT_NAME)  # left by a killed writer
             if overwrite and not resume and path.is_file():
                 path.unlink()
-        return _run(
-            model, step_loss, schedule, run, path, resume, device, progress, callback, desc, record, run_defaults or {}
-        )
+        device = resolve_device(device)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the caller's state is kept
+            _seed_global_rng(distributed.stream_seed(schedule.seed, "global", rank), device)  # resume: replaced
+            return _run(
+                model, step_loss, schedule, run, path, resume, device, progress, callback, desc, record, run_defaults
+            )
 
 
 def _run(
@@ -262,8 +267,9 @@ def _run(
     callback: Callable[[int, float], None] | None,
     desc: str,
     record: dict[str, Any] | Callable[[], dict[str, Any]] | None,
-    run_defaults: dict[str, Any],
+    run_defaults: dict[str, Any] | None,
 ) -> Fitted:
+    run_defaults = run_defaults or {}
     rank, world_size = distributed.world()
     device = resolve_device(device)
     model = model.to(device)
@@ -277,10 +283,16 @@ def _run(
             raise ValueError(f"resume: {path} holds weights without training state")
         _check_same_run(state, run, run_defaults, path)
         _check_same_schedule(state, schedule, path)
-        model.load_state_dict(state["model"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            model.load_state_dict(state["model"])
+            if ema is not None:
+                ema.load_state_dict(state["ema"])
+            optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as error:  # torch's own message lists every mismatched tensor
+            reason = " ".join(str(error).split())
+            raise ValueError(
+                f"resume: the weights in {path} do not fit the model (built with other arguments?): {reason[:500]}"
+            ) from error
         generator.set_state(state["generator"])
         if state.get("global_rng") is not None:  # checkpoints from before 2026-11-25 did not record it
             _set_global_rng(state["global_rng"], device)
@@ -388,6 +400,15 @@ def _global_rng(device: torch.device) -> dict[str, Tensor]:
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
+
+
+def _seed_global_rng(seed: int, device: torch.device) -> None:
+    """Seed torch's global generator of the CPU (and of ``device`` when it is a GPU) for a run: a model's own
+    randomness (Dropout) then follows the run's seed, not whatever the caller drew before."""
+    torch.random.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            torch.cuda.manual_seed(seed)
 
 
 def _set_global_rng(state: dict[str, Tensor], device: torch.device) -> None:

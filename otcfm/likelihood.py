@@ -24,7 +24,7 @@ from torch import Tensor
 from otcfm import _random
 from otcfm._args import check_count, check_generator
 from otcfm._checks import check_batch, check_choice
-from otcfm.solvers import FIXED_STEP_METHODS, check_output
+from otcfm.solvers import FIXED_STEP_METHODS, check_output, first_call
 
 __all__ = ["LogLikelihood", "likelihood", "standard_normal_log_prob"]
 
@@ -104,9 +104,10 @@ def likelihood(
         calls += 1
         with torch.enable_grad():
             y = state[:, :d].detach().requires_grad_(True)
-            v = model(y.reshape(n, *shape), t.expand(n))
-            if calls == 1:  # the first evaluation only: no per-step cost
-                check_output(v, x)
+            if calls == 1:  # the first evaluation only: errors name the samples' shape, no per-step cost
+                v = check_output(first_call(model, y.reshape(n, *shape), t.expand(n)), x)
+            else:
+                v = model(y.reshape(n, *shape), t.expand(n))
             v = v.reshape(n, d)
             if not v.requires_grad:  # a field that does not depend on x has zero divergence
                 div = torch.zeros(n, dtype=x.dtype, device=x.device)

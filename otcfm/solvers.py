@@ -163,7 +163,7 @@ def check_velocity(model: Callable[..., Tensor], x: Tensor, argument: str = "mod
         for module, _ in modes:
             module.training = False
         with torch.no_grad():
-            v = _first_call(model, x, torch.zeros(x.shape[0], dtype=x.dtype, device=x.device), argument)
+            v = first_call(model, x, torch.zeros(x.shape[0], dtype=x.dtype, device=x.device), argument)
     finally:
         for module, mode in modes:
             module.training = mode
@@ -173,7 +173,7 @@ def check_velocity(model: Callable[..., Tensor], x: Tensor, argument: str = "mod
     return v
 
 
-def _first_call(model: Callable[..., Tensor], x: Tensor, t: Tensor, argument: str = "model") -> Tensor:
+def first_call(model: Callable[..., Tensor], x: Tensor, t: Tensor, argument: str = "model") -> Tensor:
     """``model(x, t)``, where an exception (e.g. a model made for samples of another shape) becomes a
     ``ValueError`` naming ``argument`` and the shape of ``x``; for a model's first call in a long run."""
     try:
@@ -211,7 +211,7 @@ def _solve_fixed(
         nonlocal checked
         if checked:
             return model(state, t.expand(batch))
-        v = check_output(_first_call(model, state, t.expand(batch)), state)  # the first evaluation only
+        v = check_output(first_call(model, state, t.expand(batch)), state)  # the first evaluation only
         checked = True
         return v
 

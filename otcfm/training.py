@@ -313,6 +313,16 @@ def build_model(config: TrainConfig, features: int | None = None) -> nn.Module:
     return model
 
 
+def _check_model_settings(config: TrainConfig, model: nn.Module | None) -> None:
+    """Refuse ``model_options`` beside a built model: they are a factory's, and no factory is called (they would
+    be recorded, and a later rebuild from the record would build another model)."""
+    if model is not None and config.model_options:
+        raise ValueError(
+            f"model_options: {config.model_options} are for a model factory ('package.module:factory'); the "
+            f"model given ({type(model).__name__}) is already built"
+        )
+
+
 def _split_objects(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Move values that are not names (tensors, samplers, instances) out of the config overrides."""
     objects, names = {}, dict(overrides)
@@ -384,6 +394,7 @@ def train(
     if unknown:
         raise TypeError(f"train: unknown settings {unknown}; valid settings are the fields of TrainConfig")
     config = dataclasses.replace(config or TrainConfig(), **names)  # TrainConfig checks each value
+    _check_model_settings(config, model)
     if resume and out is not None and config.source == "auto" and "source" not in objects:
         config = _recorded_source(config, Path(out) / CHECKPOINT_NAME)
     source, target = _data(config, objects)

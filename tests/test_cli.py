@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import otcfm
 from otcfm.cli import main
 
 SMALL = [
@@ -27,6 +28,7 @@ SMALL = [
     "2",
     "--no-progress",
 ]
+SMALL_FOR_FACTORY = [option for k, option in enumerate(SMALL) if not 4 <= k < 8]  # no --hidden/--depth: MLP only
 
 
 def test_train_then_sample(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -164,7 +166,7 @@ def test_hints_for_two_common_slips(tmp_path: Path, capsys: pytest.CaptureFixtur
     with pytest.raises(SystemExit):
         main(["reflow", "--teacher", str(tmp_path), "--out", str(tmp_path / "r"), "--steps", "3"])
     assert "reflow and distill take --train-steps and --solver-steps" in capsys.readouterr().err
-    assert main(["train", "--model", "no_such_module_here:make", "--out", str(tmp_path / "m"), *SMALL]) == 2
+    assert main(["train", "--model", "no_such_module_here:make", "--out", str(tmp_path / "m"), *SMALL_FOR_FACTORY]) == 2
     assert "add it to PYTHONPATH (the otcfm command does not look in the current folder" in capsys.readouterr().err
 
 
@@ -187,3 +189,56 @@ def test_sample_to_npy_writes_numpy(tmp_path: Path) -> None:
     out = tmp_path / "s.npy"
     assert main(["sample", "--checkpoint", str(tmp_path / "run"), "--n", "16", "--steps", "2", "--out", str(out)]) == 0
     assert np.load(out).shape == (16, 2)  # was torch's format under a .npy name
+
+
+def test_resume_without_a_run_says_it_starts_one(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A restarted job's command line starts the run the first time; it did so without a word."""
+    assert main(["train", "--out", str(tmp_path / "new"), "--resume", *SMALL]) == 0
+    assert "--resume: no run in" in capsys.readouterr().err
+
+
+def test_interrupt_says_whether_anything_was_saved(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Interrupted before its first checkpoint, a run said its finished work was saved; --resume then trained
+    the default datasets."""
+    import otcfm.cli
+
+    def stopped(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(otcfm.cli, "train", stopped)
+    assert main(["train", "--out", str(tmp_path / "run"), *SMALL]) == 130
+    assert "interrupted before anything was saved" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert main(["train", "--out", str(tmp_path / "run"), *SMALL]) == 0
+    monkeypatch.setattr(otcfm.cli, "train", stopped)
+    assert main(["train", "--out", str(tmp_path / "run"), "--resume", *SMALL]) == 130
+    assert "finished work (steps, pairs, a semidiscrete fit) is saved" in capsys.readouterr().err
+
+
+def test_resume_of_a_factory_run_takes_its_model_options(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--resume took every setting but the factory's options ('model_options: checkpoint {...} vs now {}')."""
+    (tmp_path / "walk_factory.py").write_text(
+        "import otcfm\n\ndef make(width=8):\n    return otcfm.models.MLP(2, hidden=width, depth=1)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = str(tmp_path / "run")
+    evaluation = ["--eval-n", "200", "--eval-draws", "2", "--no-progress"]
+    first = ["train", "--model", "walk_factory:make", "--model-option", "width=4", "--out", out]
+    assert main(first + SMALL_FOR_FACTORY) == 0
+    assert main(["train", "--out", out, "--resume", "--steps", "32", *evaluation]) == 2
+    said = capsys.readouterr().err
+    assert "--model: the run in" in said and "walk_factory:make; give it again" in said
+    assert main(["train", "--out", out, "--resume", "--model", "walk_factory:make", "--steps", "32", *evaluation]) == 0
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["config"]["model_options"] == {"width": 4}
+    assert main(["train", "--model", "walk_factory:make", "--hidden", "64", "--out", str(tmp_path / "h")]) == 2
+    assert "--hidden: sets the built-in MLP; --model walk_factory:make builds the model" in capsys.readouterr().err
+
+
+def test_cli_resume_of_a_run_made_with_a_model_object(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    otcfm.train(model=otcfm.models.MLP(2, hidden=8, depth=1), target="moons", steps=3, out=tmp_path, progress=False)
+    assert main(["train", "--out", str(tmp_path), "--resume", "--steps", "5", "--no-progress"]) == 2
+    assert "made in Python with a model object (otcfm.models.MLP); resume it there" in capsys.readouterr().err

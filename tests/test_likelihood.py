@@ -69,3 +69,10 @@ def test_a_source_density_of_the_wrong_shape_is_refused() -> None:
         likelihood(linear_field, x, steps=2, source_log_prob=lambda z: -0.5 * (z**2).sum(1, keepdim=True))
     with pytest.raises(TypeError, match="source_log_prob: expected a callable"):
         likelihood(linear_field, x, steps=2, source_log_prob=5)
+
+
+def test_a_model_for_other_samples_is_named_with_their_shape() -> None:
+    """It failed inside the model with a raw IndexError; solve and integrate already said what was wrong."""
+    model = otcfm.models.MLP(4, hidden=8, depth=1)
+    with pytest.raises(ValueError, match=r"model: calling it as model\(x, t\) on samples of shape \(3, 256\) failed"):
+        likelihood(model, torch.randn(3, 256), steps=2)

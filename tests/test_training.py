@@ -292,3 +292,40 @@ def test_a_model_with_dropout_resumes_bit_exactly(tmp_path: Path) -> None:
     resumed = train(SMALL, model=_Dropped(), out=tmp_path, resume=True, progress=False)
     assert resumed.start_step == 7
     _assert_same_run(full, resumed)
+
+
+def test_a_dropout_run_follows_its_seed_and_leaves_the_global_state(tmp_path: Path) -> None:
+    """Two runs of one seed drew other Dropout masks when torch's global state differed; the caller's state was
+    consumed by the run. The engine now seeds the global generator from the run's seed and gives it back."""
+    runs = []
+    for caller_seed in (5, 6):
+        torch.manual_seed(caller_seed)
+        before = torch.get_rng_state()
+        runs.append(train(SMALL, model=_Dropped(), progress=False))
+        assert torch.equal(torch.get_rng_state(), before)
+    _assert_same_run(runs[0], runs[1])
+    other = train(dataclasses.replace(SMALL, seed=SMALL.seed + 1), model=_Dropped(), progress=False)
+    assert other.losses != runs[0].losses
+
+
+def test_model_options_beside_a_built_model_are_refused() -> None:
+    """They were recorded but never used, and a rebuild from the record built another model."""
+    with pytest.raises(ValueError, match=r"model_options: .* the model given \(_Dropped\) is already built"):
+        train(SMALL, model=_Dropped(), model_options={"width": 4}, progress=False)
+
+
+def test_resume_with_a_model_built_otherwise_names_the_cause(tmp_path: Path) -> None:
+    """The same class with other sizes raised torch's RuntimeError from load_state_dict."""
+
+    class Sized(torch.nn.Module):
+        def __init__(self, width: int) -> None:
+            super().__init__()
+            self.net = otcfm.models.MLP(2, hidden=width, depth=1)
+
+        def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return self.net(x, t)
+
+    train(SMALL, model=Sized(8), out=tmp_path, progress=False)
+    longer = dataclasses.replace(SMALL, steps=SMALL.steps + 2)
+    with pytest.raises(ValueError, match=r"resume: the weights in .* do not fit the model \(built with other"):
+        train(longer, model=Sized(16), out=tmp_path, resume=True, progress=False)
