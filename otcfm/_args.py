@@ -45,7 +45,10 @@ def check_options(
     """``options`` must be keyword parameters of ``target`` (a class or function) other than the ``fixed`` ones
     its caller passes itself; an unknown one raises a ``TypeError`` naming it and listing the valid ones, instead
     of Python's bare "unexpected keyword argument"."""
-    parameters = inspect.signature(target).parameters
+    try:
+        parameters = inspect.signature(target).parameters
+    except (TypeError, ValueError):  # a builtin without a signature: the call itself will say
+        return options
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
         return options
     kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
@@ -54,7 +57,8 @@ def check_options(
     if unknown:
         raise TypeError(
             f"{name}: unknown option{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} of "
-            f"{getattr(target, '__qualname__', target)}; valid: {', '.join(valid)}"
+            f"{getattr(target, '__qualname__', target)}; "
+            + (f"valid: {', '.join(valid)}" if valid else "it takes no options")
         )
     return options
 

@@ -113,6 +113,15 @@ def remove_stale_temporaries(directory: str | os.PathLike, name: str) -> int:
     return removed
 
 
+def load_failure(error: Exception) -> str:
+    """Why ``torch.load(..., weights_only=True)`` failed, in one line: torch's own message is several paragraphs,
+    and its advice to unpickle arbitrary objects (``weights_only=False``) does not apply to otcfm's files."""
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if reason.startswith("Weights only load failed"):
+        reason = "it holds objects other than tensors and plain values (e.g. numpy arrays), which otcfm never unpickles"
+    return reason
+
+
 def load(path: str | os.PathLike, what: str = "checkpoint") -> dict[str, Any]:
     """Load a file written by :func:`atomic_save` (on the CPU) and verify its checksum.
 
@@ -133,11 +142,9 @@ def load(path: str | os.PathLike, what: str = "checkpoint") -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # any unreadable file: one message naming it
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        if reason.startswith("Weights only load failed"):  # torch's advice to unpickle anything does not apply
-            reason = "it holds objects other than tensors and plain values, which otcfm never unpickles"
         raise ValueError(
-            f"{what}: {path} ({size} bytes) is not a readable otcfm file: truncated, corrupt or foreign ({reason})"
+            f"{what}: {path} ({size} bytes) is not a readable otcfm file: truncated, corrupt or foreign "
+            f"({load_failure(error)})"
         ) from error
     if not isinstance(state, dict):
         raise ValueError(f"{what}: {path} holds a {type(state).__name__}, not an otcfm file")

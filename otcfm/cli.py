@@ -490,7 +490,7 @@ def _train(args: argparse.Namespace) -> int:
 def _load(checkpoint: str, factory: str | None, argument: str) -> tuple[torch.nn.Module, TrainConfig]:
     """A checkpoint's model and config; a model built by a factory is rebuilt only from ``--model``."""
     path = Path(checkpoint)
-    state = ckpt.load(path / CHECKPOINT_NAME if path.is_dir() else path)
+    state = ckpt.load(path / CHECKPOINT_NAME if path.is_dir() else path, argument)
     saved = state.get("config") if isinstance(state, dict) else None
     model = None
     if isinstance(saved, dict) and saved.get("model", "mlp") != "mlp":
@@ -502,7 +502,12 @@ def _load(checkpoint: str, factory: str | None, argument: str) -> tuple[torch.nn
             )
         config = TrainConfig(model=factory, model_options=saved.get("model_options", {}), seed=saved.get("seed", 0))
         model = build_model(config)
-    model, config = load_model(path, model=model)
+    try:
+        model, config = load_model(path, model=model)
+    except ValueError as error:
+        if factory is None or "do not fit the model" not in str(error):
+            raise
+        raise ValueError(f"--model {factory}: {error}") from error
     if config is None:
         raise ValueError(f"{argument}: {checkpoint!r} records no training config (source and target unknown)")
     return model, config

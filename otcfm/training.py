@@ -307,7 +307,12 @@ def build_model(config: TrainConfig, features: int | None = None) -> nn.Module:
         if config.model == "mlp":
             return MLP(features or config.data_dim(), hidden=config.hidden, depth=config.depth)
         factory = _import_factory(config.model)
-        model = factory(**check_options(factory, config.model_options, "model_options"))
+        options = check_options(factory, config.model_options, "model_options")
+        try:
+            model = factory(**options)
+        except TypeError as error:  # e.g. a factory that passes **options on to a class that refuses one
+            named = "model_options" if options else "model"
+            raise TypeError(f"{named}: calling {config.model}(**{options}) failed ({error})") from error
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: {config.model!r} returned a {type(model).__name__}, expected an nn.Module")
     return model

@@ -242,3 +242,8 @@ def test_cli_resume_of_a_run_made_with_a_model_object(tmp_path: Path, capsys: py
     otcfm.train(model=otcfm.models.MLP(2, hidden=8, depth=1), target="moons", steps=3, out=tmp_path, progress=False)
     assert main(["train", "--out", str(tmp_path), "--resume", "--steps", "5", "--no-progress"]) == 2
     assert "made in Python with a model object (otcfm.models.MLP); resume it there" in capsys.readouterr().err
+
+
+def test_a_missing_teacher_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["reflow", "--teacher", str(tmp_path / "none"), "--out", str(tmp_path / "r")]) == 2
+    assert "otcfm: error: --teacher: no file at" in capsys.readouterr().err

@@ -319,3 +319,25 @@ def test_an_interrupted_semidiscrete_fit_resumes(tmp_path: Path) -> None:
     resumed = otcfm.train(out=tmp_path / "cut", resume=True, **settings)
     assert calls["n"] < 250  # the fit went on from its checkpoint
     assert _same(full.model, resumed.model)
+
+
+def test_mistakes_with_own_data_and_factories_are_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A third walkthrough's raw errors: each now names the argument and what was expected."""
+    import numpy as np
+
+    torch.save(np.zeros((10, 2)), tmp_path / "array.pt")
+    with pytest.raises(ValueError, match=r"target: .* \(it holds objects other than tensors .*\); a .pt file holds"):
+        otcfm.train(target=str(tmp_path / "array.pt"), steps=2, progress=False)
+    with pytest.raises(TypeError, match=r"target: calling the sampler as f\(n, generator\) failed"):
+        otcfm.train(target=lambda n: torch.randn(n, 2), steps=2, progress=False)
+    (tmp_path / "walk_models.py").write_text(
+        "import torch\n\nclass Fixed(torch.nn.Module):\n    def __init__(self, ch=4):\n        super().__init__()\n\n"
+        "def plain():\n    return Fixed()\n\ndef passing(**options):\n    return Fixed(**options)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(TypeError, match="model_options: unknown option 'ch' of plain; it takes no options"):
+        otcfm.train(model="walk_models:plain", model_options={"ch": 8}, steps=2, progress=False)
+    with pytest.raises(TypeError, match=r"model_options: calling walk_models:passing\(\*\*\{'width': 8\}\) failed"):
+        otcfm.train(model="walk_models:passing", model_options={"width": 8}, steps=2, progress=False)
+    with pytest.raises(TypeError, match=r"model: calling torch:zeros\(\*\*\{\}\) failed"):
+        otcfm.train(model="torch:zeros", steps=2, progress=False)

@@ -32,6 +32,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, TensorDataset
 
+from otcfm.checkpoint import load_failure
+
 __all__ = ["FILE_SUFFIXES", "DataLike", "DataSource", "as_source", "content_hash", "same_file"]
 
 #: File types :func:`as_source` reads.
@@ -195,7 +197,10 @@ def _from_file(path: Path, argument: str) -> DataSource:
         else:
             raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # corrupt or foreign file: one clear message naming it
-        raise ValueError(f"{argument}: {str(path)!r} is not a readable {path.suffix} array ({error})") from error
+        raise ValueError(
+            f"{argument}: {str(path)!r} is not a readable {path.suffix} array ({load_failure(error)}); a .pt file "
+            "holds one tensor (torch.save(tensor, path)), a .npy file one array (np.save)"
+        ) from error
     if not isinstance(raw, (Tensor, np.ndarray)):
         raise TypeError(f"{argument}: {str(path)!r} holds a {type(raw).__name__}; expected one tensor (N, ...)")
     tensor = _as_float_tensor(raw, f"{argument} ({path})")
@@ -271,5 +276,10 @@ def _from_sampler(sampler: Callable[[int, torch.Generator], Tensor], argument: s
             raise TypeError(f"{argument}: the sampler must return floating-point samples, got {x.dtype}")
         return x.to(torch.float32)
 
-    probe = checked(2, torch.Generator().manual_seed(0))  # its own generator: the run's stream is untouched
+    try:
+        probe = checked(2, torch.Generator().manual_seed(0))  # its own generator: the run's stream is untouched
+    except TypeError as error:
+        if str(error).startswith(f"{argument}:"):
+            raise
+        raise TypeError(f"{argument}: calling the sampler as f(n, generator) failed ({error})") from error
     return DataSource(checked, tuple(probe.shape[1:]), name, name)
