@@ -295,6 +295,7 @@ def _evaluate(
         "method": "euler",
         "w2": {str(k): _mean_std(v) for k, v in per_draw.items()},
         "w2_floor": _mean_std(floors),
+        "reference": "training rows" if target.rows is not None else "held-out draws",
         "png": str(png),
     }
 
@@ -314,11 +315,15 @@ def _mean_std(values: list[float]) -> dict[str, float]:
     return {"mean": float(tensor.mean()), "std": std}
 
 
+#: How the W2 table names its reference samples (``w2.json``'s "reference").
+_REFERENCE = {"training rows": "reference samples drawn from the training data", "held-out draws": "held-out samples"}
+
+
 def _print_table(result: dict[str, Any], config: TrainConfig, stage: str = "") -> None:
+    reference = _REFERENCE.get(result.get("reference"), "held-out samples")
     print(
         f"W2 vs Euler steps: {config.source} -> {config.target}, {_describe(config, stage)}, "
-        f"n={result['n']} held-out samples, mean +- std over {result['draws']} "
-        f"draw{'s' if result['draws'] != 1 else ''}"
+        f"n={result['n']} {reference}, mean +- std over {result['draws']} draw{'s' if result['draws'] != 1 else ''}"
     )
     print("| Euler steps | W2 |")
     print("|---:|---:|")

@@ -37,6 +37,7 @@ def test_train_then_sample(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     printed = capsys.readouterr().out
     for steps in (1, 2, 4, 8, 100):
         assert f"\n| {steps} | " in printed
+    assert "n=200 held-out samples, mean +- std over 2 draws" in printed
     assert {"checkpoint.pt", "samples.png", "w2.json"} <= {p.name for p in out.iterdir()}
     table = json.loads((out / "w2.json").read_text())
     assert set(table["w2"]) == {"1", "2", "4", "8", "100"} and table["n"] == 200 and table["draws"] == 2
