@@ -118,7 +118,7 @@ def load_failure(error: Exception) -> str:
     and its advice to unpickle arbitrary objects (``weights_only=False``) does not apply to otcfm's files."""
     reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     if reason.startswith("Weights only load failed"):
-        reason = "it holds objects other than tensors and plain values (e.g. numpy arrays), which otcfm never unpickles"
+        reason = "it holds objects other than tensors and plain values, which otcfm never unpickles (numpy arrays?)"
     return reason
 
 
