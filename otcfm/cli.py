@@ -171,7 +171,7 @@ def _parser(train_defaults: dict[str, Any] | None = None) -> argparse.ArgumentPa
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="a coupler option, repeatable: epsilon=0.01, solver=lsa, replace=true, label_weight=10",
+        help="a coupler option, repeatable: epsilon=0.01, max_iter=5000, solver=lsa, replace=true",
     )
     tr.add_argument("--path", default=defaults.path, choices=sorted(PATHS), help="probability path")
     tr.add_argument(

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from otcfm import checkpoint as ckpt
 from otcfm import distributed
 from otcfm._args import check_flag
-from otcfm.data.sources import same_file
+from otcfm.data.sources import same_record
 from otcfm.models import model_spec
 from otcfm.runlock import run_lock
 
@@ -462,7 +462,7 @@ def _check_same_run(state: dict[str, Any], run: dict[str, Any], defaults: dict[s
         if key == "steps":
             continue
         before = saved.get(key, defaults.get(key, missing))
-        if before is not missing and before != value and not same_file(before, value):
+        if before is not missing and before != value and not same_record(before, value):
             differing.append(f"{key}: checkpoint {before!r} vs now {value!r}")
     if differing:
         raise ValueError(f"resume: the checkpoint was made with another config ({', '.join(differing)})")

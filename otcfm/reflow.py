@@ -30,7 +30,8 @@ from otcfm import checkpoint as ckpt
 from otcfm import distributed
 from otcfm._args import check_count, check_flag
 from otcfm._checks import check_choice
-from otcfm.data import Sampler, draw
+from otcfm._describe import describe
+from otcfm.data import Sampler
 from otcfm.data.sources import DataSource, as_source, content_hash, same_file
 from otcfm.engine import LRSchedule, Precision, Schedule, fit, resolve_device
 from otcfm.flow import FlowMatcher
@@ -196,7 +197,7 @@ def _describe(pairs: PairSet | PairSource) -> dict[str, Any]:
     ``repr``), and for a set made by hand (whose description is empty) a hash of its content, under a key of its
     own that runs recorded before it had not (they resume as before)."""
     if not isinstance(pairs, PairSet):
-        return {"pairs": repr(pairs)}
+        return {"pairs": describe(pairs)}
     if pairs.meta:
         return {"pairs": pairs.meta}
     return {"pairs": pairs.meta, "pairs_content": f"{content_hash(pairs.x0)}:{content_hash(pairs.x1)}"}
@@ -291,14 +292,20 @@ class OnlinePairs:
             raise TypeError(f"teacher: expected an nn.Module called as teacher(x, t), got {type(teacher).__name__}")
         check_count(steps, "steps")
         check_choice(method, METHODS, "method")
-        as_source(source, "source")  # a bad name or object is named now, not at the first draw
+        self._source = as_source(source, "source")  # a bad name or object is named now, not at the first draw
         self.teacher = copy.deepcopy(teacher).eval().requires_grad_(False)
         self.source, self.steps, self.method = source, steps, method
 
     def __call__(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """``n`` fresh pairs ``(x0, teacher(x0))``."""
-        x0 = draw(self.source, n, generator)
+        x0 = self._source(n, generator)
         return x0, integrate(self.teacher, x0, self.steps, self.method)
+
+    def __repr__(self) -> str:  # what a run records of these pairs: the same in every process
+        return (
+            f"OnlinePairs(teacher={teacher_fingerprint(self.teacher)}, source={self._source.fingerprint}, "
+            f"steps={self.steps}, method={self.method!r})"
+        )
 
 
 @dataclass(frozen=True)
@@ -360,7 +367,7 @@ def train_on_pairs(
     """
     fm = FlowMatcher(coupler="paired", path="linear", time_sampler=time_sampler)
     _check_training(steps, batch_size, lr)
-    settings = {"stage": "reflow", "time_sampler": repr(fm.time_sampler)}
+    settings = {"stage": "reflow", "time_sampler": describe(fm.time_sampler)}
 
     def loss(net: nn.Module, x0: Tensor, x1: Tensor, generator: torch.Generator) -> Tensor:
         return fm.loss(net, x0, x1, generator)

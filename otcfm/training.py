@@ -29,6 +29,7 @@ from torch import nn
 from otcfm import checkpoint as ckpt
 from otcfm import distributed
 from otcfm._args import check_flag, check_options
+from otcfm._describe import describe
 from otcfm.couplers import COUPLERS, Coupler, SemidiscreteCoupler, get_coupler
 from otcfm.data import DATASETS
 from otcfm.data.sources import FILE_SUFFIXES, DataSource, as_source
@@ -209,6 +210,18 @@ def _option_error(name: str, options: dict[str, Any], error: Exception) -> Value
 
 
 def _flow_matcher(config: TrainConfig, objects: dict[str, Any]) -> FlowMatcher:
+    for name in ("coupler", "path", "time_sampler"):
+        options = getattr(config, f"{name}_options")
+        if name in objects and options:  # they would be recorded, and not used
+            raise ValueError(
+                f"{name}_options: {options} are for a {name} given by name; set them on the {name} instance "
+                f"({describe(objects[name])}) instead"
+            )
+    if "label_weight" in config.coupler_options:
+        raise ValueError(
+            "coupler_options: label_weight weighs labels, and train passes none to the coupler (it trains "
+            "unconditional flows); pair within labels in a loop of your own: FlowMatcher.loss(..., y0=..., y1=...)"
+        )
     coupler: str | Coupler = objects.get("coupler", config.coupler)
     if isinstance(coupler, str) and config.coupler_options:
         if coupler not in COUPLERS:
@@ -403,7 +416,7 @@ def train(
     if resume and out is not None and config.source == "auto" and "source" not in objects:
         config = _recorded_source(config, Path(out) / CHECKPOINT_NAME)
     source, target = _data(config, objects)
-    described = {k: repr(v) for k, v in objects.items() if k in ("coupler", "path", "time_sampler")}
+    described = {k: describe(v) for k, v in objects.items() if k in ("coupler", "path", "time_sampler")}
     if model is not None:
         described["model"] = f"object:{type(model).__module__}.{type(model).__qualname__}"
     config = dataclasses.replace(config, source=source.spec, target=target.spec, **described)

@@ -504,3 +504,10 @@ def test_sinkhorn_with_hard_labels_of_unequal_counts_converges_with_the_fewest_c
         assert forced > 0 and abs(crossing - forced) <= 1e-4
     with pytest.warns(otcfm.couplers.ConvergenceWarning, match="give label_weight a smaller finite penalty"):
         get_coupler("sinkhorn", max_iter=3)(x0, x1, y0=y0, y1=y1, generator=g)  # the hint, where it stops short
+
+
+def test_source_labels_without_target_labels_are_refused() -> None:
+    """``y0`` alone was ignored without a word (the pairs' labels come from ``y1``)."""
+    x0, x1 = torch.randn(8, 2), torch.randn(8, 2)
+    with pytest.raises(ValueError, match="y0: source labels need target labels y1"):
+        ExactCoupler()(x0, x1, y0=torch.arange(8) % 2)

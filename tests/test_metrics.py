@@ -166,3 +166,14 @@ def test_variance_metrics_check_their_inputs() -> None:
     mixed = (pairs[0].double(), pairs[1])  # both are taken in float64: mixed dtypes stay accepted
     for widths in (np.array([0.1, 0.3]), torch.tensor([0.1, 0.3]), [np.float32(0.1)]):
         assert target_variance_of_pairs(mixed, pairs, times=[0.5], bandwidths=widths).total >= 0
+
+
+def test_npe_against_the_source_itself_and_a_tensor_w2_squared() -> None:
+    """W2 = 0 raised ZeroDivisionError; w2_squared as a 0-d tensor (metrics.w2(...) ** 2 is a float, a user's
+    own computation often a tensor) was refused."""
+    x0 = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
+    still = otcfm.metrics.flow_statistics(lambda x, t: torch.zeros_like(x), x0, steps=2, reference=x0)
+    moving = otcfm.metrics.flow_statistics(lambda x, t: torch.ones_like(x), x0, steps=2, reference=x0)
+    assert still.npe == 0.0 and moving.npe == float("inf")
+    ratio = otcfm.metrics.transport_cost_ratio(x0, x0 + 1.0, torch.tensor(2.0, dtype=torch.float64))
+    assert ratio == pytest.approx(1.0, rel=1e-6)  # mean squared pair distance 2 (float32 x0 + 1) over W2^2 2

@@ -343,3 +343,83 @@ def test_mistakes_with_own_data_and_factories_are_named(tmp_path: Path, monkeypa
         otcfm.train(model="walk_models:passing", model_options={"width": 8}, steps=2, progress=False)
     with pytest.raises(TypeError, match=r"model: calling torch:zeros\(\*\*\{\}\) failed"):
         otcfm.train(model="torch:zeros", steps=2, progress=False)
+
+
+class _Augmented(_Pairs):
+    """Items that come out otherwise at every read (random augmentation)."""
+
+    def __getitem__(self, k: int) -> tuple[torch.Tensor, int]:
+        return self.data[k] + torch.randn(self.data.shape[1:]), 0
+
+
+def test_a_dataset_or_sampler_with_other_content_is_refused_on_resume(tmp_path: Path) -> None:
+    """A Dataset was fingerprinted by its class and length, a sampler by its name: other content resumed."""
+    quick = {"steps": 6, "batch_size": 16, "hidden": 8, "depth": 1, "checkpoint_every": 3, "progress": False}
+    data = torch.randn(64, 3, generator=torch.Generator().manual_seed(0))
+    otcfm.train(target=_Pairs(data), out=tmp_path / "d", **quick)
+    with pytest.raises(ValueError, match="target_fingerprint"):
+        otcfm.train(target=_Pairs(data + 1), out=tmp_path / "d", resume=True, **{**quick, "steps": 8})
+    assert otcfm.train(target=_Pairs(data.clone()), out=tmp_path / "d", resume=True, **{**quick, "steps": 8}).losses
+
+    def sampler(n: int, g: torch.Generator | None) -> torch.Tensor:
+        return torch.randn(n, 3, generator=g) + shift
+
+    shift = 0.0
+    otcfm.train(target=sampler, out=tmp_path / "s", **quick)
+    shift = 5.0
+    with pytest.raises(ValueError, match="target_fingerprint"):
+        otcfm.train(target=sampler, out=tmp_path / "s", resume=True, **{**quick, "steps": 8})
+    # content that changes from read to read keeps the name alone; a name recorded before the hash still resumes
+    assert as_source(_Augmented(data), "target").fingerprint == "dataset:_Augmented[64]"
+    assert as_source(_Pairs(data), "target").fingerprint.startswith("dataset:_Pairs[64]:sampled=")
+    state = checkpoint.load(tmp_path / "d" / "checkpoint.pt")
+    state["run"]["target_fingerprint"] = "dataset:_Pairs[64]"
+    checkpoint.atomic_save(state, tmp_path / "d" / "checkpoint.pt")
+    assert otcfm.train(target=_Pairs(data), out=tmp_path / "d", resume=True, **{**quick, "steps": 10}).start_step == 8
+
+
+def test_options_beside_an_instance_and_label_weight_are_refused() -> None:
+    """They were recorded as applied and not used (a Sinkhorn instance at 0.1 recorded epsilon 0.5)."""
+    quick = {"steps": 2, "batch_size": 16, "hidden": 8, "depth": 1, "progress": False}
+    sinkhorn = otcfm.couplers.SinkhornCoupler(epsilon=0.1)
+    with pytest.raises(ValueError, match=r"coupler_options: \{'epsilon': 0.5\} are for a coupler given by name"):
+        otcfm.train(coupler=sinkhorn, coupler_options={"epsilon": 0.5}, **quick)
+    with pytest.raises(ValueError, match="path_options: .* set them on the path instance"):
+        otcfm.train(path=otcfm.paths.LinearPath(0.1), path_options={"sigma": 0.3}, **quick)
+    with pytest.raises(ValueError, match="time_sampler_options: .* set them on the time_sampler instance"):
+        otcfm.train(time_sampler=otcfm.timesteps.LogitNormal(), time_sampler_options={"mean": -1.0}, **quick)
+    with pytest.raises(ValueError, match="coupler_options: label_weight weighs labels, and train passes none"):
+        otcfm.train(coupler="exact", coupler_options={"label_weight": 1.0}, **quick)
+
+
+def test_a_time_sampler_function_is_recorded_without_its_address(tmp_path: Path) -> None:
+    """Its default repr held a memory address, so a resume in another process was always refused."""
+
+    def late(n: int, g: torch.Generator | None, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        return torch.rand(n, generator=g, device=device, dtype=dtype).sqrt()
+
+    result = otcfm.train(time_sampler=late, steps=2, batch_size=16, hidden=8, depth=1, progress=False)
+    assert result.config.time_sampler.startswith("callable:") and "0x" not in result.config.time_sampler
+
+
+class _Ragged(_Pairs):
+    """Item 1 (or every odd one) is shorter."""
+
+    def __init__(self, data: torch.Tensor, every_odd: bool) -> None:
+        super().__init__(data)
+        self.every_odd = every_odd
+
+    def __getitem__(self, k: int) -> tuple[torch.Tensor, int]:
+        short = k % 2 == 1 if self.every_odd else k == 1
+        return self.data[k, : 3 - short], 0
+
+
+def test_dataset_items_of_other_shapes_or_scalars_are_named() -> None:
+    """torch.stack raised 'stack expects each tensor to be equal size' before the intended message."""
+    with pytest.raises(ValueError, match=r"target: dataset items of different shapes, \(3,\) and \(2,\)"):
+        as_source(_Ragged(torch.randn(64, 3), every_odd=True), "target")  # seen among the fingerprint's items
+    source = as_source(_Ragged(torch.randn(64, 3), every_odd=False), "target")  # item 1 is not among them
+    with pytest.raises(ValueError, match=r"target: dataset items of different shapes, \(3,\) and \(2,\)"):
+        source(512, torch.Generator().manual_seed(0))  # draws item 1 (seeded)
+    with pytest.raises(ValueError, match="target: dataset items are scalars"):
+        as_source(_Pairs(torch.randn(64)), "target")

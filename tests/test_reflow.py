@@ -247,3 +247,26 @@ def test_online_pairs_and_target_variance_name_bad_settings_up_front(teacher: to
         reflow.OnlinePairs(teacher, "nonexistent")
     with pytest.raises(ValueError, match="source: unknown value 'nonexistent'"):  # said 'name:'
         target_variance(otcfm.FlowMatcher(coupler="independent"), "nonexistent", "moons", batch_size=8)
+
+
+def test_online_pairs_take_any_source_and_resume_in_another_process(teacher: torch.nn.Module, tmp_path: Path) -> None:
+    """A tensor source was accepted when made and refused at the first draw ('sampler: ...'); a run on OnlinePairs
+    recorded their default repr, whose memory address made every resume in a new process fail."""
+    data = torch.randn(100, 2, generator=torch.Generator().manual_seed(0))
+    x0, x1 = reflow.OnlinePairs(teacher, data, steps=2)(8, torch.Generator().manual_seed(1))
+    assert x0.shape == x1.shape == (8, 2) and all(bool((data == row).all(1).any()) for row in x0)
+    made = [repr(reflow.OnlinePairs(teacher, "8gaussians", steps=2)) for _ in range(2)]
+    assert made[0] == made[1] and "0x" not in made[0]
+
+    def stop(step: int, loss: float) -> None:
+        if step == 3:
+            raise KeyboardInterrupt
+
+    model = copy.deepcopy(teacher)
+    run = reflow.RunOptions(out=tmp_path, checkpoint_every=2, callback=stop)
+    with pytest.raises(KeyboardInterrupt):
+        reflow.train_on_pairs(reflow.OnlinePairs(teacher, "8gaussians", 2), model, steps=5, batch_size=16, run=run)
+    run = reflow.RunOptions(out=tmp_path, resume=True, checkpoint_every=2)  # new objects, as in another process
+    again = copy.deepcopy(teacher)
+    reflow.train_on_pairs(reflow.OnlinePairs(teacher, "8gaussians", 2), again, steps=5, batch_size=16, run=run)
+    assert otcfm.checkpoint.load(tmp_path / "checkpoint.pt")["step"] == 5

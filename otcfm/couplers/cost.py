@@ -106,6 +106,7 @@ def condition_cost(
       batches hold the same label counts), then the transport cost.
     - Floating conditions ``y: (B,)`` or ``(B, k)``: ``weight * ||y0 - y1||^2``
       (``weight=None`` means 1).
+    - Only ``y0`` given: an error (there are no target labels to pair them with).
     - Only ``y1`` given (a source without labels, e.g. noise): the source
       samples are i.i.d., so each is given the label of a random target
       (``y0 = y1[perm]``), and the plan couples within labels. Each label then
@@ -124,6 +125,8 @@ def condition_cost(
         the cost with the condition term, ``(B0, B1)``.
     """
     if y1 is None:
+        if y0 is not None:  # nothing to pair them with: they were ignored without a word
+            raise ValueError("y0: source labels need target labels y1 (the pairs' labels come from y1); give both")
         return cost
     n0, n1 = cost.shape
     for y, rows, name in ((y0, n0, "y0"), (y1, n1, "y1")):

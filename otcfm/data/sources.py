@@ -50,8 +50,9 @@ class DataSource:
         shape: the shape of one sample, e.g. ``(2,)`` or ``(1, 8, 8)``.
         spec: what a run's config records: the dataset name, the file path, or a description such as
             ``"tensor(1000, 5)"`` / ``"callable:mod.fn"`` for objects that cannot be named.
-        fingerprint: identifies the content where it can be hashed (SHA-256 of a tensor's or file's values,
-            first 16 hex digits), else the name and options; a resumed run checks it.
+        fingerprint: identifies the content (SHA-256 of a tensor's or file's values, first 16 hex digits; of
+            16 items of a Dataset or 16 draws of a sampler, see :func:`_sampled`; a name and its options); a
+            resumed run checks it.
         rows: the whole dataset ``(N, *shape)`` when the data are a finite table drawn uniformly (a tensor, an
             array, a file, a ``TensorDataset``, ``"digits"``), else None; the semidiscrete coupler pairs with it.
     """
@@ -153,6 +154,27 @@ def same_file(before: object, now: object) -> bool:
     return files and os.path.abspath(before) == os.path.abspath(now)
 
 
+def same_record(before: object, now: object) -> bool:
+    """Whether a value a run recorded before 2026-11-26 names the data ``now`` records: :func:`same_file`, or a
+    Dataset's or sampler's fingerprint from before it held a hash of the data (``":sampled="``)."""
+    if same_file(before, now):
+        return True
+    return isinstance(before, str) and isinstance(now, str) and now.startswith(f"{before}{_SAMPLED}")
+
+
+#: How many items of a Dataset, or draws of a sampler, its fingerprint hashes (read twice, see :func:`_sampled`).
+_PROBE = 16
+_SAMPLED = ":sampled="
+
+
+def _sampled(spec: str, read: Callable[[], Tensor]) -> str:
+    """A fingerprint of data known by a name only (a Dataset, a sampler): the name and a hash of what ``read``
+    gives, so that a resumed run finds other content refused. Data that come out otherwise the second time
+    (random augmentation, a sampler that draws from torch's global generator) keep the name alone."""
+    first, second = content_hash(read()), content_hash(read())
+    return f"{spec}{_SAMPLED}{first}" if first == second else spec
+
+
 def _from_name(name: str, argument: str, options: dict[str, Any], like: DataSource | None) -> DataSource:
     from otcfm.data import DATASETS, sample
 
@@ -252,16 +274,22 @@ def _from_dataset(dataset: Dataset, argument: str) -> DataSource:
     if size == 0:
         raise ValueError(f"{argument}: the dataset is empty")
     shape = tuple(_first_tensor(dataset[0], argument).shape)
+    if not shape:
+        raise ValueError(f"{argument}: dataset items are scalars; expected samples of shape (d,) or (C, H, W), ...")
+
+    def items(index: list[int]) -> Tensor:
+        batch = [_first_tensor(dataset[k], argument) for k in index]
+        other = next((tuple(x.shape) for x in batch if x.shape != shape), None)
+        if other is not None:
+            raise ValueError(f"{argument}: dataset items of different shapes, {shape} and {other}")
+        return torch.stack(batch)
 
     def draw_items(n: int, generator: torch.Generator | None) -> Tensor:
-        index = torch.randint(size, (n,), generator=generator).tolist()
-        batch = torch.stack([_first_tensor(dataset[k], argument) for k in index])
-        if batch.shape[1:] != shape:
-            raise ValueError(f"{argument}: dataset items of different shapes, {shape} and {tuple(batch.shape[1:])}")
-        return batch
+        return items(torch.randint(size, (n,), generator=generator).tolist())
 
     spec = f"dataset:{type(dataset).__qualname__}[{size}]"
-    return DataSource(draw_items, shape, spec, spec)
+    spread = sorted({k * (size - 1) // max(_PROBE - 1, 1) for k in range(_PROBE)})  # first to last, evenly
+    return DataSource(draw_items, shape, spec, _sampled(spec, lambda: items(spread)))
 
 
 def _from_sampler(sampler: Callable[[int, torch.Generator], Tensor], argument: str) -> DataSource:
@@ -282,4 +310,5 @@ def _from_sampler(sampler: Callable[[int, torch.Generator], Tensor], argument: s
         if str(error).startswith(f"{argument}:"):
             raise
         raise TypeError(f"{argument}: calling the sampler as f(n, generator) failed ({error})") from error
-    return DataSource(checked, tuple(probe.shape[1:]), name, name)
+    fingerprint = _sampled(name, lambda: checked(_PROBE, torch.Generator().manual_seed(0)))
+    return DataSource(checked, tuple(probe.shape[1:]), name, fingerprint)

@@ -66,6 +66,8 @@ def transport_cost_ratio(x0: Tensor, x1: Tensor, w2_squared: float) -> float:
         the ratio (float).
     """
     x0, x1 = check_pair(x0, x1, same_batch=True)
+    if isinstance(w2_squared, Tensor) and w2_squared.numel() == 1:  # a 0-d tensor, e.g. metrics.w2(...) ** 2
+        w2_squared = float(w2_squared)
     if not (isinstance(w2_squared, (int, float)) and math.isfinite(w2_squared) and w2_squared > 0):
         raise ValueError(f"w2_squared: expected a finite number > 0, got {w2_squared!r}")
     cost = (x0.double() - x1.double()).reshape(x0.shape[0], -1).square().sum(1).mean()
@@ -75,7 +77,9 @@ def transport_cost_ratio(x0: Tensor, x1: Tensor, w2_squared: float) -> float:
 def renormalised_entropy(plan: Tensor) -> float:
     """``(H(P) - log max(n0, n1)) / log min(n0, n1)`` of a plan ``P: (n0, n1)`` (normalised to mass 1 first).
 
-    0 for a permutation (every row one partner), 1 for the independent (product) coupling.
+    0 for a permutation (every row one partner), 1 for the independent (product) coupling; a coupling of the
+    uniform marginals is assumed (a couplers' plan), and a plan that leaves mass off some rows or columns can
+    fall below 0.
 
     Raises:
         ValueError: not a 2-D non-negative finite plan with positive mass and at least 2 rows and columns.

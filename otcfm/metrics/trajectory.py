@@ -32,7 +32,8 @@ class FlowStatistics:
     Attributes:
         straightness: ``S`` (0 = straight).
         path_energy: ``PE``.
-        npe: ``|PE - W2^2| / W2^2`` against ``W2(x0, reference)``, or None without a reference.
+        npe: ``|PE - W2^2| / W2^2`` against ``W2(x0, reference)``, or None without a reference; where the
+            reference is ``x0`` itself (``W2 = 0``), 0 for a flow that stays put and ``inf`` for one that moves.
         steps: Euler steps used.
     """
 
@@ -74,7 +75,7 @@ def flow_statistics(
     npe = None
     if reference is not None:
         w2_squared = w2(x0, reference) ** 2
-        npe = abs(pe - w2_squared) / w2_squared
+        npe = abs(pe - w2_squared) / w2_squared if w2_squared > 0 else (0.0 if pe == 0 else math.inf)
     return FlowStatistics(s, pe, npe, steps)
 
 
