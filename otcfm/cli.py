@@ -463,7 +463,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.pool_size is not None and (args.pool_size < args.batch_size or args.pool_size % args.batch_size):
         raise ValueError(f"--pool-size: expected a multiple of --batch-size {args.batch_size}, got {args.pool_size}")
     mlp_only = sorted(name for name in ("hidden", "depth") if name in args.given)
-    if args.model is not None and mlp_only:
+    if args.model not in (None, "mlp") and mlp_only:
         raise ValueError(f"--{mlp_only[0]}: sets the built-in MLP; --model {args.model} builds the model")
     config = _config(args)
     out = _check_out(args.out, args.resume, args.overwrite)
@@ -535,7 +535,8 @@ def _sample(args: argparse.Namespace) -> int:
         np.save(out, trajectory[-1].numpy())
     else:
         torch.save(trajectory[-1], out)
-    steps = f"{args.steps} output times" if args.method == "dopri5" else f"{args.steps} steps"  # dopri5 picks its own
+    unit = "output time" if args.method == "dopri5" else "step"  # dopri5 picks its own steps
+    steps = f"{args.steps} {unit}{'s' if args.steps != 1 else ''}"
     print(f"saved {args.n} samples ({args.method}, {steps}, {solution.nfe} network evaluations) to {out}")
     if args.png:
         from otcfm.plotting import plot_flow
@@ -629,7 +630,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C while exiting gives no traceback
         if args.command == "sample":
-            print("otcfm: interrupted; no samples written", file=sys.stderr)
+            written = "samples written to --out, no figure" if Path(args.out).is_file() else "no samples written"
+            print(f"otcfm: interrupted; {written}", file=sys.stderr)
         elif _saved_work(Path(args.out)):
             print(
                 "otcfm: interrupted; finished work (steps, pairs, a semidiscrete fit) is saved in --out, rerun the "

@@ -8,8 +8,9 @@ to the same parameters an uninterrupted run reaches (bit for bit on the same num
 Randomness: one CPU ``torch.Generator`` seeded with ``schedule.seed`` feeds ``step_loss`` on rank 0 (a
 one-process run is the one-rank case) and is saved in every checkpoint; rank ``r > 0`` draws step ``s`` from a
 generator seeded with ``stream_seed(seed, r, s)``, so resuming on any number of ranks needs no per-rank state.
-torch's global generator, which a model's own randomness (Dropout) draws from, is seeded from ``seed`` and the
-rank for the run, recorded in checkpoints, and given back to the caller as it was when :func:`fit` returns.
+torch's global generator, which a model's own randomness (Dropout) draws from, is seeded at every step from
+``stream_seed(seed, "global", r, s)`` (nothing to save, on any number of ranks), and given back to the caller as
+it was when :func:`fit` returns.
 
 Checkpoint files (``out/checkpoint.pt``) hold the model's weights and :func:`otcfm.models.model_spec`, the EMA
 weights, the optimiser and generator states, every step's loss, ``run`` (the settings a resume must match) and
@@ -249,7 +250,6 @@ def fit(
                 path.unlink()
         device = resolve_device(device)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the caller's state is kept
-            _seed_global_rng(distributed.stream_seed(schedule.seed, "global", rank), device)  # resume: replaced
             return _run(
                 model, step_loss, schedule, run, path, resume, device, progress, callback, desc, record, run_defaults
             )
@@ -294,8 +294,6 @@ def _run(
                 f"resume: the weights in {path} do not fit the model (built with other arguments?): {reason[:500]}"
             ) from error
         generator.set_state(state["generator"])
-        if state.get("global_rng") is not None:  # checkpoints from before 2026-11-25 did not record it
-            _set_global_rng(state["global_rng"], device)
         losses = list(state["losses"])
         if len(losses) > schedule.steps:
             raise ValueError(
@@ -319,7 +317,7 @@ def _run(
                 )
             losses.extend(values)
 
-    def save(generator_state: Tensor, global_rng: dict[str, Tensor]) -> None:
+    def save(generator_state: Tensor) -> None:
         flush()
         if path is not None and rank == 0:
             ckpt.atomic_save(
@@ -335,7 +333,6 @@ def _run(
                     "planned_steps": schedule.steps,
                     "optimizer": optimizer.state_dict(),
                     "generator": generator_state,
-                    "global_rng": global_rng,
                     "losses": losses,
                     "world_size": world_size,
                 },
@@ -349,11 +346,13 @@ def _run(
     try:
         while len(losses) + len(pending) < schedule.steps:
             done = len(losses) + len(pending)
-            start_state, start_global = generator.get_state(), _global_rng(device)
+            start_state = generator.get_state()
             updating = False
             try:
                 if rank > 0:
                     generator.manual_seed(distributed.stream_seed(schedule.seed, rank, done))
+                # torch's global generator (a model's Dropout): a stream of this step and rank, as above
+                _seed_global_rng(distributed.stream_seed(schedule.seed, "global", rank, done), device)
                 loss = step_loss(net, done, generator)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -371,12 +370,12 @@ def _run(
                 updating = False
             except KeyboardInterrupt:
                 if not updating:  # the unfinished step left no trace: save the finished ones
-                    save(start_state, start_global)
+                    save(start_state)
                 raise
             done += 1
             bar.update(1)
             if done % schedule.checkpoint_every == 0 or done == schedule.steps:
-                save(generator.get_state(), _global_rng(device))
+                save(generator.get_state())
             if callback is not None or done % 50 == 0:
                 flush()
                 bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
@@ -384,7 +383,7 @@ def _run(
                 try:
                     callback(done, losses[-1])
                 except KeyboardInterrupt:
-                    save(generator.get_state(), _global_rng(device))
+                    save(generator.get_state())
                     raise
         flush()
     finally:
@@ -393,28 +392,13 @@ def _run(
     return Fitted(model, ema, losses, start_step)
 
 
-def _global_rng(device: torch.device) -> dict[str, Tensor]:
-    """torch's global random state of the CPU (and of ``device`` when it is a GPU): what a model's own randomness
-    (Dropout) draws from, recorded in checkpoints so that a resumed run draws what the uninterrupted one did."""
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
 def _seed_global_rng(seed: int, device: torch.device) -> None:
-    """Seed torch's global generator of the CPU (and of ``device`` when it is a GPU) for a run: a model's own
-    randomness (Dropout) then follows the run's seed, not whatever the caller drew before."""
+    """Seed torch's global generator of the CPU (and of ``device`` when it is a GPU) for a step: a model's own
+    randomness (Dropout) then follows the run's seed and step, not whatever the caller drew before."""
     torch.random.default_generator.manual_seed(seed)
     if device.type == "cuda":
         with torch.cuda.device(device):
             torch.cuda.manual_seed(seed)
-
-
-def _set_global_rng(state: dict[str, Tensor], device: torch.device) -> None:
-    torch.set_rng_state(state["cpu"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:

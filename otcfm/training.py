@@ -324,8 +324,7 @@ def build_model(config: TrainConfig, features: int | None = None) -> nn.Module:
         try:
             model = factory(**options)
         except TypeError as error:  # e.g. a factory that passes **options on to a class that refuses one
-            named = "model_options" if options else "model"
-            raise TypeError(f"{named}: calling {config.model}(**{options}) failed ({error})") from error
+            raise TypeError(f"model: {config.model}(**{options}) raised TypeError ({error})") from error
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: {config.model!r} returned a {type(model).__name__}, expected an nn.Module")
     return model

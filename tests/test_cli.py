@@ -237,6 +237,7 @@ def test_resume_of_a_factory_run_takes_its_model_options(
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["config"]["model_options"] == {"width": 4}
     assert main(["train", "--model", "walk_factory:make", "--hidden", "64", "--out", str(tmp_path / "h")]) == 2
     assert "--hidden: sets the built-in MLP; --model walk_factory:make builds the model" in capsys.readouterr().err
+    assert main(["train", "--model", "mlp", "--out", str(tmp_path / "m"), *SMALL]) == 0  # --hidden: the MLP's
 
 
 def test_cli_resume_of_a_run_made_with_a_model_object(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -248,3 +249,24 @@ def test_cli_resume_of_a_run_made_with_a_model_object(tmp_path: Path, capsys: py
 def test_a_missing_teacher_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["reflow", "--teacher", str(tmp_path / "none"), "--out", str(tmp_path / "r")]) == 2
     assert "otcfm: error: --teacher: no file at" in capsys.readouterr().err
+
+
+def test_an_interrupted_sample_says_what_was_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import otcfm.cli
+    import otcfm.plotting
+
+    def stopped(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise KeyboardInterrupt
+
+    assert main(["train", "--out", str(tmp_path / "run"), *SMALL]) == 0
+    sample = ["sample", "--checkpoint", str(tmp_path / "run"), "--n", "8", "--steps", "2"]
+    sample += ["--out", str(tmp_path / "x.pt")]
+    monkeypatch.setattr(otcfm.cli, "solve", stopped)
+    assert main(sample) == 130
+    assert "otcfm: interrupted; no samples written" in capsys.readouterr().err
+    monkeypatch.undo()
+    monkeypatch.setattr(otcfm.plotting, "plot_flow", stopped)  # after the samples file, during the figure
+    assert main([*sample, "--png", str(tmp_path / "x.png")]) == 130
+    assert "samples written to --out, no figure" in capsys.readouterr().err

@@ -330,7 +330,7 @@ def test_mistakes_with_own_data_and_factories_are_named(tmp_path: Path, monkeypa
     torch.save(np.zeros((10, 2)), tmp_path / "array.pt")
     with pytest.raises(ValueError, match=r"target: .* \(it holds objects other than tensors .*\); a .pt file holds"):
         otcfm.train(target=str(tmp_path / "array.pt"), steps=2, progress=False)
-    with pytest.raises(TypeError, match=r"target: calling the sampler as f\(n, generator\) failed"):
+    with pytest.raises(TypeError, match=r"target: the sampler raised TypeError when called as f\(n, generator\)"):
         otcfm.train(target=lambda n: torch.randn(n, 2), steps=2, progress=False)
     (tmp_path / "walk_models.py").write_text(
         "import torch\n\nclass Fixed(torch.nn.Module):\n    def __init__(self, ch=4):\n        super().__init__()\n\n"
@@ -339,9 +339,9 @@ def test_mistakes_with_own_data_and_factories_are_named(tmp_path: Path, monkeypa
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(TypeError, match="model_options: unknown option 'ch' of plain; it takes no options"):
         otcfm.train(model="walk_models:plain", model_options={"ch": 8}, steps=2, progress=False)
-    with pytest.raises(TypeError, match=r"model_options: calling walk_models:passing\(\*\*\{'width': 8\}\) failed"):
+    with pytest.raises(TypeError, match=r"model: walk_models:passing\(\*\*\{'width': 8\}\) raised TypeError"):
         otcfm.train(model="walk_models:passing", model_options={"width": 8}, steps=2, progress=False)
-    with pytest.raises(TypeError, match=r"model: calling torch:zeros\(\*\*\{\}\) failed"):
+    with pytest.raises(TypeError, match=r"model: torch:zeros\(\*\*\{\}\) raised TypeError"):
         otcfm.train(model="torch:zeros", steps=2, progress=False)
 
 

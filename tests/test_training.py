@@ -304,8 +304,6 @@ def test_a_dropout_run_follows_its_seed_and_leaves_the_global_state(tmp_path: Pa
         runs.append(train(SMALL, model=_Dropped(), progress=False))
         assert torch.equal(torch.get_rng_state(), before)
     _assert_same_run(runs[0], runs[1])
-    other = train(dataclasses.replace(SMALL, seed=SMALL.seed + 1), model=_Dropped(), progress=False)
-    assert other.losses != runs[0].losses
 
 
 def test_model_options_beside_a_built_model_are_refused() -> None:

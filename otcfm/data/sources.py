@@ -309,6 +309,6 @@ def _from_sampler(sampler: Callable[[int, torch.Generator], Tensor], argument: s
     except TypeError as error:
         if str(error).startswith(f"{argument}:"):
             raise
-        raise TypeError(f"{argument}: calling the sampler as f(n, generator) failed ({error})") from error
+        raise TypeError(f"{argument}: the sampler raised TypeError when called as f(n, generator) ({error})") from error
     fingerprint = _sampled(name, lambda: checked(_PROBE, torch.Generator().manual_seed(0)))
     return DataSource(checked, tuple(probe.shape[1:]), name, fingerprint)
