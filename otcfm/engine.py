@@ -389,6 +389,7 @@ def _run(
     finally:
         bar.close()
     model.eval()
+    distributed.barrier()  # rank 0's last checkpoint is on disk before any rank returns (and, say, resumes it)
     return Fitted(model, ema, losses, start_step)
 
 

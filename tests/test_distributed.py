@@ -268,7 +268,8 @@ def _dropout_runs(rank: int, out: Path) -> None:
 
 def test_a_dropout_run_on_two_ranks_resumes_bit_exactly(tmp_path: Path) -> None:
     """Rank 1's Dropout masks came from rank 0's recorded global state after a resume, and the run drifted;
-    the global generator is now seeded per step and rank, like the data's."""
+    the global generator is now seeded per step and rank, like the data's. (The resume in the same processes
+    also needs fit to wait for rank 0's last checkpoint before returning: rank 1 found none and started over.)"""
     _spawn(_dropout_runs, tmp_path)
     full = torch.load(tmp_path / "full" / CHECKPOINT_NAME, weights_only=True)
     cut = torch.load(tmp_path / "cut" / CHECKPOINT_NAME, weights_only=True)
