@@ -262,7 +262,7 @@ def _run(
     run: dict[str, Any],
     path: Path | None,
     resume: bool,
-    device: torch.device | str | None,
+    device: torch.device,  # resolved by fit
     progress: bool,
     callback: Callable[[int, float], None] | None,
     desc: str,
@@ -271,7 +271,6 @@ def _run(
 ) -> Fitted:
     run_defaults = run_defaults or {}
     rank, world_size = distributed.world()
-    device = resolve_device(device)
     model = model.to(device)
     ema = copy.deepcopy(model).requires_grad_(False) if schedule.ema_decay > 0 else None
     optimizer = torch.optim.Adam(model.parameters(), lr=schedule.lr)

@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from test_training import _Dropped  # a Dropout model (module level: the spawned ranks unpickle it)
 
 import otcfm
 from otcfm import distributed, reflow
@@ -243,20 +244,6 @@ def test_a_bad_batch_on_one_rank_raises_on_every_rank(tmp_path: Path) -> None:
                 caught[name]
                 == f"ValueError: x0: every rank must pass the same batch size, got sizes from {B - 1} to {B}"
             )
-
-
-class _Dropped(torch.nn.Module):
-    """A model whose Dropout draws from torch's global generator, on each rank its own masks."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            self.net = otcfm.models.MLP(2, hidden=16, depth=1)
-        self.drop = torch.nn.Dropout(0.3)
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.net(x, t))
 
 
 def _dropout_runs(rank: int, out: Path) -> None:
