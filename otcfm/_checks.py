@@ -40,6 +40,7 @@ on a GPU, a stall of the pipeline per check. The policy, by device:
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor
@@ -51,6 +52,7 @@ __all__ = [
     "check_finite",
     "check_pair",
     "check_time",
+    "first_nonfinite",
     "host_reads_free",
     "total_of",
     "value_checks_queued",
@@ -81,6 +83,17 @@ def all_finite(x: Tensor) -> bool:
 def total_of(x: Tensor) -> float:
     """The sum of ``x`` as a Python float (NaN or Inf if an entry is, or the sum overflows): one read on the host."""
     return (x.sum(dtype=torch.float32) if x.dtype in _HALF else x.sum()).item()
+
+
+def first_nonfinite(tensors: Mapping[str, object]) -> str | None:
+    """The name of the first floating-point tensor in ``tensors`` (a ``state_dict``) holding NaN or Inf, else None.
+
+    Reads each tensor's sum on the host (a synchronisation per tensor on an accelerator): for checkpoints, not steps.
+    """
+    for name, value in tensors.items():
+        if isinstance(value, Tensor) and value.is_floating_point() and value.numel() and not all_finite(value):
+            return name
+    return None
 
 
 def check_finite(x: Tensor, name: str) -> Tensor:

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from otcfm import checkpoint as ckpt
 from otcfm import distributed
 from otcfm._args import check_flag
+from otcfm._checks import first_nonfinite
 from otcfm.data.sources import same_record
 from otcfm.models import model_spec
 from otcfm.runlock import run_lock
@@ -222,7 +223,8 @@ def fit(
 
     Raises:
         ValueError: ``resume`` without ``out``, an existing run without ``resume``/``overwrite``, a checkpoint of
-            another run or with more steps than ``schedule.steps``; a model without parameters.
+            another run or with more steps than ``schedule.steps``; a model without parameters; a non-finite loss,
+            or NaN/Inf weights at a checkpoint (raised before it is written, so the last good one stays).
         TypeError: a model that is not an ``nn.Module``, a callback that is not callable.
         KeyboardInterrupt: re-raised after the last finished step was saved.
     """
@@ -292,6 +294,10 @@ def _run(
             raise ValueError(
                 f"resume: the weights in {path} do not fit the model (built with other arguments?): {reason[:500]}"
             ) from error
+        for key in ("model", "ema"):
+            bad = first_nonfinite(state.get(key) or {})
+            if bad is not None:
+                raise ValueError(f"resume: {path} holds NaN/Inf weights ({key} entry {bad!r}); it cannot be continued")
         generator.set_state(state["generator"])
         losses = list(state["losses"])
         if len(losses) > schedule.steps:
@@ -299,6 +305,7 @@ def _run(
                 f"steps: the checkpoint already holds {len(losses)} steps, more than steps={schedule.steps}"
             )
     start_step = len(losses)
+    saved: int | None = start_step if losses else None  # the step of the newest checkpoint on disk, if any
     net = distributed.wrap(model, device)  # DDP averages the gradients over ranks
     if schedule.precision == "bf16":
         net = _Autocast(net, device.type)
@@ -317,7 +324,9 @@ def _run(
             losses.extend(values)
 
     def save(generator_state: Tensor) -> None:
+        nonlocal saved
         flush()
+        _check_weights(model, ema, len(losses), path, saved)  # every rank: DDP keeps the same weights everywhere
         if path is not None and rank == 0:
             ckpt.atomic_save(
                 {
@@ -337,6 +346,8 @@ def _run(
                 },
                 path,
             )
+        if path is not None:
+            saved = len(losses)  # by rank 0, for every rank
 
     from tqdm.auto import tqdm
 
@@ -390,6 +401,23 @@ def _run(
     model.eval()
     distributed.barrier()  # rank 0's last checkpoint is on disk before any rank returns (and, say, resumes it)
     return Fitted(model, ema, losses, start_step)
+
+
+def _check_weights(model: nn.Module, ema: nn.Module | None, steps: int, path: Path | None, saved: int | None) -> None:
+    """Raise before a checkpoint (or the end of a run) when the weights hold NaN/Inf.
+
+    A step can finish with a finite loss and still leave NaN weights (a gradient that overflowed to Inf makes
+    Adam's update Inf / Inf); writing them would replace the last good checkpoint with one that cannot be used.
+    """
+    for name, module in (("model", model), ("ema", ema)):
+        bad = None if module is None else first_nonfinite(module.state_dict())
+        if bad is not None:
+            kept = "no checkpoint was written" if path is None or saved is None else f"{path} keeps step {saved}"
+            raise ValueError(
+                f"{name}: the weights hold NaN/Inf after step {steps} ({bad!r}) although its loss was finite: the "
+                f"run diverged (a gradient overflowed to Inf, or the learning rate is far too high); {kept}. "
+                "Lower lr or set grad_clip"
+            )
 
 
 def _seed_global_rng(seed: int, device: torch.device) -> None:

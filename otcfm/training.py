@@ -29,6 +29,7 @@ from torch import nn
 from otcfm import checkpoint as ckpt
 from otcfm import distributed
 from otcfm._args import check_flag, check_options
+from otcfm._checks import first_nonfinite
 from otcfm._describe import describe
 from otcfm.couplers import COUPLERS, Coupler, SemidiscreteCoupler, get_coupler
 from otcfm.data import DATASETS
@@ -586,7 +587,8 @@ def load_model(
 
     Raises:
         FileNotFoundError: no checkpoint there.
-        ValueError: not an otcfm checkpoint, a user model without ``model=``, or weights of other shapes.
+        ValueError: not an otcfm checkpoint, a user model without ``model=``, weights of other shapes or with
+            NaN/Inf.
     """
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path: expected a checkpoint file or its run directory, got {type(path).__name__}")
@@ -599,6 +601,9 @@ def load_model(
         raise ValueError(f"checkpoint: {path} is not an otcfm training checkpoint (format {found!r})")
     config = _config_from(state.get("config"), path)
     weights = state["ema"] if use_ema and state.get("ema") is not None else state.get("model")
+    bad = first_nonfinite(weights) if isinstance(weights, dict) else None
+    if bad is not None:  # a run that diverged before otcfm refused to save such weights
+        raise ValueError(f"checkpoint: {path} holds NaN/Inf weights ({bad!r}); the run it comes from diverged")
     if model is None:
         spec = state.get("model_spec")
         if spec is None and config is not None and config.model == "mlp":  # format 1: an MLP described by the config

@@ -217,6 +217,39 @@ def test_engine_keeps_the_schedule_on_resume(tmp_path: Path) -> None:
         run(Schedule(steps=6, lr_schedule="cosine"), tmp_path / "cosine")
 
 
+def test_diverged_weights_never_replace_a_checkpoint(tmp_path: Path) -> None:
+    """A step with a finite loss whose gradient is Inf leaves NaN weights (Adam's Inf / Inf); the checkpoint of that
+    step was written before, and the step's own loss hid it. Now the run stops and the last good checkpoint stays."""
+    from otcfm.engine import Schedule, fit
+
+    net = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.constant_(net.weight, 1.0)
+
+    def loss(n: torch.nn.Module, step: int, g: torch.Generator) -> torch.Tensor:
+        w = n.weight.sum()
+        return w.abs().sqrt() if step == 2 else w.detach().abs() + 0.5 * w  # sqrt'(0) = Inf at step 2
+
+    def zero_after_two(step: int, value: float) -> None:
+        if step == 2:
+            with torch.no_grad():
+                net.weight.zero_()
+
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"model: the weights hold NaN/Inf after step 3 \('weight'\).*keeps step 2"):
+        fit(net, loss, Schedule(steps=5, checkpoint_every=1), run={}, out=out, progress=False, callback=zero_after_two)
+    assert checkpoint.load(out / "checkpoint.pt")["step"] == 2
+    assert bool(torch.isnan(net.weight).all())  # the failure is real: the step left NaN weights
+    model, _ = load_model(out, model=torch.nn.Linear(1, 1, bias=False))
+    assert bool(torch.isfinite(model.weight).all())
+    state = checkpoint.load(out / "checkpoint.pt")  # a checkpoint with NaN weights, as older versions wrote them
+    state["model"]["weight"].fill_(float("nan"))
+    checkpoint.atomic_save(state, out / "checkpoint.pt")
+    with pytest.raises(ValueError, match="holds NaN/Inf weights \\('weight'\\); the run it comes from diverged"):
+        load_model(out, model=torch.nn.Linear(1, 1, bias=False))
+    with pytest.raises(ValueError, match="resume: .* holds NaN/Inf weights \\(model entry 'weight'\\)"):
+        fit(torch.nn.Linear(1, 1, bias=False), loss, Schedule(steps=5), run={}, out=out, resume=True, progress=False)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_without_cuda_is_a_clear_error(tmp_path: Path) -> None:
     """Was torch's raw AssertionError ('Torch not compiled with CUDA enabled') after the data were loaded."""
