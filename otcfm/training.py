@@ -18,6 +18,7 @@ import dataclasses
 import importlib
 import json
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -210,18 +211,28 @@ def _option_error(name: str, options: dict[str, Any], error: Exception) -> Value
     return ValueError(f"{name}: invalid options {options} ({error})")
 
 
-def _flow_matcher(config: TrainConfig, objects: dict[str, Any]) -> FlowMatcher:
+def _unused(message: str, resuming: bool) -> None:
+    """Refuse a setting that would be recorded and never used; a run that already recorded it (before such
+    settings were refused) resumes with a warning, since it trained without it and can only go on that way."""
+    if not resuming:
+        raise ValueError(message)
+    warnings.warn(f"{message} (this run recorded it, unused, when it started; it resumes as it trained)", stacklevel=4)
+
+
+def _flow_matcher(config: TrainConfig, objects: dict[str, Any], resuming: bool = False) -> FlowMatcher:
     for name in ("coupler", "path", "time_sampler"):
         options = getattr(config, f"{name}_options")
         if name in objects and options:  # they would be recorded, and not used
-            raise ValueError(
+            _unused(
                 f"{name}_options: {options} are for a {name} given by name; set them on the {name} instance "
-                f"({describe(objects[name])}) instead"
+                f"({describe(objects[name])}) instead",
+                resuming,
             )
     if "label_weight" in config.coupler_options:
-        raise ValueError(
+        _unused(
             "coupler_options: label_weight weighs labels, and train passes none to the coupler (it trains "
-            "unconditional flows); pair within labels in a loop of your own: FlowMatcher.loss(..., y0=..., y1=...)"
+            "unconditional flows); pair within labels in a loop of your own: FlowMatcher.loss(..., y0=..., y1=...)",
+            resuming,
         )
     coupler: str | Coupler = objects.get("coupler", config.coupler)
     if isinstance(coupler, str) and config.coupler_options:
@@ -331,13 +342,14 @@ def build_model(config: TrainConfig, features: int | None = None) -> nn.Module:
     return model
 
 
-def _check_model_settings(config: TrainConfig, model: nn.Module | None) -> None:
+def _check_model_settings(config: TrainConfig, model: nn.Module | None, resuming: bool) -> None:
     """Refuse ``model_options`` beside a built model: they are a factory's, and no factory is called (they would
     be recorded, and a later rebuild from the record would build another model)."""
     if model is not None and config.model_options:
-        raise ValueError(
+        _unused(
             f"model_options: {config.model_options} are for a model factory ('package.module:factory'); the "
-            f"model given ({type(model).__name__}) is already built"
+            f"model given ({type(model).__name__}) is already built",
+            resuming,
         )
 
 
@@ -412,7 +424,8 @@ def train(
     if unknown:
         raise TypeError(f"train: unknown settings {unknown}; valid settings are the fields of TrainConfig")
     config = dataclasses.replace(config or TrainConfig(), **names)  # TrainConfig checks each value
-    _check_model_settings(config, model)
+    resuming = resume and out is not None and (Path(out) / CHECKPOINT_NAME).is_file()
+    _check_model_settings(config, model, resuming)
     if resume and out is not None and config.source == "auto" and "source" not in objects:
         config = _recorded_source(config, Path(out) / CHECKPOINT_NAME)
     source, target = _data(config, objects)
@@ -420,7 +433,7 @@ def train(
     if model is not None:
         described["model"] = f"object:{type(model).__module__}.{type(model).__qualname__}"
     config = dataclasses.replace(config, source=source.spec, target=target.spec, **described)
-    fm = _flow_matcher(config, objects)
+    fm = _flow_matcher(config, objects, resuming)
     _, world_size = distributed.world()
     global_coupling = config.global_coupling and world_size > 1
     paired = FlowMatcher(coupler="paired", path=fm.path, time_sampler=fm.time_sampler) if global_coupling else fm

@@ -269,6 +269,22 @@ def test_settings_that_were_silently_ignored_or_unchecked(tmp_path: Path) -> Non
         dataclasses.replace(SMALL, global_coupling="no")  # a truthy string
 
 
+def test_runs_that_recorded_an_unused_setting_still_resume(tmp_path: Path) -> None:
+    """label_weight in train's coupler_options was recorded and unused before it was refused: such a run resumes
+    with a warning (it failed on both sides: refused with the setting, a config mismatch without it)."""
+    train(SMALL, out=tmp_path, progress=False, steps=5)
+    state = checkpoint.load(tmp_path / "checkpoint.pt")
+    for key in ("run", "config"):  # as a run started with coupler_options={"label_weight": 10.0} recorded it
+        state[key]["coupler_options"] = {"label_weight": 10.0}
+    checkpoint.atomic_save(state, tmp_path / "checkpoint.pt")
+    options = {"coupler_options": {"label_weight": 10.0}}
+    with pytest.warns(UserWarning, match="label_weight weighs labels.*recorded it, unused, when it started"):
+        resumed = train(SMALL, out=tmp_path, resume=True, progress=False, **options)
+    assert resumed.start_step == 5 and len(resumed.losses) == SMALL.steps
+    with pytest.raises(ValueError, match="label_weight weighs labels"):  # a fresh run is still refused
+        train(SMALL, out=tmp_path / "fresh", resume=True, progress=False, **options)
+
+
 def test_reflow_settings_checked_up_front() -> None:
     from otcfm import reflow
 
