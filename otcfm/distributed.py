@@ -30,6 +30,7 @@ __all__ = [
     "GlobalPairs",
     "barrier",
     "default_device",
+    "end_together",
     "exit_worker",
     "fail_together",
     "gather_batch",
@@ -141,6 +142,25 @@ def barrier() -> None:
     """Wait for every rank (no-op in a single process)."""
     if world()[1] > 1:
         dist.barrier()
+
+
+def end_together(error: Exception | None, device: torch.device) -> None:
+    """Wait for every rank at the end of a run, sharing whether one of them failed on the way (a barrier that
+    does not hang when a rank raised, e.g. writing the last checkpoint or in a callback).
+
+    One all-reduce (MAX) of ``failed rank + 1``; a no-op in a single process. The failing rank passes its
+    ``error`` and re-raises it itself; the others raise a RuntimeError naming it.
+    """
+    rank, size = world()
+    if size == 1:
+        return
+    flag = torch.tensor([rank + 1 if error is not None else 0], dtype=torch.int64, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    failed = int(flag.item())
+    if error is None and failed:
+        raise RuntimeError(
+            f"rank {failed - 1} failed at the end of the run (its own error says why); stopping here too"
+        )
 
 
 def fail_together(

@@ -353,6 +353,7 @@ def _run(
 
     bar = tqdm(total=schedule.steps, initial=start_step, disable=not progress or rank > 0, desc=desc, unit="step")
     model.train()
+    finished = start_step >= schedule.steps  # every step's collectives done: a failure from here on is shared
     try:
         while len(losses) + len(pending) < schedule.steps:
             done = len(losses) + len(pending)
@@ -383,6 +384,7 @@ def _run(
                     save(start_state)
                 raise
             done += 1
+            finished = done == schedule.steps
             bar.update(1)
             if done % schedule.checkpoint_every == 0 or done == schedule.steps:
                 save(generator.get_state())
@@ -396,10 +398,15 @@ def _run(
                     save(generator.get_state())
                     raise
         flush()
+    except Exception as error:
+        if finished:  # the other ranks wait in end_together below: tell them, instead of leaving them there
+            distributed.end_together(error, device)
+        raise
     finally:
         bar.close()
     model.eval()
-    distributed.barrier()  # rank 0's last checkpoint is on disk before any rank returns (and, say, resumes it)
+    # rank 0's last checkpoint is on disk before any rank returns (and, say, resumes it), or every rank raises
+    distributed.end_together(None, device)
     return Fitted(model, ema, losses, start_step)
 
 

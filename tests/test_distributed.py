@@ -262,3 +262,26 @@ def test_a_dropout_run_on_two_ranks_resumes_bit_exactly(tmp_path: Path) -> None:
     cut = torch.load(tmp_path / "cut" / CHECKPOINT_NAME, weights_only=True)
     assert cut["step"] == full["step"] == 6 and cut["losses"] == full["losses"]
     assert all(torch.equal(cut["model"][k], v) for k, v in full["model"].items())
+
+
+def _fails_at_the_end_on_rank_0(rank: int, out: Path) -> None:
+    def callback(step: int, loss: float) -> None:
+        if rank == 0 and step == 4:
+            raise ValueError("callback failed")
+
+    try:
+        otcfm.train(TrainConfig(steps=4, batch_size=16, hidden=8, depth=1), out=out / "run", progress=False,
+                    callback=callback)  # fmt: skip
+        outcome = "returned"
+    except (RuntimeError, ValueError) as error:
+        outcome = f"{type(error).__name__}: {error}"
+    (out / f"rank{rank}.txt").write_text(outcome)  # rank 0 goes on, as a notebook or a script would
+
+
+def test_a_rank_failing_after_the_last_step_stops_every_rank(tmp_path: Path) -> None:
+    """The end of a run waits for every rank (rank 0's last checkpoint); a rank that raised on the way there (its
+    last checkpoint write, a callback) used to leave the others in that wait until the group's timeout when it
+    kept running. Now they share the outcome and raise too."""
+    _spawn(_fails_at_the_end_on_rank_0, tmp_path)
+    assert (tmp_path / "rank0.txt").read_text() == "ValueError: callback failed"
+    assert (tmp_path / "rank1.txt").read_text().startswith("RuntimeError: rank 0 failed at the end of the run")
