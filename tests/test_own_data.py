@@ -144,6 +144,26 @@ def test_every_kind_of_data_draws_the_same_rows() -> None:
     assert images.shape == (1, 8, 8) and as_source("gaussian", "source", like=images)(2).shape == (2, 1, 8, 8)
 
 
+def _shifted(n: int, generator: torch.Generator | None, device: object, dtype: object, shift: float = 0.0) -> object:
+    return torch.rand(n, generator=generator) * 0.5 + shift
+
+
+def test_run_records_hold_no_memory_address() -> None:
+    """A run compares these records on resume, in another process, where every address differs."""
+    from functools import partial
+
+    from otcfm._describe import describe
+
+    class Holder:
+        def draw(self, n: int, generator: torch.Generator | None) -> torch.Tensor:
+            return torch.rand(n, generator=generator)
+
+    for obj in (partial(_shifted, shift=0.1), Holder().draw, Holder(), _shifted):
+        assert " at 0x" not in describe(obj), describe(obj)
+    assert describe(partial(_shifted, shift=0.1)) == "functools.partial(<function _shifted>, shift=0.1)"
+    assert describe(Holder()) == f"object:{__name__}.test_run_records_hold_no_memory_address.<locals>.Holder"
+
+
 def test_sampler_function_options_and_instances() -> None:
     def sampler(n: int, generator: torch.Generator | None) -> torch.Tensor:
         return torch.randn(n, 3, generator=generator) + 5
