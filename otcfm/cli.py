@@ -621,6 +621,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = {"train": _train, "sample": _sample, "reflow": _reflow, "distill": _reflow}
     launched = distributed.init_from_env()  # under torchrun: one process group for the whole command
     code = None
+    earlier = _stamp(Path(args.out)) if args.command == "sample" else None  # a file --out held before, if any
     try:
         code = commands[args.command](args)
         return code
@@ -630,7 +631,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C while exiting gives no traceback
         if args.command == "sample":
-            written = "samples written to --out, no figure" if Path(args.out).is_file() else "no samples written"
+            fresh = _stamp(Path(args.out)) not in (None, earlier)
+            written = "samples written to --out, no figure" if fresh else "no samples written"
             print(f"otcfm: interrupted; {written}", file=sys.stderr)
         elif _saved_work(Path(args.out)):
             print(
@@ -648,6 +650,15 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if launched:  # ranks that finished wait for each other (rank 0 evaluates after the others return)
             distributed.shutdown(wait_for_all=code is not None)
+
+
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    """``(inode, size, mtime in ns)`` of a file, None where there is none: tells whether a command wrote it."""
+    try:
+        status = path.stat()
+    except OSError:
+        return None
+    return (status.st_ino, status.st_size, status.st_mtime_ns) if path.is_file() else None
 
 
 def _saved_work(out: Path) -> bool:

@@ -270,3 +270,7 @@ def test_an_interrupted_sample_says_what_was_written(
     monkeypatch.setattr(otcfm.plotting, "plot_flow", stopped)  # after the samples file, during the figure
     assert main([*sample, "--png", str(tmp_path / "x.png")]) == 130
     assert "samples written to --out, no figure" in capsys.readouterr().err
+    monkeypatch.undo()
+    monkeypatch.setattr(otcfm.cli, "solve", stopped)  # x.pt is the earlier run's file: it was not written now
+    assert main(sample) == 130
+    assert "otcfm: interrupted; no samples written" in capsys.readouterr().err
