@@ -11,10 +11,32 @@ may free its tensor), so drawing is no synchronisation point of a training step.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
+
 import torch
 from torch import Tensor
 
-__all__ = ["multinomial", "multinomial_replace", "rand", "randint", "randn", "randperm"]
+__all__ = ["keeps_global_rng", "multinomial", "multinomial_replace", "rand", "randint", "randn", "randperm"]
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def keeps_global_rng(function: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Give the caller torch's global CPU random state back when ``function`` returns or raises.
+
+    For the long-running entry points (``train``, Reflow's): what they draw comes from explicit generators, but a
+    user's sampler, ``Dataset`` or model may draw from the global state while it is probed or fingerprinted.
+    """
+
+    @functools.wraps(function)
+    def kept(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with torch.random.fork_rng(devices=[]):
+            return function(*args, **kwargs)
+
+    return kept
 
 
 def _to(x: Tensor, device: torch.device) -> Tensor:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -298,6 +299,13 @@ def _run(
             bad = first_nonfinite(state.get(key) or {})
             if bad is not None:
                 raise ValueError(f"resume: {path} holds NaN/Inf weights ({key} entry {bad!r}); it cannot be continued")
+        if state.get("global_rng") is not None and any(isinstance(m, _DROPOUT) for m in model.modules()):
+            warnings.warn(
+                f"resume: {path} was written by an older otcfm, which carried torch's global random state from step "
+                "to step; Dropout masks now come from a stream per step, so this run goes on correctly but will not "
+                "equal an uninterrupted run bit for bit",
+                stacklevel=3,
+            )
         generator.set_state(state["generator"])
         losses = list(state["losses"])
         if len(losses) > schedule.steps:
@@ -425,6 +433,10 @@ def _check_weights(model: nn.Module, ema: nn.Module | None, steps: int, path: Pa
                 f"run diverged (a gradient overflowed to Inf, or the learning rate is far too high); {kept}. "
                 "Lower lr or set grad_clip"
             )
+
+
+#: Modules that draw from torch's global generator during training (what a resume of an old run changes).
+_DROPOUT = (nn.modules.dropout._DropoutNd,)
 
 
 def _seed_global_rng(seed: int, device: torch.device) -> None:

@@ -31,6 +31,7 @@ from otcfm import distributed
 from otcfm._args import check_count, check_flag
 from otcfm._checks import check_choice
 from otcfm._describe import describe
+from otcfm._random import keeps_global_rng
 from otcfm.data import Sampler
 from otcfm.data.sources import DataSource, as_source, content_hash, same_file
 from otcfm.engine import LRSchedule, Precision, Schedule, fit, resolve_device
@@ -100,6 +101,7 @@ def _chunk_noise(source: DataSource, seed: int, chunk: int, size: int) -> Tensor
     return source(size, torch.Generator().manual_seed(seed * 1_000_003 + chunk))
 
 
+@keeps_global_rng
 def generate_pairs(
     teacher: nn.Module,
     source: Sampler,
@@ -339,6 +341,7 @@ class RunOptions:
     record: dict[str, Any] = field(default_factory=dict)
 
 
+@keeps_global_rng
 def train_on_pairs(
     pairs: PairSet | tuple[Tensor, Tensor] | PairSource,
     model: nn.Module,
@@ -375,6 +378,7 @@ def train_on_pairs(
     return _fit(model, pairs, loss, steps, batch_size, lr, seed, progress, "reflow", run, settings)
 
 
+@keeps_global_rng
 def distill(
     model: nn.Module,
     pairs: PairSet | tuple[Tensor, Tensor] | PairSource,
@@ -497,6 +501,7 @@ def _fit(
     return model.eval()
 
 
+@keeps_global_rng
 def rectify(
     teacher: nn.Module,
     source: Sampler,

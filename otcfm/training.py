@@ -32,6 +32,7 @@ from otcfm import distributed
 from otcfm._args import check_flag, check_options
 from otcfm._checks import first_nonfinite
 from otcfm._describe import describe
+from otcfm._random import keeps_global_rng
 from otcfm.couplers import COUPLERS, Coupler, SemidiscreteCoupler, get_coupler
 from otcfm.data import DATASETS
 from otcfm.data.sources import FILE_SUFFIXES, DataSource, as_source
@@ -366,6 +367,7 @@ def _split_objects(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str,
     return objects, names
 
 
+@keeps_global_rng
 def train(
     config: TrainConfig | None = None,
     *,

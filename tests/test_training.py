@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import pickle
+import warnings
 from pathlib import Path
 
 import pytest
@@ -106,6 +107,8 @@ def test_same_seed_same_run_and_global_rng_untouched() -> None:
     assert torch.equal(state, torch.random.get_rng_state())
     b = train(SMALL, progress=False, steps=3)
     assert a.losses == b.losses
+    train(SMALL, progress=False, steps=3, target=lambda n, g: torch.randn(n, 2))  # probed with the global state
+    assert torch.equal(state, torch.random.get_rng_state())
 
 
 def test_config_validation() -> None:
@@ -326,7 +329,8 @@ class _Dropped(torch.nn.Module):
 
 
 def test_a_model_with_dropout_resumes_bit_exactly(tmp_path: Path) -> None:
-    """Checkpoints record torch's global random state: without it a resumed Dropout model drew other masks."""
+    """A resumed Dropout model drew other masks; torch's global generator is now seeded per step from the run's
+    seed, so the caller's global state, here other before the resume, does not matter."""
     torch.manual_seed(11)
     full = train(SMALL, model=_Dropped(), progress=False)
 
@@ -337,10 +341,27 @@ def test_a_model_with_dropout_resumes_bit_exactly(tmp_path: Path) -> None:
     torch.manual_seed(11)
     with pytest.raises(KeyboardInterrupt):
         train(SMALL, model=_Dropped(), out=tmp_path, callback=stop, progress=False)
-    torch.manual_seed(999)  # another process, another global state: the checkpoint's is restored
+    torch.manual_seed(999)  # another process, another global state
     resumed = train(SMALL, model=_Dropped(), out=tmp_path, resume=True, progress=False)
     assert resumed.start_step == 7
     _assert_same_run(full, resumed)
+
+
+def test_resuming_an_older_dropout_run_warns_that_it_is_not_bit_exact(tmp_path: Path) -> None:
+    """Checkpoints of otcfm before per-step seeding carried the global state ('global_rng'); their Dropout masks
+    cannot be continued, which a resume says (a model without Dropout resumes as before, without a word)."""
+    for name, model in (("dropout", _Dropped()), ("plain", otcfm.models.MLP(2, hidden=16, depth=2))):
+        train(SMALL, model=model, out=tmp_path / name, steps=5, progress=False)
+        state = checkpoint.load(tmp_path / name / "checkpoint.pt")
+        state["global_rng"] = {"cpu": torch.random.get_rng_state()}  # as such a checkpoint held it
+        checkpoint.atomic_save(state, tmp_path / name / "checkpoint.pt")
+    with pytest.warns(UserWarning, match="written by an older otcfm.*not equal an uninterrupted run bit for bit"):
+        train(SMALL, model=_Dropped(), out=tmp_path / "dropout", resume=True, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resumed = train(SMALL, model=otcfm.models.MLP(2, hidden=16, depth=2), out=tmp_path / "plain", resume=True,
+                        progress=False)  # fmt: skip
+    assert resumed.start_step == 5
 
 
 def test_a_dropout_run_follows_its_seed_and_leaves_the_global_state(tmp_path: Path) -> None:
