@@ -217,7 +217,7 @@ def _unused(message: str, resuming: bool) -> None:
     settings were refused) resumes with a warning, since it trained without it and can only go on that way."""
     if not resuming:
         raise ValueError(message)
-    warnings.warn(f"{message} (this run recorded it, unused, when it started; it resumes as it trained)", stacklevel=4)
+    warnings.warn(f"{message} (this run recorded it, unused, when it started; it resumes as it trained)", stacklevel=5)
 
 
 def _flow_matcher(config: TrainConfig, objects: dict[str, Any], resuming: bool = False) -> FlowMatcher:
