@@ -8,6 +8,7 @@ import dataclasses
 import json
 import os
 import signal
+import stat
 import sys
 import time
 from pathlib import Path
@@ -658,7 +659,7 @@ def _stamp(path: Path) -> tuple[int, int, int] | None:
         status = path.stat()
     except OSError:
         return None
-    return (status.st_ino, status.st_size, status.st_mtime_ns) if path.is_file() else None
+    return (status.st_ino, status.st_size, status.st_mtime_ns) if stat.S_ISREG(status.st_mode) else None
 
 
 def _saved_work(out: Path) -> bool:

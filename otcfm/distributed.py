@@ -151,12 +151,9 @@ def end_together(error: Exception | None, device: torch.device) -> None:
     One all-reduce (MAX) of ``failed rank + 1``; a no-op in a single process. The failing rank passes its
     ``error`` and re-raises it itself; the others raise a RuntimeError naming it.
     """
-    rank, size = world()
-    if size == 1:
+    if world()[1] == 1:
         return
-    flag = torch.tensor([rank + 1 if error is not None else 0], dtype=torch.int64, device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    failed = int(flag.item())
+    (failed,) = _shared_outcome(error, [], device, None)
     if error is None and failed:
         raise RuntimeError(
             f"rank {failed - 1} failed at the end of the run (its own error says why); stopping here too"
@@ -182,11 +179,8 @@ def fail_together(
         ``error`` on the rank that raised it; RuntimeError naming that rank on the others; ValueError on every
         rank when the batch sizes differ.
     """
-    rank, size = world(group)
-    if size > 1:
-        flag = torch.tensor([rank + 1 if error is not None else 0, batch, -batch], dtype=torch.int64, device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-        failed, largest, negated_smallest = (int(v) for v in flag.tolist())
+    if world(group)[1] > 1:
+        failed, largest, negated_smallest = _shared_outcome(error, [batch, -batch], device, group)
         if error is None and failed:
             raise RuntimeError(f"rank {failed - 1} rejected its inputs (its own error says why); stopping here too")
         if error is None and largest != -negated_smallest:
@@ -195,6 +189,16 @@ def fail_together(
             )
     if error is not None:
         raise error
+
+
+def _shared_outcome(
+    error: Exception | None, values: list[int], device: torch.device, group: dist.ProcessGroup | None
+) -> list[int]:
+    """One all-reduce (MAX) of ``[failed rank + 1 (0 when this rank did not fail), *values]`` over the ranks."""
+    flag = [world(group)[0] + 1 if error is not None else 0, *values]
+    shared = torch.tensor(flag, dtype=torch.int64, device=device)
+    dist.all_reduce(shared, op=dist.ReduceOp.MAX, group=group)
+    return [int(v) for v in shared.tolist()]
 
 
 def gather_batch(x: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:
