@@ -4,8 +4,9 @@ A case is a call that must raise ``ValueError`` or ``TypeError`` (``FileNotFound
 message names the argument the caller wrote (``x1``, ``source``, ``--eval-n``). :func:`classify` sorts the outcome
 of a call into ``clear`` (that), ``unclear`` (another exception, or a message that does not name the argument),
 ``silent`` (no error at all: a wrong result handed back) or ``missing`` (the entry point does not exist in this
-version). ``tests/test_probe.py`` asserts that every case is clear; ``python tests/probe.py`` prints the counts by
-class, also against an older checkout (``PYTHONPATH=old/checkout python tests/probe.py``).
+version). A case whose call may also succeed (a plan at a tiny epsilon: right, or flagged as not converged) has an
+``expect`` predicate: a call that returns a result it accepts is ``clear`` too. ``tests/test_probe.py`` asserts
+that every case is clear; ``python tests/probe.py`` prints the counts by class, also against an older checkout (``PYTHONPATH=old/checkout python tests/probe.py``).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class Case:
         call: makes the call.
         names: the argument names; the message must name one of them.
         errors: the accepted exception types.
+        expect: where a successful call can be right, accepts its result (``True``: right, or honestly flagged).
     """
 
     group: str
@@ -51,6 +53,7 @@ class Case:
     names: tuple[str, ...]
     errors: tuple[type[BaseException], ...] = ACCEPTED
     detail: str = ""
+    expect: Callable[[Any], bool] | None = None
 
     @property
     def id(self) -> str:
@@ -68,7 +71,7 @@ class CLIResult(Exception):
 def classify(case: Case) -> str:
     """``clear``, ``unclear``, ``silent`` or ``missing`` (see the module docstring)."""
     try:
-        case.call()
+        result = case.call()
     except AttributeError as error:
         if "has no attribute" in str(error) and "otcfm" in str(error):
             return "missing"
@@ -84,7 +87,7 @@ def classify(case: Case) -> str:
         return "clear" if named else "unclear"
     except Exception:  # noqa: BLE001 - any other exception is what the probe counts as unclear
         return "unclear"
-    return "silent"
+    return "clear" if case.expect is not None and case.expect(result) else "silent"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -660,8 +663,16 @@ def review_cases(directory: Path) -> list[Case]:
     ]
 
 
+#: Modules of further case classes, each with ``cases(directory) -> list[Case]``: plans and their constraints,
+#: the semidiscrete coupler, flags and numbers, pair sets and messages.
+CASE_MODULES = ("probe_plans", "probe_semidiscrete", "probe_flags", "probe_pairs")
+
+
 def all_cases(directory: Path) -> list[Case]:
     """Every case, each with a unique id (repeated ids get ``#k`` in table order); files are made in ``directory``."""
+    import importlib
+
+    extra = [case for module in CASE_MODULES for case in importlib.import_module(module).cases(directory)]
     cases = [
         *batch_cases(),
         *label_cases(),
@@ -672,6 +683,7 @@ def all_cases(directory: Path) -> list[Case]:
         *file_cases(directory),
         *cli_cases(directory),
         *review_cases(directory),
+        *extra,
     ]
     seen: Counter = Counter()
     unique = []
