@@ -6,7 +6,8 @@ of a call into ``clear`` (that), ``unclear`` (another exception, or a message th
 ``silent`` (no error at all: a wrong result handed back) or ``missing`` (the entry point does not exist in this
 version). A case whose call may also succeed (a plan at a tiny epsilon: right, or flagged as not converged) has an
 ``expect`` predicate: a call that returns a result it accepts is ``clear`` too. ``tests/test_probe.py`` asserts
-that every case is clear; ``python tests/probe.py`` prints the counts by class, also against an older checkout (``PYTHONPATH=old/checkout python tests/probe.py``).
+that every case is clear; ``python tests/probe.py`` prints the counts by class, also against an older checkout
+(``PYTHONPATH=old/checkout python tests/probe.py``).
 """
 
 from __future__ import annotations
