@@ -15,7 +15,19 @@ from typing import Any
 import torch
 from numpy import bool_ as numpy_bool
 
-__all__ = ["check_anneal", "check_count", "check_flag", "check_generator", "check_options", "check_rate"]
+__all__ = [
+    "SEED_RANGE",
+    "check_anneal",
+    "check_count",
+    "check_flag",
+    "check_generator",
+    "check_options",
+    "check_rate",
+    "check_seed",
+]
+
+#: Seeds a run takes: what ``torch.Generator.manual_seed`` accepts, less room for the offsets derived seeds add.
+SEED_RANGE = (0, 2**63 - 1)
 
 
 def check_count(value: Any, name: str, minimum: int = 1) -> int:
@@ -32,11 +44,21 @@ def check_count(value: Any, name: str, minimum: int = 1) -> int:
 
 def check_rate(value: Any, name: str, allow_zero: bool = False) -> float:
     """``value`` must be a finite real number ``> 0`` (``>= 0`` with ``allow_zero``); numpy scalars count."""
-    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+    if not isinstance(value, numbers.Real) or isinstance(value, (bool, numpy_bool)):
         raise TypeError(f"{name}: expected a finite number, got {value!r}")
     if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
         raise ValueError(f"{name}: expected a finite number {'>=' if allow_zero else '>'} 0, got {value!r}")
     return float(value)
+
+
+def check_seed(value: Any, name: str = "seed") -> int:
+    """``value`` must be an integer in :data:`SEED_RANGE` (numpy integers count, booleans do not)."""
+    low, high = SEED_RANGE
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise TypeError(f"{name}: expected an integer in [{low}, 2**63 - 1], got {value!r}")
+    if not low <= value <= high:
+        raise ValueError(f"{name}: expected an integer in [{low}, 2**63 - 1], got {value!r}")
+    return int(value)
 
 
 def check_options(

@@ -52,7 +52,9 @@ __all__ = [
     "check_finite",
     "check_pair",
     "check_time",
+    "explain_dtype",
     "first_nonfinite",
+    "floating_dtype",
     "host_reads_free",
     "total_of",
     "value_checks_queued",
@@ -126,6 +128,8 @@ def check_batch(x: object, name: str, finite: bool = True) -> Tensor:
         )
     if x.shape[0] == 0:
         raise ValueError(f"{name}: expected a non-empty batch, got shape {tuple(x.shape)}")
+    if x.is_meta:
+        raise ValueError(f"{name}: a meta tensor has a shape but no values; expected data on 'cpu' or 'cuda'")
     return check_finite(x, name) if finite else x
 
 
@@ -148,7 +152,7 @@ def check_pair(x0: object, x1: object, same_batch: bool = False, finite: bool = 
         and s1[0] > 0
         and s0[1:] == s1[1:]
         and (not same_batch or s0[0] == s1[0])
-        and (x0.is_cpu and x1.is_cpu or x0.device == x1.device)
+        and (x0.is_cpu and x1.is_cpu or x0.device == x1.device and not x0.is_meta)
     ):
         _explain_pair(x0, x1, same_batch)
     if finite:
@@ -188,6 +192,29 @@ def check_time(t: object, batch: int, name: str = "t") -> Tensor:
         if not (low >= 0 and high <= 1):  # NaN fails too
             raise ValueError(f"{name}: expected values in [0, 1], got min {low:.4g}, max {high:.4g}")
     return t
+
+
+def floating_dtype(model: object) -> torch.dtype | None:
+    """The dtype of ``model``'s first floating-point parameter; None for a model without one or no ``nn.Module``.
+
+    Metadata only (no synchronisation): cheap enough for a check once per call.
+    """
+    if isinstance(model, torch.nn.Module):
+        for parameter in model.parameters():
+            if parameter.is_floating_point():
+                return parameter.dtype
+    return None
+
+
+def explain_dtype(model: object, x: Tensor, name: str) -> None:
+    """After ``model(x, ...)`` raised: raise a ``ValueError`` naming ``name`` and both dtypes if ``x``'s dtype is not
+    that of ``model``'s parameters (torch's own message says ``mat1 and mat2 must have the same dtype``)."""
+    dtype = floating_dtype(model)
+    if dtype is not None and x.dtype != dtype:
+        raise ValueError(
+            f"{name}: {x.dtype} samples for a model whose parameters are {dtype}; cast the samples "
+            f"(x.to({dtype})) or the model (model.to({x.dtype}))"
+        )
 
 
 def check_choice(value: str, choices: dict | list | tuple, name: str) -> str:

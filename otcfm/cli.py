@@ -19,9 +19,10 @@ import torch
 
 from otcfm import __version__, distributed, metrics, reflow
 from otcfm import checkpoint as ckpt
+from otcfm._args import check_seed
 from otcfm.couplers import COUPLERS
 from otcfm.data import DATASETS
-from otcfm.data.sources import DataSource, as_source
+from otcfm.data.sources import FILE_SUFFIXES, DataSource, as_source
 from otcfm.engine import CHECKPOINT_NAME, LR_SCHEDULES
 from otcfm.paths import PATHS
 from otcfm.solvers import METHODS, integrate, solve
@@ -57,6 +58,23 @@ def _positive_int(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        return check_seed(int(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**63 - 1], got {text!r}") from None
+
+
+def _decay(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
     return value
 
 
@@ -107,7 +125,7 @@ def _add_common(parser: argparse.ArgumentParser, steps_flag: str, steps_default:
         choices=list(LR_SCHEDULES),
         help="cosine: decay the rate from --lr to 0 over the steps",
     )
-    parser.add_argument("--ema-decay", type=float, default=0.0, help="EMA of the weights, in [0, 1); 0: none")
+    parser.add_argument("--ema-decay", type=_decay, default=0.0, help="EMA of the weights, in [0, 1); 0: none")
     parser.add_argument(
         "--grad-clip",
         type=_positive_float,
@@ -116,7 +134,7 @@ def _add_common(parser: argparse.ArgumentParser, steps_flag: str, steps_default:
     )
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast forward")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when available)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of every draw and of the initial weights")
+    parser.add_argument("--seed", type=_seed, default=0, help="seed of every draw and of the initial weights")
     parser.add_argument("--checkpoint-every", type=_positive_int, default=500, help="steps between checkpoints")
     parser.add_argument(
         "--resume",
@@ -247,7 +265,7 @@ def _parser(train_defaults: dict[str, Any] | None = None) -> argparse.ArgumentPa
     sa.add_argument("--n", type=_positive_int, default=2000, help="number of samples")
     sa.add_argument("--steps", type=_positive_int, default=100, help="solver steps")
     sa.add_argument("--method", default="euler", choices=METHODS, help="ODE solver")
-    sa.add_argument("--seed", type=int, default=0, help="seed of the source draw")
+    sa.add_argument("--seed", type=_seed, default=0, help="seed of the source draw")
     sa.add_argument(
         "--model",
         default=None,
@@ -493,21 +511,24 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load(checkpoint: str, factory: str | None, argument: str) -> tuple[torch.nn.Module, TrainConfig]:
-    """A checkpoint's model and config; a model built by a factory is rebuilt only from ``--model``."""
+def _load(checkpoint: str, factory: str | None, argument: str) -> tuple[torch.nn.Module, TrainConfig, DataSource]:
+    """A checkpoint's model, config and source; a model built by a factory is rebuilt only from ``--model``, and a
+    ``--model`` given is always the one used (its weights must fit)."""
     path = Path(checkpoint)
     state = ckpt.load(path / CHECKPOINT_NAME if path.is_dir() else path, argument)
     saved = state.get("config") if isinstance(state, dict) else None
     model = None
-    if isinstance(saved, dict) and saved.get("model", "mlp") != "mlp":
-        recorded = saved["model"]
-        if factory is None:
-            raise ValueError(
-                f"{argument}: the model of {checkpoint!r} was built by {recorded!r}; pass --model with the factory "
-                "that builds it (otcfm never imports code named in a file)"
-            )
-        config = TrainConfig(model=factory, model_options=saved.get("model_options", {}), seed=saved.get("seed", 0))
-        model = build_model(config)
+    if isinstance(saved, dict) and saved.get("model", "mlp") != "mlp" and factory is None:
+        raise ValueError(
+            f"{argument}: the model of {checkpoint!r} was built by {saved['model']!r}; pass --model with the factory "
+            "that builds it (otcfm never imports code named in a file)"
+        )
+    if isinstance(saved, dict) and factory is not None:
+        options = saved.get("model_options", {}) if saved.get("model") == factory else {}
+        try:
+            model = build_model(TrainConfig(model=factory, model_options=options, seed=saved.get("seed", 0)))
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"--model {factory}: {error}") from error
     try:
         model, config = load_model(path, model=model)
     except ValueError as error:
@@ -516,7 +537,32 @@ def _load(checkpoint: str, factory: str | None, argument: str) -> tuple[torch.nn
         raise ValueError(f"--model {factory}: {error}") from error
     if config is None:
         raise ValueError(f"{argument}: {checkpoint!r} records no training config (source and target unknown)")
-    return model, config
+    run = state.get("run") if isinstance(state.get("run"), dict) else {}
+    return model, config, _recorded_source(config, run, argument)
+
+
+def _nameable(spec: str) -> bool:
+    """Whether a recorded source or target can be drawn from again: a dataset name or a file."""
+    return spec in DATASETS or spec.endswith(FILE_SUFFIXES)
+
+
+def _recorded_source(config: TrainConfig, run: dict[str, Any], argument: str) -> DataSource:
+    """The source of a run, also of one whose target was an object given in Python (a tensor, a sampler): a
+    Gaussian source takes the sample shape its recorded fingerprint holds (``gaussian:{}:shape=(1, 28, 28)``)."""
+    if _nameable(config.target):
+        return _data(config)[0]
+    if not _nameable(config.source):
+        raise ValueError(
+            f"{argument}: the run drew its source from {config.source}, an object given in Python; sample it there "
+            "(otcfm.integrate(model, x0))"
+        )
+    fingerprint = str(run.get("source_fingerprint", ""))
+    _, marker, shape = fingerprint.partition(":shape=")
+    like = None
+    if marker:
+        dims = tuple(int(k) for k in shape.strip("()").split(",") if k.strip())
+        like = DataSource(lambda n, g: torch.empty(0), dims, "recorded", fingerprint)
+    return as_source(config.source, "source", config.source_options, like=like)
 
 
 def _sample(args: argparse.Namespace) -> int:
@@ -524,8 +570,12 @@ def _sample(args: argparse.Namespace) -> int:
     for name, value in (("--out", out), ("--png", Path(args.png) if args.png else None)):
         if value is not None and (value.is_dir() or (value.parent.exists() and not value.parent.is_dir())):
             raise ValueError(f"{name}: cannot write a file at {str(value)!r}")
-    model, config = _load(args.checkpoint, args.model, "--checkpoint")
-    source, target = _data(config)
+    model, config, source = _load(args.checkpoint, args.model, "--checkpoint")
+    if args.png and not _nameable(config.target):
+        raise ValueError(
+            f"--png: the run's target, {config.target}, was given in Python; there is no reference to draw beside "
+            "the samples (leave --png out, or plot them with otcfm.plotting.plot_flow)"
+        )
     x0 = source(args.n, torch.Generator().manual_seed(args.seed))
     solution = solve(model, x0, args.steps, args.method, return_trajectory=True)
     trajectory = solution.trajectory
@@ -542,7 +592,7 @@ def _sample(args: argparse.Namespace) -> int:
     if args.png:
         from otcfm.plotting import plot_flow
 
-        reference = target(args.n, torch.Generator().manual_seed(args.seed + 1))
+        reference = _data(config)[1](args.n, torch.Generator().manual_seed(args.seed + 1))
         print(f"figure: {plot_flow(trajectory, reference, args.png)}")
     return 0
 
@@ -550,8 +600,13 @@ def _sample(args: argparse.Namespace) -> int:
 def _reflow(args: argparse.Namespace) -> int:
     """``otcfm reflow`` and ``otcfm distill``: pairs from the teacher, then the student's training."""
     out = _check_out(args.out, args.resume, args.overwrite)
-    teacher, config = _load(args.teacher, args.model, "--teacher")
-    source, _ = _data(config)
+    teacher, config, source = _load(args.teacher, args.model, "--teacher")
+    if not _nameable(config.target):  # the W2 table draws reference samples from the teacher's target
+        raise ValueError(
+            f"--teacher: its target, {config.target}, was given in Python, and otcfm {args.command} evaluates "
+            f"against it; run it in Python: otcfm.reflow.rectify(teacher, source) or generate_pairs + "
+            f"{'train_on_pairs' if args.command == 'reflow' else 'distill'}"
+        )
     started = time.perf_counter()
     pairs = reflow.generate_pairs(
         teacher,
@@ -645,12 +700,43 @@ def main(argv: list[str] | None = None) -> int:
             print(f"otcfm: interrupted before anything was saved in {args.out}; nothing to resume", file=sys.stderr)
         return 130
     except USER_ERRORS as error:
-        message = " ".join(str(error).split()) or type(error).__name__
+        message = _in_flags(" ".join(str(error).split()) or type(error).__name__, args)
         print(f"otcfm: error: {message}", file=sys.stderr)
         return 2
     finally:
         if launched:  # ranks that finished wait for each other (rank 0 evaluates after the others return)
             distributed.shutdown(wait_for_all=code is not None)
+
+
+#: Names in the library's messages that the command line sets with an option of another name, by command.
+_RENAMED = {
+    "train": {
+        "coupler_options": "--coupler-option",
+        "path_options": "--path-option",
+        "time_sampler_options": "--time-sampler-option",
+        "model_options": "--model-option",
+        "source_options": "--dim",
+        "target_options": "--dim",
+    },
+    "reflow": {"steps": "--train-steps", "n": "--pairs"},
+    "distill": {"steps": "--train-steps", "n": "--pairs"},
+}
+#: Names that stay as they are: the network (``model: returned NaN``), not the ``--model`` option.
+_KEPT = ("model", "command", "given")
+
+
+def _in_flags(message: str, args: argparse.Namespace) -> str:
+    """``message`` with the names it starts with (``ema_decay: ...``, ``resume and overwrite: ...``) written as
+    the options of ``args.command`` that set them (``--ema-decay``), so an error names what the user typed."""
+    head, sep, rest = message.partition(": ")
+    words = head.split(" ")
+    if not sep or not words[0]:
+        return message
+    flags = {name: "--" + name.replace("_", "-") for name in vars(args) if name not in _KEPT}
+    flags.update(_RENAMED.get(args.command, {}))
+    if not all(word in flags or word == "and" for word in words) or words[0] == "and":
+        return message
+    return " ".join(flags.get(word, word) for word in words) + sep + rest
 
 
 def _stamp(path: Path) -> tuple[int, int, int] | None:

@@ -22,18 +22,20 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import numbers
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from otcfm import checkpoint as ckpt
 from otcfm import distributed
-from otcfm._args import check_flag
+from otcfm._args import check_count, check_flag, check_rate, check_seed
 from otcfm._checks import first_nonfinite
 from otcfm.data.sources import same_record
 from otcfm.models import model_spec
@@ -108,32 +110,34 @@ def learning_rate(lr: float, lr_schedule: LRSchedule, step: int, steps: int) -> 
 
 
 def check_schedule(s: Any) -> None:
-    """Validate the optimisation fields shared by :class:`Schedule` and ``TrainConfig``."""
-    for name in ("steps", "checkpoint_every"):
-        value = getattr(s, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name}: expected a positive integer, got {value!r}")
-    if not isinstance(s.seed, int) or isinstance(s.seed, bool) or s.seed < 0:
-        raise ValueError(f"seed: expected an integer >= 0, got {s.seed!r}")
-    if not _finite_number(s.lr) or s.lr <= 0:
-        raise ValueError(f"lr: expected a finite number > 0, got {s.lr!r}")
-    if not _finite_number(s.ema_decay) or not 0.0 <= s.ema_decay < 1.0:
-        raise ValueError(f"ema_decay: expected a number in [0, 1), got {s.ema_decay!r}")
-    if s.grad_clip is not None and (not _finite_number(s.grad_clip) or s.grad_clip <= 0):
-        raise ValueError(f"grad_clip: expected a finite number > 0 or None, got {s.grad_clip!r}")
+    """Validate the optimisation fields shared by :class:`Schedule` and ``TrainConfig``, and store numpy scalars
+    among them as Python numbers (a checkpoint records plain values)."""
+    plain = {
+        "steps": check_count(s.steps, "steps"),
+        "checkpoint_every": check_count(s.checkpoint_every, "checkpoint_every"),
+        "seed": check_seed(s.seed),
+        "lr": check_rate(s.lr, "lr"),
+        "ema_decay": _check_decay(s.ema_decay),
+        "grad_clip": None if s.grad_clip is None else check_rate(s.grad_clip, "grad_clip"),
+    }
     _check_lr_schedule(s.lr_schedule)
     if s.precision not in ("fp32", "bf16"):
         raise ValueError(f"precision: unknown value {s.precision!r}; expected one of 'bf16', 'fp32'")
+    for name, value in plain.items():
+        object.__setattr__(s, name, value)
+
+
+def _check_decay(value: Any) -> float:
+    """An EMA decay: a real number in ``[0, 1)`` (numpy scalars count)."""
+    if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)) and 0.0 <= value < 1.0:
+        return float(value)
+    raise ValueError(f"ema_decay: expected a number in [0, 1), got {value!r}")
 
 
 def _check_lr_schedule(value: Any) -> None:
     if value not in LR_SCHEDULES:
         expected = ", ".join(repr(name) for name in LR_SCHEDULES)
         raise ValueError(f"lr_schedule: unknown value {value!r}; expected one of {expected}")
-
-
-def _finite_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -163,6 +167,8 @@ def resolve_device(device: torch.device | str | None) -> torch.device:
         resolved = torch.device(device)
     except (RuntimeError, TypeError) as error:
         raise ValueError(f"device: expected 'cpu', 'cuda', 'cuda:N' or 'auto', got {device!r}") from error
+    if resolved.type == "meta":
+        raise ValueError(f"device: {device!r} holds shapes without values; expected 'cpu', 'cuda', 'cuda:N' or 'auto'")
     if resolved.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if not count:
@@ -200,6 +206,7 @@ def fit(
     desc: str = "train",
     record: dict[str, Any] | Callable[[], dict[str, Any]] | None = None,
     run_defaults: dict[str, Any] | None = None,
+    locked: bool = False,
 ) -> Fitted:
     """Train ``model`` in place on ``step_loss``; see the module docstring.
 
@@ -218,6 +225,8 @@ def fit(
         desc: the progress bar's label.
         record: extra entries written into every checkpoint, or a function returning them (called at each write).
         run_defaults: values of ``run`` keys that older checkpoints did not record.
+        locked: the caller holds ``out``'s run lock already (:func:`otcfm.runlock.run_lock`, taken before work
+            that precedes training, such as a semidiscrete fit), so ``fit`` does not take it again.
 
     Returns:
         a :class:`Fitted`.
@@ -231,23 +240,13 @@ def fit(
     """
     if not isinstance(schedule, Schedule):
         raise TypeError(f"schedule: expected a Schedule, got {type(schedule).__name__}")
-    check_run(model, resume, overwrite, callback)
-    path = Path(out) / CHECKPOINT_NAME if out is not None else None
-    if resume and path is None:
-        raise ValueError("resume: needs out, the directory holding checkpoint.pt")
-    if path is not None and str(out) == "":
-        raise ValueError("out: expected a directory, got ''")
-    if path is not None and path.parent.exists() and not path.parent.is_dir():
-        raise ValueError(f"out: {str(out)!r} is a file; expected a directory for the run")
-    if path is not None and path.is_file() and not resume and not overwrite:
-        raise ValueError(
-            f"out: {path.parent} already holds a run ({CHECKPOINT_NAME}); resume it (resume=True, --resume) or "
-            "replace it (overwrite=True, --overwrite)"
-        )
+    check_run(model, resume, overwrite, callback, progress)
+    path = check_out(out, resume, overwrite)
     rank = distributed.world()[0]
     with contextlib.ExitStack() as stack:
         if path is not None and rank == 0:
-            stack.enter_context(run_lock(path.parent))  # one writer per run directory
+            if not check_flag(locked, "locked"):
+                stack.enter_context(run_lock(path.parent))  # one writer per run directory
             ckpt.remove_stale_temporaries(path.parent, CHECKPOINT_NAME)  # left by a killed writer
             if overwrite and not resume and path.is_file():
                 path.unlink()
@@ -469,12 +468,43 @@ def _check_same_schedule(state: dict[str, Any], schedule: Schedule, path: Path) 
         raise ValueError(f"resume: the checkpoint {path} was made with another config ({differing})")
 
 
-def check_run(model: nn.Module, resume: bool, overwrite: bool, callback: Callable[[int, float], None] | None) -> None:
-    """The arguments of a training run that :func:`fit` and its callers check before any long work: ``resume`` and
-    ``overwrite`` are flags and at most one is set (continue a run, or replace it), ``model`` an ``nn.Module`` with
-    parameters, ``callback`` None or callable."""
-    if check_flag(resume, "resume") and check_flag(overwrite, "overwrite"):
+def check_out(out: str | Path | None, resume: bool, overwrite: bool) -> Path | None:
+    """``out/checkpoint.pt``, None without ``out``; refuses an ``out`` that is a file, or that holds a run when
+    neither ``resume`` nor ``overwrite`` is set (checked before any work, and again by :func:`fit`)."""
+    path = Path(out) / CHECKPOINT_NAME if out is not None else None
+    if resume and path is None:
+        raise ValueError("resume: needs out, the directory holding checkpoint.pt")
+    if path is not None and str(out) == "":
+        raise ValueError("out: expected a directory, got ''")
+    if path is not None and path.parent.exists() and not path.parent.is_dir():
+        raise ValueError(f"out: {str(out)!r} is a file; expected a directory for the run")
+    if path is not None and path.is_file() and not resume and not overwrite:
+        raise ValueError(
+            f"out: {path.parent} already holds a run ({CHECKPOINT_NAME}); resume it (resume=True, --resume) or "
+            "replace it (overwrite=True, --overwrite)"
+        )
+    return path
+
+
+def check_run_flags(resume: bool, overwrite: bool, progress: bool) -> None:
+    """``resume``, ``overwrite`` and ``progress`` are flags (``True`` / ``False`` only: ``overwrite="False"`` must
+    not replace a run), and at most one of ``resume`` and ``overwrite`` is set (continue a run, or replace it)."""
+    resume, overwrite = check_flag(resume, "resume"), check_flag(overwrite, "overwrite")
+    check_flag(progress, "progress")
+    if resume and overwrite:
         raise ValueError("resume and overwrite: choose one (continue the run in out, or replace it)")
+
+
+def check_run(
+    model: nn.Module,
+    resume: bool,
+    overwrite: bool,
+    callback: Callable[[int, float], None] | None,
+    progress: bool = True,
+) -> None:
+    """The arguments of a training run that :func:`fit` and its callers check before any long work: the flags
+    (:func:`check_run_flags`), ``model`` an ``nn.Module`` with parameters, ``callback`` None or callable."""
+    check_run_flags(resume, overwrite, progress)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module called as model(x, t), got {type(model).__name__}")
     if next(model.parameters(), None) is None:

@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from otcfm._args import check_count, check_rate
+from otcfm._args import check_count, check_flag, check_rate
 from otcfm._checks import check_batch, check_choice
 from otcfm.torchdyn_adapter import TorchdynField, load_neural_ode
 
@@ -123,6 +123,8 @@ def solve(
     check_rate(atol, "atol")
     check_rate(rtol, "rtol")
     check_count(max_nfe, "max_nfe")
+    check_flag(return_trajectory, "return_trajectory")
+    check_flag(grad, "grad")
     times = torch.linspace(float(t_span[0]), float(t_span[1]), steps + 1, dtype=x0.dtype, device=x0.device)
     with torch.set_grad_enabled(grad):
         if method == "dopri5":

@@ -14,9 +14,11 @@ built-in MLP is initialised from the same seed, so a run is a function of its co
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import json
+import numbers
 import os
 import warnings
 from collections.abc import Callable
@@ -29,8 +31,8 @@ from torch import nn
 
 from otcfm import checkpoint as ckpt
 from otcfm import distributed
-from otcfm._args import check_flag, check_options
-from otcfm._checks import first_nonfinite
+from otcfm._args import check_count, check_flag, check_options
+from otcfm._checks import all_finite, first_nonfinite
 from otcfm._describe import describe
 from otcfm._random import keeps_global_rng
 from otcfm.couplers import COUPLERS, Coupler, SemidiscreteCoupler, get_coupler
@@ -42,7 +44,9 @@ from otcfm.engine import (
     LRSchedule,
     Precision,
     Schedule,
+    check_out,
     check_run,
+    check_run_flags,
     check_schedule,
     fit,
     resolve_device,
@@ -51,6 +55,7 @@ from otcfm.flow import FlowMatcher
 from otcfm.models import MLP, model_spec, rebuild_model
 from otcfm.paths import PATHS
 from otcfm.paths import Path as ProbabilityPath
+from otcfm.runlock import run_lock
 from otcfm.solvers import check_velocity
 from otcfm.timesteps import TIME_SAMPLERS
 
@@ -127,15 +132,16 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_schedule(self)
-        check_flag(self.global_coupling, "global_coupling")
+        object.__setattr__(self, "global_coupling", check_flag(self.global_coupling, "global_coupling"))
+        for name in ("batch_size", "hidden", "depth"):
+            object.__setattr__(self, name, check_count(getattr(self, name), name))
         if self.pool_size is not None:
             from otcfm.loader import check_pool_size
 
             check_pool_size(self.pool_size, self.batch_size)
-        for name in ("batch_size", "hidden", "depth"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+            object.__setattr__(self, "pool_size", int(self.pool_size))
+        if isinstance(self.sigma, numbers.Real) and not isinstance(self.sigma, bool):
+            object.__setattr__(self, "sigma", float(self.sigma))  # the path checks its range
         for name in ("source", "target", "coupler", "path", "time_sampler", "model"):
             if not isinstance(getattr(self, name), str):
                 raise TypeError(
@@ -241,7 +247,7 @@ def _flow_matcher(config: TrainConfig, objects: dict[str, Any], resuming: bool =
             get_coupler(coupler)  # raises the error listing the valid names
         try:
             coupler = get_coupler(coupler, **config.coupler_options)
-        except TypeError as error:
+        except (TypeError, ValueError) as error:
             raise _option_error("coupler_options", config.coupler_options, error) from error
     path: str | ProbabilityPath = objects.get("path", config.path)
     sigma = config.sigma
@@ -254,7 +260,9 @@ def _flow_matcher(config: TrainConfig, objects: dict[str, Any], resuming: bool =
             options[keyword] = sigma
         try:
             path, sigma = cls(**check_options(cls, options, "path")), None
-        except TypeError as error:
+        except (TypeError, ValueError) as error:
+            if str(error).startswith(f"{keyword}:") and config.sigma is not None:
+                raise ValueError(f"sigma: {error}") from error
             raise _option_error("path_options", config.path_options, error) from error
     time_sampler = objects.get("time_sampler", config.time_sampler)
     if isinstance(time_sampler, str) and config.time_sampler_options:
@@ -264,7 +272,7 @@ def _flow_matcher(config: TrainConfig, objects: dict[str, Any], resuming: bool =
         try:
             cls = TIME_SAMPLERS[time_sampler]
             time_sampler = cls(**check_options(cls, config.time_sampler_options, "time_sampler"))
-        except TypeError as error:
+        except (TypeError, ValueError) as error:
             raise _option_error("time_sampler_options", config.time_sampler_options, error) from error
     return FlowMatcher(coupler=coupler, path=path, sigma=sigma, time_sampler=time_sampler)
 
@@ -414,6 +422,7 @@ def train(
             checkpoint made with another config or other data.
         KeyboardInterrupt: re-raised after the last finished step was saved.
     """
+    check_run_flags(resume, overwrite, progress)  # before anything reads them
     objects, names = _split_objects(overrides)
     if isinstance(model, str):
         names["model"] = model
@@ -441,65 +450,91 @@ def train(
     paired = FlowMatcher(coupler="paired", path=fm.path, time_sampler=fm.time_sampler) if global_coupling else fm
     net_model = model if model is not None else build_model(config, target.features)
     device_ = resolve_device(device)
-    check_run(net_model, resume, overwrite, callback)  # the engine's checks, before the probe and any fit
+    check_run(net_model, resume, overwrite, callback, progress)  # the engine's checks, before the probe and any fit
     place = next(net_model.parameters()).device
+    first = source(2, torch.Generator().manual_seed(0)).to(place)
+    if not all_finite(first):  # blamed on the data, not on the model that it makes return NaN
+        raise ValueError("source: a draw of 2 samples contains NaN or Inf")
     with torch.autocast(place.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):  # as the steps run it
-        check_velocity(net_model, source(2, torch.Generator().manual_seed(0)).to(place), "model")  # before any work
+        check_velocity(net_model, first, "model")  # before any work
     semidiscrete = fm.coupler if isinstance(fm.coupler, SemidiscreteCoupler) else None
-    dataset = None
-    if semidiscrete is not None:
+    if semidiscrete is not None and config.pool_size is not None:
+        raise ValueError("pool_size: the semidiscrete coupler pairs with the whole dataset; pools are for others")
+    if config.pool_size is not None and global_coupling and semidiscrete is None:
+        raise ValueError("pool_size: pools couple each rank's own samples; leave global_coupling off with pools")
+    check_out(out, resume, overwrite)  # before the lock and any fit: an existing run is not touched
+    lock = run_lock(out) if out is not None and distributed.world()[0] == 0 else contextlib.nullcontext()
+    with lock:  # held from before a semidiscrete fit (which writes in out) to the end of the run
+        dataset = None
+        if semidiscrete is not None:
+            dataset = _fit_semidiscrete(semidiscrete, config, source, target, out, resume, overwrite, device_, progress)
+            global_coupling, paired = False, fm  # every rank pairs its batch with the whole dataset itself
+        pools = None
         if config.pool_size is not None:
-            raise ValueError("pool_size: the semidiscrete coupler pairs with the whole dataset; pools are for others")
-        dataset = _fit_semidiscrete(semidiscrete, config, source, target, out, resume, overwrite, device_, progress)
-        global_coupling, paired = False, fm  # every rank pairs its batch with the whole dataset itself
-    pools = None
-    if config.pool_size is not None:
-        if global_coupling:
-            raise ValueError("pool_size: pools couple each rank's own samples; leave global_coupling off with pools")
-        from otcfm.loader import PoolStream
+            from otcfm.loader import PoolStream
 
-        rank_seed = distributed.stream_seed(config.seed, "pools", distributed.world()[0])
-        pools = PoolStream(source, target, fm.coupler, config.pool_size, config.batch_size, rank_seed)
-        paired = FlowMatcher(coupler="paired", path=fm.path, time_sampler=fm.time_sampler)
+            rank_seed = distributed.stream_seed(config.seed, "pools", distributed.world()[0])
+            pools = PoolStream(source, target, fm.coupler, config.pool_size, config.batch_size, rank_seed)
+            paired = FlowMatcher(coupler="paired", path=fm.path, time_sampler=fm.time_sampler)
 
-    def step_loss(net: nn.Module, step: int, generator: torch.Generator) -> torch.Tensor:
-        if pools is not None:
-            x0, x1 = pools.batch(step)
-            return paired.loss(net, x0.to(device_), x1.to(device_), generator)
-        x0 = source(config.batch_size, generator).to(device_)
-        if dataset is not None:
-            return fm.loss(net, x0, dataset, generator)
-        x1 = target(config.batch_size, generator).to(device_)
-        if not global_coupling:
-            return fm.loss(net, x0, x1, generator)
-        shared = torch.Generator().manual_seed(distributed.stream_seed(config.seed, "coupling", step))
-        x0, x1, _, _ = distributed.global_pairs(fm.coupler, x0, x1, generator=shared)
-        return paired.loss(net, x0, x1, generator)
+        def step_loss(net: nn.Module, step: int, generator: torch.Generator) -> torch.Tensor:
+            try:
+                return coupled_loss(net, step, generator)
+            except ValueError as error:  # the loss names its x0 / x1: the user passed source / target
+                raise _named_as_data(error, step) from error
 
-    run = {
-        "stage": "train",
-        **dataclasses.asdict(config),
-        "source_fingerprint": source.fingerprint,
-        "target_fingerprint": target.fingerprint,
-    }
-    fitted = fit(
-        net_model,
-        step_loss,
-        config.schedule(),
-        run=run,
-        out=out,
-        resume=resume,
-        overwrite=overwrite,
-        device=device_,
-        progress=progress,
-        callback=callback,
-        record=lambda: {
-            "config": dataclasses.asdict(config),
-            **({"semidiscrete": semidiscrete.state_dict()} if semidiscrete is not None else {}),
-        },
-        run_defaults={"stage": "train", **dataclasses.asdict(TrainConfig(source="8gaussians"))},
-    )
-    return TrainResult(fitted.model, fitted.ema, fitted.losses, config, fitted.start_step)
+        def coupled_loss(net: nn.Module, step: int, generator: torch.Generator) -> torch.Tensor:
+            if pools is not None:
+                x0, x1 = pools.batch(step)
+                return paired.loss(net, x0.to(device_), x1.to(device_), generator)
+            x0 = source(config.batch_size, generator).to(device_)
+            if dataset is not None:
+                return fm.loss(net, x0, dataset, generator)
+            x1 = target(config.batch_size, generator).to(device_)
+            if not global_coupling:
+                return fm.loss(net, x0, x1, generator)
+            shared = torch.Generator().manual_seed(distributed.stream_seed(config.seed, "coupling", step))
+            x0, x1, _, _ = distributed.global_pairs(fm.coupler, x0, x1, generator=shared)
+            return paired.loss(net, x0, x1, generator)
+
+        run = {
+            "stage": "train",
+            **dataclasses.asdict(config),
+            "source_fingerprint": source.fingerprint,
+            "target_fingerprint": target.fingerprint,
+        }
+        fitted = fit(
+            net_model,
+            step_loss,
+            config.schedule(),
+            run=run,
+            out=out,
+            resume=resume,
+            overwrite=overwrite,
+            device=device_,
+            progress=progress,
+            callback=callback,
+            record=lambda: {
+                "config": dataclasses.asdict(config),
+                **({"semidiscrete": semidiscrete.state_dict()} if semidiscrete is not None else {}),
+            },
+            run_defaults={"stage": "train", **dataclasses.asdict(TrainConfig(source="8gaussians"))},
+            locked=out is not None,
+        )
+        return TrainResult(fitted.model, fitted.ema, fitted.losses, config, fitted.start_step)
+
+
+#: The loss's names of its batches, and what ``train``'s caller calls them.
+_DATA_NAMES = {"x0 and x1": "source and target", "x0": "source", "x1": "target"}
+
+
+def _named_as_data(error: ValueError, step: int) -> ValueError:
+    """``error`` of a step's loss with ``x0`` / ``x1`` renamed to the ``source`` / ``target`` they were drawn from."""
+    message = str(error)
+    for loss_name, data_name in _DATA_NAMES.items():
+        if message.startswith(f"{loss_name}:"):
+            return ValueError(f"{data_name}: a batch drawn at step {step}{message[len(loss_name) :]}")
+    return error
 
 
 #: Where ``train`` keeps an unfinished semidiscrete fit in ``out`` (see :func:`_fit_semidiscrete`).
@@ -607,6 +642,7 @@ def load_model(
     """
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path: expected a checkpoint file or its run directory, got {type(path).__name__}")
+    check_flag(use_ema, "use_ema")
     path = Path(path)
     if path.is_dir():
         path = path / CHECKPOINT_NAME

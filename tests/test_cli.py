@@ -274,3 +274,36 @@ def test_an_interrupted_sample_says_what_was_written(
     monkeypatch.setattr(otcfm.cli, "solve", stopped)  # x.pt is the earlier run's file: it was not written now
     assert main(sample) == 130
     assert "otcfm: interrupted; no samples written" in capsys.readouterr().err
+
+
+def test_messages_name_the_flag_not_the_python_field(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Values argparse takes but the run refuses: the one-line error starts with the option the user typed."""
+    quick = ["--steps", "1", "--out", str(tmp_path / "run"), "--no-progress"]
+    cases = [
+        (["--coupler", "sinkhorn", "--coupler-option", "epsilon=-1"], "otcfm: error: --coupler-option: "),
+        (["--time-sampler", "logit_normal", "--time-sampler-option", "std=0"], "otcfm: error: --time-sampler-option"),
+        (["--sigma", "-1"], "otcfm: error: --sigma: "),
+        (["--target", "moon"], "otcfm: error: --target: unknown dataset 'moon'"),
+        (["--device", "meta"], "otcfm: error: --device: 'meta'"),
+    ]
+    for extra, message in cases:
+        assert main(["train", *extra, *quick]) == 2
+        assert message in capsys.readouterr().err, extra
+
+
+def test_sample_a_run_trained_on_a_tensor_in_python(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Its target cannot be drawn again, but sampling needs only the (named) source; --png and reflow, which need
+    the target, refuse clearly; a --model given is used, never ignored."""
+    data = torch.randn(64, 3, generator=torch.Generator().manual_seed(0))
+    otcfm.train(target=data, out=tmp_path / "run", steps=2, batch_size=8, hidden=8, depth=1, progress=False)
+    out = tmp_path / "samples.pt"
+    assert main(["sample", "--checkpoint", str(tmp_path / "run"), "--out", str(out), "--n", "5", "--steps", "2"]) == 0
+    assert torch.load(out).shape == (5, 3)
+    capsys.readouterr()
+    png = ["--png", str(tmp_path / "s.png")]
+    assert main(["sample", "--checkpoint", str(tmp_path / "run"), "--out", str(out), *png]) == 2
+    assert "--png: the run's target, tensor(64, 3), was given in Python" in capsys.readouterr().err
+    assert main(["reflow", "--teacher", str(tmp_path / "run"), "--out", str(tmp_path / "rf")]) == 2
+    assert "--teacher: its target, tensor(64, 3), was given in Python" in capsys.readouterr().err
+    assert main(["sample", "--checkpoint", str(tmp_path / "run"), "--out", str(out), "--model", "nope:f"]) == 2
+    assert capsys.readouterr().err.startswith("otcfm: error: --model nope:f: ")

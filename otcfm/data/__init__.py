@@ -73,6 +73,8 @@ def sample(
         device = None if device is None else torch.device(device)
     except (RuntimeError, TypeError) as error:
         raise ValueError(f"device: expected a torch.device or a name such as 'cpu', got {device!r}") from error
+    if device is not None and device.type == "meta":
+        raise ValueError(f"device: {str(device)!r} holds shapes without values; expected 'cpu', 'cuda' or another")
     try:
         drawn = DATASETS[name](n, generator, **options)
     except TypeError:  # an unknown option is named (looked up only now: a signature costs ~10 us per call)

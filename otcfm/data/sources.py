@@ -237,6 +237,8 @@ def _as_float_tensor(data: Tensor | np.ndarray, argument: str) -> Tensor:
         data = torch.from_numpy(np.ascontiguousarray(data))
     if data.dtype == torch.bool or data.is_complex():
         raise TypeError(f"{argument}: expected real numbers, got dtype {data.dtype}")
+    if data.is_meta:
+        raise ValueError(f"{argument}: a meta tensor has a shape but no values; expected data on 'cpu' or 'cuda'")
     return data.detach().to(device="cpu", dtype=torch.float32)
 
 
@@ -273,7 +275,10 @@ def _from_dataset(dataset: Dataset, argument: str) -> DataSource:
         ) from error
     if size == 0:
         raise ValueError(f"{argument}: the dataset is empty")
-    shape = tuple(_first_tensor(dataset[0], argument).shape)
+    first = _first_tensor(dataset[0], argument)
+    shape = tuple(first.shape)
+    if not bool(torch.isfinite(first).all()):
+        raise ValueError(f"{argument}: dataset item 0 contains NaN or Inf")
     if not shape:
         raise ValueError(f"{argument}: dataset items are scalars; expected samples of shape (d,) or (C, H, W), ...")
 
@@ -310,5 +315,7 @@ def _from_sampler(sampler: Callable[[int, torch.Generator], Tensor], argument: s
         if str(error).startswith(f"{argument}:"):
             raise
         raise TypeError(f"{argument}: the sampler raised TypeError when called as f(n, generator) ({error})") from error
+    if not bool(torch.isfinite(probe).all()):
+        raise ValueError(f"{argument}: the sampler returned NaN or Inf (in a probe draw of 2 samples)")
     fingerprint = _sampled(name, lambda: checked(_PROBE, torch.Generator().manual_seed(0)))
     return DataSource(checked, tuple(probe.shape[1:]), name, fingerprint)

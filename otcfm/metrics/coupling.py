@@ -23,7 +23,7 @@ import math
 import torch
 from torch import Tensor
 
-from otcfm._args import check_count
+from otcfm._args import check_count, check_rate
 from otcfm._checks import check_pair
 
 __all__ = ["assignment_error", "error_of_counts", "renormalised_entropy", "transport_cost_ratio"]
@@ -68,8 +68,7 @@ def transport_cost_ratio(x0: Tensor, x1: Tensor, w2_squared: float) -> float:
     x0, x1 = check_pair(x0, x1, same_batch=True)
     if isinstance(w2_squared, Tensor) and w2_squared.numel() == 1:  # a 0-d tensor, e.g. metrics.w2(...) ** 2
         w2_squared = float(w2_squared)
-    if not (isinstance(w2_squared, (int, float)) and math.isfinite(w2_squared) and w2_squared > 0):
-        raise ValueError(f"w2_squared: expected a finite number > 0, got {w2_squared!r}")
+    w2_squared = check_rate(w2_squared, "w2_squared")  # a boolean is refused, numpy scalars count
     cost = (x0.double() - x1.double()).reshape(x0.shape[0], -1).square().sum(1).mean()
     return float(cost) / float(w2_squared)
 
