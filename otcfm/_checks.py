@@ -56,6 +56,7 @@ __all__ = [
     "first_nonfinite",
     "floating_dtype",
     "host_reads_free",
+    "named_as_data",
     "total_of",
     "value_checks_queued",
 ]
@@ -215,6 +216,20 @@ def explain_dtype(model: object, x: Tensor, name: str) -> None:
             f"{name}: {x.dtype} samples for a model whose parameters are {dtype}; cast the samples "
             f"(x.to({dtype})) or the model (model.to({x.dtype}))"
         )
+
+
+#: The names a loss or coupler gives its batches, and what a caller that drew them calls them.
+_DATA_NAMES = {"x0 and x1": "source and target", "x0": "source", "x1": "target"}
+
+
+def named_as_data(error: ValueError, where: str) -> ValueError:
+    """``error`` of a loss or coupler with ``x0`` / ``x1`` renamed to the ``source`` / ``target`` its batches were
+    drawn from (``where`` says which draw), for a caller whose user passed samplers, not batches."""
+    message = str(error)
+    for batch_name, data_name in _DATA_NAMES.items():
+        if message.startswith(f"{batch_name}:"):
+            return ValueError(f"{data_name}: {where}{message[len(batch_name) :]}")
+    return error
 
 
 def check_choice(value: str, choices: dict | list | tuple, name: str) -> str:

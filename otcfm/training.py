@@ -32,7 +32,7 @@ from torch import nn
 from otcfm import checkpoint as ckpt
 from otcfm import distributed
 from otcfm._args import check_count, check_flag, check_options
-from otcfm._checks import all_finite, first_nonfinite
+from otcfm._checks import all_finite, first_nonfinite, named_as_data
 from otcfm._describe import describe
 from otcfm._random import keeps_global_rng
 from otcfm.couplers import COUPLERS, Coupler, SemidiscreteCoupler, get_coupler
@@ -481,7 +481,7 @@ def train(
             try:
                 return coupled_loss(net, step, generator)
             except ValueError as error:  # the loss names its x0 / x1: the user passed source / target
-                raise _named_as_data(error, step) from error
+                raise named_as_data(error, f"a batch drawn at step {step}") from error
 
         def coupled_loss(net: nn.Module, step: int, generator: torch.Generator) -> torch.Tensor:
             if pools is not None:
@@ -522,19 +522,6 @@ def train(
             locked=out is not None,
         )
         return TrainResult(fitted.model, fitted.ema, fitted.losses, config, fitted.start_step)
-
-
-#: The loss's names of its batches, and what ``train``'s caller calls them.
-_DATA_NAMES = {"x0 and x1": "source and target", "x0": "source", "x1": "target"}
-
-
-def _named_as_data(error: ValueError, step: int) -> ValueError:
-    """``error`` of a step's loss with ``x0`` / ``x1`` renamed to the ``source`` / ``target`` they were drawn from."""
-    message = str(error)
-    for loss_name, data_name in _DATA_NAMES.items():
-        if message.startswith(f"{loss_name}:"):
-            return ValueError(f"{data_name}: a batch drawn at step {step}{message[len(loss_name) :]}")
-    return error
 
 
 #: Where ``train`` keeps an unfinished semidiscrete fit in ``out`` (see :func:`_fit_semidiscrete`).

@@ -52,8 +52,7 @@ def flag_cases(directory: Path) -> list[Case]:
     x = _x()
     cases = [Case("flag", "train", lambda v=v: replace(v), ("overwrite",)) for v in ("False", "no", 1, 0.0, None)]
     cases += [
-        Case("flag", "train", lambda v=v: otcfm.train(out=run, resume=v, **QUICK), ("resume",))
-        for v in ("True", 1)
+        Case("flag", "train", lambda v=v: otcfm.train(out=run, resume=v, **QUICK), ("resume",)) for v in ("True", 1)
     ]
     cases += [
         Case("flag", "train", lambda: otcfm.train(target=_x(64), **{**QUICK, "progress": "no"}), ("progress",)),
@@ -236,7 +235,25 @@ def data_name_cases() -> list[Case]:
         return sampler
 
     nan, inf = float("nan"), float("inf")
-    cases = []
+    fm = otcfm.FlowMatcher()
+    cases = [
+        Case(
+            "data-name",
+            "metrics.target_variance",
+            lambda k=start: otcfm.metrics.target_variance(fm, later(nan, k), "moons", 16),
+            ("source",),
+        )
+        for start in (0, 2)
+    ]
+    cases += [
+        Case(
+            "data-name",
+            "metrics.gradient_variance",
+            lambda k=start: otcfm.metrics.gradient_variance(fm, Model(), "gaussian", later(inf, k), 8, 3),
+            ("target",),
+        )
+        for start in (0, 2)
+    ]
     for side in ("source", "target"):
         for fault in (nan, inf):
             for start in (0, 3):

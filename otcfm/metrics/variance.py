@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from otcfm._args import check_count, check_generator, check_rate
-from otcfm._checks import check_batch
+from otcfm._checks import check_batch, named_as_data
 from otcfm.data import Sampler, check_sampler, draw
 from otcfm.flow import FlowMatcher
 from otcfm.paths import LinearPath
@@ -97,7 +97,10 @@ def gradient_variance(
         for _ in range(n_batches):
             x0, x1 = draw(source, batch_size, generator), draw(target, batch_size, generator)
             device = params[0].device
-            loss = fm.loss(model, x0.to(device), x1.to(device), generator)
+            try:
+                loss = fm.loss(model, x0.to(device), x1.to(device), generator)
+            except ValueError as error:  # the loss names x0 / x1: the caller passed source / target
+                raise named_as_data(error, f"a batch of {batch_size} drawn") from error
             flat = torch.autograd.grad(loss, params)
             grads.append(torch.cat([g.reshape(-1) for g in flat]).to(torch.float64))
     finally:
@@ -134,7 +137,10 @@ def coupled_pairs(
     x0s, x1s, count = [], [], 0
     while count < n:
         x0, x1 = draw(source, batch_size, generator), draw(target, batch_size, generator)
-        i, j = fm.coupler(x0, x1, generator=generator)
+        try:
+            i, j = fm.coupler(x0, x1, generator=generator)
+        except ValueError as error:  # the coupler names x0 / x1: the caller passed source / target
+            raise named_as_data(error, f"a batch of {batch_size} drawn") from error
         x0s.append(x0[i].reshape(len(i), -1))
         x1s.append(x1[j].reshape(len(j), -1))
         count += len(i)
