@@ -210,12 +210,17 @@ class FlowMatcher:
             scalar tensor (mean over batch and dimensions).
 
         Raises:
-            ValueError: as :meth:`batch` (NaN/Inf in the samples the step uses), or a model output
-                of the wrong shape.
+            ValueError: as :meth:`batch` (NaN/Inf in the samples the step uses), a model output of the
+                wrong shape, or a model that fails on ``x0`` and ``x1`` of another dtype than its parameters
+                (a float64 batch for a float32 model; the message names both dtypes).
         """
         read_loss = isinstance(x0, Tensor) and _checks.host_reads_free(x0)
         t, x_t, u_t, _, j = self._batch(x0, x1, generator, y0, y1, not read_loss)
-        v = model(x_t, t) if y1 is None else model(x_t, t, y1[j])
+        try:
+            v = model(x_t, t) if y1 is None else model(x_t, t, y1[j])
+        except RuntimeError:  # nothing to pay on the good path; named only where the dtypes differ
+            _checks.explain_dtype(model, x_t, "x0 and x1")
+            raise
         if not isinstance(v, Tensor) or v.shape != u_t.shape or not v.is_floating_point():
             got = f"{tuple(v.shape)} {v.dtype}" if isinstance(v, Tensor) else type(v).__name__
             raise (ValueError if isinstance(v, Tensor) else TypeError)(

@@ -9,6 +9,7 @@ one, so the coupling cost overlaps with training. Train on its batches with
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterator
 
 import torch
@@ -23,6 +24,19 @@ from otcfm.data import Sampler, check_sampler, draw
 __all__ = ["CoupledBatches", "CoupledLoader", "PoolStream", "check_pool_size", "coupled_loader", "couple_pool"]
 
 
+def _draw_checked(sampler: Sampler, n: int, generator: torch.Generator, name: str) -> Tensor:
+    """``n`` samples of ``sampler``, checked: a finite floating tensor of shape ``(n, ...)``; errors name ``name``.
+
+    Raises:
+        TypeError: ``sampler`` is no dataset name or callable, or returns no floating-point tensor.
+        ValueError: it returns another number of samples than ``n``, a tensor without a batch dimension, or NaN/Inf.
+    """
+    x = draw(check_sampler(sampler, name), n, generator)
+    if isinstance(x, Tensor) and x.ndim >= 1 and x.shape[0] != n:
+        raise ValueError(f"{name}: asked for {n} samples, the sampler returned {x.shape[0]} ({tuple(x.shape)})")
+    return check_batch(x, name)
+
+
 def couple_pool(
     source: Sampler, target: Sampler, coupler: Coupler, pool_size: int, generator: torch.Generator
 ) -> tuple[Tensor, Tensor]:
@@ -30,10 +44,15 @@ def couple_pool(
 
     The pairs come back in a random order (from ``generator``), so consecutive slices of them are
     batches in which each pair of the pool appears once.
+
+    Raises:
+        TypeError, ValueError: a sampler that returns no ``(pool_size, ...)`` finite floating tensor, or samples of
+            another shape than the other side's (the message names ``source`` or ``target``).
     """
-    x0 = draw(source, pool_size, generator)
-    x1 = draw(target, pool_size, generator)
-    i, j = coupler(x0, x1, generator=generator)
+    x0 = _draw_checked(source, pool_size, generator, "source")
+    x1 = _draw_checked(target, pool_size, generator, "target")
+    _same_shape(x0, x1)
+    i, j = coupler(x0, x1, generator=generator, finite=False)  # scanned for NaN/Inf just above
     order = torch.randperm(len(i), generator=generator)
     return x0[i][order], x1[j][order]
 
@@ -45,7 +64,8 @@ class PoolStream:
     step is a pure function of ``(seed, step)``: a resumed run sees the batches of an uninterrupted one.
 
     Args:
-        source, target: samplers ``f(n, generator)`` or dataset names.
+        source, target: samplers ``f(n, generator)`` or dataset names; what they return is checked at every pool
+            (a finite floating tensor of ``pool_size`` rows, samples of one shape on both sides).
         coupler: coupler name or instance (a minibatch coupler).
         pool_size: samples per side coupled at once; a multiple of ``batch_size``.
         batch_size: pairs per batch.
@@ -55,6 +75,8 @@ class PoolStream:
     def __init__(
         self, source: Sampler, target: Sampler, coupler: str | Coupler, pool_size: int, batch_size: int, seed: int = 0
     ) -> None:
+        check_sampler(source, "source")
+        check_sampler(target, "target")
         check_count(batch_size, "batch_size")
         check_pool_size(pool_size, batch_size)
         self.source, self.target, self.coupler = source, target, get_coupler(coupler)
@@ -80,7 +102,7 @@ class PoolStream:
 
 def check_pool_size(pool_size: object, batch_size: int) -> int:
     """``pool_size`` must be a positive multiple of ``batch_size``."""
-    valid = isinstance(pool_size, int) and not isinstance(pool_size, bool) and pool_size >= batch_size
+    valid = isinstance(pool_size, numbers.Integral) and not isinstance(pool_size, bool) and pool_size >= batch_size
     if not valid or pool_size % batch_size:  # type: ignore[operator]
         raise ValueError(f"pool_size: expected a multiple of batch_size {batch_size} (at least it), got {pool_size!r}")
     return pool_size
@@ -89,13 +111,13 @@ def check_pool_size(pool_size: object, batch_size: int) -> int:
 def _probe(source: Sampler, target: Sampler) -> None:
     """Check ``source`` and ``target`` on two samples each: names, callables, shapes, finite values."""
     probe = torch.Generator().manual_seed(0)
-    drawn = []
-    for name, sampler in (("source", source), ("target", target)):
-        drawn.append(check_batch(draw(check_sampler(sampler, name), 2, probe), name))
-    if drawn[0].shape[1:] != drawn[1].shape[1:]:
+    _same_shape(_draw_checked(source, 2, probe, "source"), _draw_checked(target, 2, probe, "target"))
+
+
+def _same_shape(x0: Tensor, x1: Tensor) -> None:
+    if x0.shape[1:] != x1.shape[1:]:
         raise ValueError(
-            f"source and target: expected samples of one shape, got {tuple(drawn[0].shape[1:])} and "
-            f"{tuple(drawn[1].shape[1:])}"
+            f"source and target: expected samples of one shape, got {tuple(x0.shape[1:])} and {tuple(x1.shape[1:])}"
         )
 
 
@@ -151,9 +173,10 @@ class CoupledBatches(IterableDataset):
                 step += 1
         generator = torch.Generator().manual_seed(worker_seed)
         while True:
-            x0 = draw(self.source, self.batch_size, generator)
-            x1 = draw(self.target, self.batch_size, generator)
-            i, j = self.coupler(x0, x1, generator=generator)
+            x0 = _draw_checked(self.source, self.batch_size, generator, "source")
+            x1 = _draw_checked(self.target, self.batch_size, generator, "target")
+            _same_shape(x0, x1)
+            i, j = self.coupler(x0, x1, generator=generator, finite=False)  # scanned for NaN/Inf just above
             yield x0[i], x1[j]
 
 

@@ -4,21 +4,24 @@ Liu et al. (2022): a flow trained on the pairs ``(x0, T(x0))`` that a trained fl
 straighter than ``T`` (2-rectified flow), and a straight flow can be distilled into a one-step generator
 ``x1 = x0 + v(x0, 0)``.
 
-Pair files: a directory with ``meta.json`` (teacher fingerprint, source, solver, steps, seed, sizes) and
-chunks ``chunk-00000.pt`` written atomically. Chunk ``k`` draws its noise from a generator seeded with
-``seed * 1_000_003 + k``, so an interrupted generation resumes with the chunks it lacks and produces the
-same pairs as an uninterrupted one. Under torchrun the chunks are sharded over ranks (rank ``r`` of ``W``
-makes chunks ``r, r + W, ...``): the pair set is the same file for file as a one-process generation, and
-``train_on_pairs`` / ``distill`` train with DDP (each rank drawing its own batch).
+Pair files: a directory with ``meta.json`` (teacher fingerprint, source, solver, steps, seed, sizes, and the
+set's identity: a hash of those settings) and chunks ``chunk-00000.pt`` written atomically, each recording the
+set's identity and its own index, so that :func:`load_pairs` refuses a chunk copied from another pair set (or
+from another position in this one) even where its size fits. Chunk ``k`` draws its noise from a generator
+seeded with ``(seed * 1_000_003 + k) mod 2**64``, so an interrupted generation resumes with the chunks it
+lacks and produces the same pairs as an uninterrupted one. Under torchrun the chunks are sharded over ranks
+(rank ``r`` of ``W`` makes chunks ``r, r + W, ...``): the pair set is the same file for file as a one-process
+generation, and ``train_on_pairs`` / ``distill`` train with DDP (each rank drawing its own batch).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -28,8 +31,8 @@ from torch import Tensor, nn
 
 from otcfm import checkpoint as ckpt
 from otcfm import distributed
-from otcfm._args import check_count, check_flag
-from otcfm._checks import check_choice
+from otcfm._args import check_count, check_flag, check_seed
+from otcfm._checks import all_finite, check_choice, floating_dtype, host_reads_free
 from otcfm._describe import describe
 from otcfm._random import keeps_global_rng
 from otcfm.data import Sampler
@@ -63,6 +66,9 @@ class PairSet:
         x0: ``(n, ...)`` source samples.
         x1: ``(n, ...)`` the teacher's images of ``x0``.
         meta: how they were made (teacher fingerprint, solver, steps, seed, source).
+
+    Raises:
+        TypeError, ValueError: ``x0`` or ``x1`` is no floating tensor ``(n, ...)``, or they differ in shape or dtype.
     """
 
     x0: Tensor
@@ -70,13 +76,7 @@ class PairSet:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for name in ("x0", "x1"):
-            if not isinstance(getattr(self, name), Tensor) or getattr(self, name).ndim < 2:
-                raise TypeError(f"{name}: expected a tensor of shape (n, ...), got {getattr(self, name)!r:.80}")
-        if self.x0.shape != self.x1.shape:
-            raise ValueError(
-                f"x0 and x1: expected pairs of the same shape, got {tuple(self.x0.shape)} and {tuple(self.x1.shape)}"
-            )
+        _check_pair_tensors(self.x0, self.x1, "x0", "x1")
 
     def __len__(self) -> int:
         return self.x0.shape[0]
@@ -87,18 +87,54 @@ class PairSet:
         return self.x0[k], self.x1[k]
 
 
+def _check_pair_tensors(x0: Any, x1: Any, first: str, second: str, rows: int | None = None) -> None:
+    """``x0`` and ``x1`` must be floating tensors of one shape ``(n, ...)`` and one dtype (``rows``: ``n``), or
+    raise naming them as the caller knows them (``first``, ``second``: ``"x0"``, or ``"pairs: x0"``)."""
+    for name, x in ((first, x0), (second, x1)):
+        if not isinstance(x, Tensor) or x.ndim < 2:
+            got = f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+            raise TypeError(f"{name}: expected a tensor of shape (n, ...), got {got}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name}: expected a floating-point tensor, got dtype {x.dtype}")
+    together = f"{first} and {second.split(': ')[-1]}"
+    if x0.shape != x1.shape:
+        raise ValueError(f"{together}: expected pairs of the same shape, got {tuple(x0.shape)} and {tuple(x1.shape)}")
+    if rows is not None and x0.shape[0] != rows:
+        raise ValueError(f"{together}: asked for {rows} pairs, got {x0.shape[0]} (shape {tuple(x0.shape)})")
+    if x0.dtype != x1.dtype:
+        raise ValueError(f"{together}: expected pairs of the same dtype, got {x0.dtype} and {x1.dtype}")
+
+
 def teacher_fingerprint(model: nn.Module) -> str:
-    """SHA-256 (first 16 hex digits) of a model's state dict: names, shapes, dtypes and values."""
+    """SHA-256 (first 16 hex digits) of a model's state dict: names, shapes, dtypes and values.
+
+    0-d tensors (BatchNorm's ``num_batches_tracked``) are hashed like the others: their name, shape ``()``, dtype
+    and the bytes of their value.
+    """
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         data = tensor.detach().cpu().contiguous()
         digest.update(f"{name}:{tuple(data.shape)}:{data.dtype}".encode())
-        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+        digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")
     return digest.hexdigest()[:16]
 
 
+@contextlib.contextmanager
+def _evaluating(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode (BatchNorm uses its running statistics and leaves them alone, Dropout is off), each
+    submodule put back in its own mode afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        for module, _ in modes:
+            module.training = False
+        yield
+    finally:
+        for module, mode in modes:
+            module.training = mode
+
+
 def _chunk_noise(source: DataSource, seed: int, chunk: int, size: int) -> Tensor:
-    return source(size, torch.Generator().manual_seed(seed * 1_000_003 + chunk))
+    return source(size, torch.Generator().manual_seed((seed * 1_000_003 + chunk) % 2**64))
 
 
 @keeps_global_rng
@@ -117,7 +153,8 @@ def generate_pairs(
     """Push ``n`` source samples through ``teacher``'s ODE; save them in chunks when ``out`` is given.
 
     Args:
-        teacher: velocity model ``v(x, t)``.
+        teacher: velocity model ``v(x, t)``, evaluated in eval mode (each submodule is put back in its mode
+            afterwards): BatchNorm uses its running statistics and leaves them and the fingerprint alone.
         source: dataset name or sampler ``f(n, generator)`` of ``x0``.
         n: number of pairs.
         steps, method: the solver of :func:`otcfm.integrate`.
@@ -134,16 +171,15 @@ def generate_pairs(
         the :class:`PairSet` (all chunks, in order).
 
     Raises:
-        ValueError: ``out`` holds pairs from another teacher or other settings, and not ``overwrite``.
+        ValueError: ``out`` holds pairs from another teacher or other settings, and not ``overwrite``; a chunk in
+            ``out`` belongs to another pair set (the message names the file; delete it to make it again).
     """
     if not isinstance(teacher, nn.Module):
         raise TypeError(f"teacher: expected an nn.Module called as teacher(x, t), got {type(teacher).__name__}")
-    for name, value in (("n", n), ("steps", steps), ("batch_size", batch_size)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name}: expected a positive integer, got {value!r}")
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise ValueError(f"seed: expected an integer >= 0, got {seed!r}")
+    n, steps, batch_size = (check_count(v, k) for k, v in (("n", n), ("steps", steps), ("batch_size", batch_size)))
+    seed = check_seed(seed)
     check_flag(overwrite, "overwrite")
+    check_flag(progress, "progress")
     check_choice(method, METHODS, "method")
     noise = as_source(source, "source")
     device = next(iter(teacher.parameters()), torch.empty(0)).device
@@ -165,12 +201,13 @@ def generate_pairs(
     if directory is not None and directory.exists() and not directory.is_dir():
         raise ValueError(f"out: {str(out)!r} is a file; expected a directory for the pair set")
     rank, world_size = distributed.world()
+    identity = _set_identity(meta)
     if directory is not None:
         if rank == 0:
-            _check_or_write_meta(directory, meta, overwrite)
+            identity = _check_or_write_meta(directory, meta, overwrite)
         distributed.barrier()
         if rank > 0:
-            _check_or_write_meta(directory, meta)  # reads rank 0's file: the same settings on every rank
+            identity = _check_or_write_meta(directory, meta)  # reads rank 0's file: the same settings on every rank
     elif world_size > 1:
         raise ValueError("out: a pair set generated by several ranks is shared through a directory; pass out")
     chunks = math.ceil(n / batch_size)
@@ -183,15 +220,16 @@ def generate_pairs(
             continue  # finished before an interruption
         size = min(batch_size, n - k * batch_size)
         x0 = _chunk_noise(noise, seed, k, size)
-        x1 = integrate(teacher, x0.to(device), steps, method).cpu()
+        with _evaluating(teacher):
+            x1 = integrate(teacher, x0.to(device), steps, method).cpu()
         if path is None:
             in_memory.append((x0, x1))
         else:
-            ckpt.atomic_save({"x0": x0, "x1": x1}, path)
+            ckpt.atomic_save({"x0": x0, "x1": x1, "set": identity, "chunk": k}, path)
     if directory is None:
         return PairSet(torch.cat([p[0] for p in in_memory]), torch.cat([p[1] for p in in_memory]), meta)
     distributed.barrier()  # every rank's chunks are on disk
-    return load_pairs(directory)
+    return _load(directory, "out")
 
 
 def _describe(pairs: PairSet | PairSource) -> dict[str, Any]:
@@ -205,11 +243,22 @@ def _describe(pairs: PairSet | PairSource) -> dict[str, Any]:
     return {"pairs": pairs.meta, "pairs_content": f"{content_hash(pairs.x0)}:{content_hash(pairs.x1)}"}
 
 
-def _check_or_write_meta(directory: Path, meta: dict[str, Any], overwrite: bool = False) -> None:
-    """Write ``meta.json`` of a new pair set; check an existing one against ``meta``, or replace it (``overwrite``)."""
+def _set_identity(meta: dict[str, Any]) -> str:
+    """A pair set's identity: SHA-256 (first 16 hex digits) of its settings (``meta`` without ``"set"``)."""
+    settings = {k: v for k, v in meta.items() if k != "set"}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _check_or_write_meta(directory: Path, meta: dict[str, Any], overwrite: bool = False) -> str:
+    """Write ``meta.json`` of a new pair set; check an existing one against ``meta``, or replace it (``overwrite``).
+
+    Returns:
+        the set's identity, which its chunks record: that of the settings on disk (for a set written before
+        ``meta.json`` recorded it too, of its settings as written then).
+    """
     path = directory / "meta.json"
     if path.is_file():
-        saved = _read_meta(path)
+        saved = _read_meta(path, "out")
         # pair sets written before "source_draw" was recorded are checked on the other keys
         differing = [
             k
@@ -217,7 +266,7 @@ def _check_or_write_meta(directory: Path, meta: dict[str, Any], overwrite: bool 
             if saved.get(k) != meta[k] and (k != "source_draw" or k in saved) and not same_file(saved.get(k), meta[k])
         ]
         if not differing:
-            return
+            return _set_identity(saved)
         if not overwrite:
             details = ", ".join(f"{k}: file {saved.get(k)!r} vs now {meta[k]!r}" for k in differing)
             raise ValueError(
@@ -228,53 +277,81 @@ def _check_or_write_meta(directory: Path, meta: dict[str, Any], overwrite: bool 
             chunk.unlink()
         path.unlink()
     directory.mkdir(parents=True, exist_ok=True)
+    identity = _set_identity(meta)
     tmp = directory / ".meta.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=1))
+    tmp.write_text(json.dumps({**meta, "set": identity}, indent=1))
     tmp.replace(path)
+    return identity
 
 
-def _read_meta(path: Path) -> dict[str, Any]:
+def _read_meta(path: Path, argument: str) -> dict[str, Any]:
     try:
         meta = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"pairs: {path} is not a readable pair-set description ({error})") from error
+        raise ValueError(f"{argument}: {path} is not a readable pair-set description ({error})") from error
     required = ("format", "n", "batch_size")
     if not isinstance(meta, dict) or not all(isinstance(meta.get(k), int) and meta[k] >= 1 for k in required):
-        raise ValueError(f"pairs: {path} is not an otcfm pair-set description (needs positive {', '.join(required)})")
+        raise ValueError(
+            f"{argument}: {path} is not an otcfm pair-set description (needs positive {', '.join(required)})"
+        )
     if meta["format"] != PAIR_FORMAT:
-        raise ValueError(f"pairs: {path} has format {meta['format']}; this otcfm reads format {PAIR_FORMAT}")
+        raise ValueError(f"{argument}: {path} has format {meta['format']}; this otcfm reads format {PAIR_FORMAT}")
     return meta
 
 
 def load_pairs(path: str | Path) -> PairSet:
-    """Load a complete pair set written by :func:`generate_pairs`, checking every chunk (checksum and size).
+    """Load a complete pair set written by :func:`generate_pairs`, checking every chunk: its checksum, its size,
+    and that it is this set's chunk of that index (each chunk records the set's identity and its index).
+
+    Returns:
+        the :class:`PairSet`, ``x0`` and ``x1`` of shape ``(n, ...)``; its ``meta`` holds the settings of
+        ``meta.json``.
 
     Raises:
         FileNotFoundError: no ``meta.json`` there.
         ValueError: chunks are missing (resume with :func:`generate_pairs` and the same settings), or a chunk is
-            corrupt, foreign or of the wrong size (the message names the file).
+            corrupt, of the wrong size, or from another pair set or position (the message names the file).
     """
-    directory = Path(path)
+    return _load(Path(path), "path")
+
+
+def _load(directory: Path, argument: str) -> PairSet:
+    """:func:`load_pairs`, naming the directory ``argument`` (``"path"``, or ``"out"`` for :func:`generate_pairs`)."""
     meta_path = directory / "meta.json"
     if not meta_path.is_file():
-        raise FileNotFoundError(f"path: no pair set (meta.json) in {directory}")
-    meta = _read_meta(meta_path)
+        raise FileNotFoundError(f"{argument}: no pair set (meta.json) in {directory}")
+    meta = _read_meta(meta_path, argument)
+    recorded = meta.pop("set", None)  # sets written before meta.json recorded the identity have none
+    identity = _set_identity(meta)
+    if recorded is not None and recorded != identity:
+        raise ValueError(
+            f"{argument}: {meta_path} records the pair set {recorded!r}, but its settings are those of {identity!r}: "
+            "meta.json was edited or copied from another pair set"
+        )
     n, size = meta["n"], meta["batch_size"]
     chunks = math.ceil(n / size)
     missing = [k for k in range(chunks) if not (directory / f"chunk-{k:05d}.pt").is_file()]
     if missing:
-        raise ValueError(f"path: {len(missing)} of {chunks} chunks missing in {directory}; resume generate_pairs")
+        raise ValueError(f"{argument}: {len(missing)} of {chunks} chunks missing in {directory}; resume generate_pairs")
     parts = []
     for k in range(chunks):
         chunk = directory / f"chunk-{k:05d}.pt"
-        part = ckpt.load(chunk, "pair chunk")
+        part = ckpt.load(chunk, f"{argument}: pair chunk")
         x0, x1, rows = part.get("x0"), part.get("x1"), min(size, n - k * size)
         if not (isinstance(x0, Tensor) and isinstance(x1, Tensor) and x0.shape == x1.shape and x0.ndim >= 2):
-            raise ValueError(f"pair chunk: {chunk} does not hold x0 and x1 tensors of one shape (N, ...)")
+            raise ValueError(f"{argument}: {chunk} does not hold x0 and x1 tensors of one shape (N, ...)")
         if x0.shape[0] != rows or (parts and x0.shape[1:] != parts[0][0].shape[1:]):
             raise ValueError(
-                f"pair chunk: {chunk} holds {tuple(x0.shape)} pairs; expected {rows} rows like the other chunks "
+                f"{argument}: {chunk} holds {tuple(x0.shape)} pairs; expected {rows} rows like the other chunks "
                 "(a file from another pair set?)"
+            )
+        owner, index = part.get("set"), part.get("chunk")
+        # a chunk without an identity was written before chunks recorded one, in a set whose meta.json has none
+        if (owner is not None or recorded is not None) and (owner != identity or index != k):
+            raise ValueError(
+                f"{argument}: {chunk} is not chunk {k} of this pair set (it records set {owner!r}, chunk {index!r}; "
+                f"this set is {identity!r}): a file copied from another pair set or position? Delete it and resume "
+                "generate_pairs with this set's settings to make it again"
             )
         parts.append((x0, x1))
     return PairSet(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), meta)
@@ -284,9 +361,13 @@ class OnlinePairs:
     """Pairs made on the fly by a frozen teacher: no disk, the teacher's cost paid at every draw.
 
     Args:
-        teacher: velocity model.
+        teacher: velocity model; a frozen copy in eval mode is used.
         source: dataset name or sampler of ``x0``.
         steps, method: the teacher's solver.
+
+    Raises:
+        TypeError, ValueError: a teacher that is no module, or that fails on (or returns NaN/Inf or another shape
+            for) two samples of ``source`` (named ``teacher``); a bad ``source``, ``steps`` or ``method``.
     """
 
     def __init__(self, teacher: nn.Module, source: Sampler, steps: int = 20, method: Method = "rk4") -> None:
@@ -296,11 +377,13 @@ class OnlinePairs:
         check_choice(method, METHODS, "method")
         self._source = as_source(source, "source")  # a bad name or object is named now, not at the first draw
         self.teacher = copy.deepcopy(teacher).eval().requires_grad_(False)
+        self._device = next(iter(self.teacher.parameters()), torch.empty(0)).device
+        check_velocity(self.teacher, self._source(2, torch.Generator().manual_seed(0)).to(self._device), "teacher")
         self.source, self.steps, self.method = source, steps, method
 
     def __call__(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        """``n`` fresh pairs ``(x0, teacher(x0))``."""
-        x0 = self._source(n, generator)
+        """``n`` fresh pairs ``(x0, teacher(x0))``, each ``(n, ...)`` on the teacher's device."""
+        x0 = self._source(n, generator).to(self._device)
         return x0, integrate(self.teacher, x0, self.steps, self.method)
 
     def __repr__(self) -> str:  # what a run records of these pairs: the same in every process
@@ -367,13 +450,22 @@ def train_on_pairs(
 
     Returns:
         ``model``, trained, in eval mode.
+
+    Raises:
+        TypeError, ValueError: ``pairs`` whose ``x0`` and ``x1`` differ in shape or dtype, are not floating-point,
+            hold NaN/Inf, come in another number than asked for (a callable's draws are checked at every step), or
+            whose dtype is not that of ``model``'s parameters (cast one of them); bad training settings.
     """
     fm = FlowMatcher(coupler="paired", path="linear", time_sampler=time_sampler)
     _check_training(steps, batch_size, lr)
     settings = {"stage": "reflow", "time_sampler": describe(fm.time_sampler)}
 
     def loss(net: nn.Module, x0: Tensor, x1: Tensor, generator: torch.Generator) -> Tensor:
-        return fm.loss(net, x0, x1, generator)
+        try:
+            return fm.loss(net, x0, x1, generator)
+        except ValueError:
+            _check_drawn_finite(x0, x1)  # names pairs where fm.loss named x0 or x1
+            raise
 
     return _fit(model, pairs, loss, steps, batch_size, lr, seed, progress, "reflow", run, settings)
 
@@ -407,6 +499,9 @@ def distill(
 
     Returns:
         ``model``, trained, in eval mode.
+
+    Raises:
+        TypeError, ValueError: ``pairs`` as in :func:`train_on_pairs`; an unknown ``loss``; bad training settings.
     """
     if loss not in ("l2", "pseudo_huber"):
         raise ValueError(f"loss: unknown value {loss!r}; expected one of 'l2', 'pseudo_huber'")
@@ -417,16 +512,36 @@ def distill(
         v = check_output(net(x0, t), x0)
         diff = (x0 + v - x1).reshape(x0.shape[0], -1)
         if loss == "l2":
-            return (diff**2).sum(1).mean()
-        c = 0.00054 * math.sqrt(diff.shape[1])
-        return (torch.sqrt((diff**2).sum(1) + c**2) - c).mean()
+            value = (diff**2).sum(1).mean()
+        else:
+            c = 0.00054 * math.sqrt(diff.shape[1])
+            value = (torch.sqrt((diff**2).sum(1) + c**2) - c).mean()
+        if host_reads_free(value) and not math.isfinite(value.item()):  # on an accelerator the engine reads it
+            _check_drawn_finite(x0, x1)
+            raise ValueError("model: the loss is NaN or Inf with finite pairs: the model returned NaN/Inf")
+        return value
 
     return _fit(model, pairs, one_step_loss, steps, batch_size, lr, seed, progress, "distill", run, {"loss": loss})
 
 
+def _check_dtype(x: Tensor, model_dtype: torch.dtype | None) -> None:
+    """Pairs of ``x``'s dtype must suit a model whose floating parameters are ``model_dtype`` (None: no check)."""
+    if model_dtype is not None and x.dtype != model_dtype:
+        raise ValueError(
+            f"pairs: {x.dtype} pairs for a model whose parameters are {model_dtype}; cast the pairs "
+            f"(x.to({model_dtype})) or the model (model.to({x.dtype}))"
+        )
+
+
+def _check_drawn_finite(x0: Tensor, x1: Tensor) -> None:
+    """Raise naming ``pairs`` if ``x0`` or ``x1`` holds NaN or Inf (a read on the host)."""
+    for name, x in (("x0", x0), ("x1", x1)):
+        if not all_finite(x):
+            raise ValueError(f"pairs: {name} contains NaN or Inf")
+
+
 def _check_training(steps: int, batch_size: int, lr: float) -> None:
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
+    check_count(batch_size, "batch_size")
     Schedule(steps=steps, lr=lr)  # validates steps and lr
 
 
@@ -446,13 +561,18 @@ def _fit(
     """Adam on ``loss(net, x0, x1, generator)`` over pairs drawn from ``pairs``, through the training engine;
     ``model`` is trained in place (and given the EMA weights when ``run.ema_decay > 0``)."""
     run = run or RunOptions()
+    model_dtype = floating_dtype(model)
     if isinstance(pairs, tuple) and len(pairs) == 2 and all(isinstance(x, Tensor) for x in pairs):
+        _check_pair_tensors(*pairs, "pairs: x0", "pairs: x1")
         pairs = PairSet(*pairs)  # (x0, x1) as a user holds them: checked like a PairSet
     if not callable(pairs):
         raise TypeError(
             "pairs: expected a PairSet, a tuple (x0, x1) of tensors or a callable f(n, generator) -> (x0, x1), "
             f"got {type(pairs).__name__}"
         )
+    if isinstance(pairs, PairSet):  # checked once, whole; a callable's draws at every step (their metadata)
+        _check_dtype(pairs.x0, model_dtype)
+        _check_drawn_finite(pairs.x0, pairs.x1)
     device = run.device if run.device is not None else next(iter(model.parameters()), torch.empty(0)).device
     schedule = Schedule(
         steps=steps,
@@ -464,6 +584,7 @@ def _fit(
         checkpoint_every=run.checkpoint_every,
         lr_schedule=run.lr_schedule,
     )
+    steps, lr, seed, batch_size = schedule.steps, schedule.lr, schedule.seed, check_count(batch_size, "batch_size")
     identity = {
         "stage": desc,
         **settings,
@@ -478,8 +599,18 @@ def _fit(
     }
     target_device = resolve_device(device)
 
+    check_draws = not isinstance(pairs, PairSet)
+
     def step_loss(net: nn.Module, step: int, generator: torch.Generator) -> Tensor:
-        x0, x1 = pairs(batch_size, generator)
+        drawn = pairs(batch_size, generator)
+        if check_draws:  # shapes and dtypes: metadata, no synchronisation
+            if not (isinstance(drawn, (tuple, list)) and len(drawn) == 2):
+                raise TypeError(
+                    f"pairs: expected f(n, generator) to return a tuple (x0, x1) of tensors, got {type(drawn).__name__}"
+                )
+            _check_pair_tensors(*drawn, "pairs: x0", "pairs: x1", rows=batch_size)
+            _check_dtype(drawn[0], model_dtype)
+        x0, x1 = drawn
         return loss(net, x0.to(target_device), x1.to(target_device), generator)
 
     fitted = fit(

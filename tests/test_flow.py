@@ -128,3 +128,23 @@ def test_mlp_shapes_and_errors() -> None:
 def test_public_names() -> None:
     for name in otcfm.__all__:
         assert hasattr(otcfm, name), name
+
+
+def test_a_batch_of_another_dtype_than_the_model_is_named() -> None:
+    """torch said 'mat1 and mat2 must have the same dtype'; now the error names x0 and x1 and both dtypes."""
+    x0, x1 = _data(8)
+    fm, g = otcfm.FlowMatcher(coupler="independent"), torch.Generator().manual_seed(0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = MLP(dim=2, hidden=8, depth=1)
+    with pytest.raises(ValueError, match=r"^x0 and x1: torch.float64 samples for a model whose parameters are "):
+        fm.loss(model, x0.double(), x1.double(), g)
+    with pytest.raises(ValueError, match=r"^x0 and x1: torch.float32 samples for a model whose parameters are "):
+        fm.loss(model.double(), x0, x1, g)
+    assert fm.loss(model, x0.double(), x1.double(), g).dtype == torch.float64  # a float64 model takes them
+
+    def failing(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # a failure of its own, dtypes alike
+        raise RuntimeError("the model's own failure")
+
+    with pytest.raises(RuntimeError, match="the model's own failure"):
+        fm.loss(failing, x0, x1, g)

@@ -86,3 +86,30 @@ def test_cli_pool_size(tmp_path: Path) -> None:
     bad = subprocess.run([*command[:-1], str(tmp_path / "bad"), "--pool-size", "40"], capture_output=True, text=True)
     assert bad.returncode == 2 and "--pool-size: expected a multiple of --batch-size 16" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def _rows(extra: int, features: int = 2):  # noqa: ANN202 - a sampler f(n, generator)
+    def sample(n: int, generator: torch.Generator) -> torch.Tensor:
+        return torch.randn(n + extra, features, generator=generator)
+
+    return sample
+
+
+def test_what_the_samplers_return_is_checked_and_named() -> None:
+    """A sampler returning n + 1 rows was coupled as given (a pool of n + 1 pairs, batches of other sizes)."""
+    g = torch.Generator().manual_seed(0)
+    exact = otcfm.get_coupler("exact")
+    with pytest.raises(ValueError, match=r"^source: asked for 8 samples, the sampler returned 9"):
+        PoolStream(_rows(1), "moons", "exact", pool_size=8, batch_size=4).batch(0)
+    with pytest.raises(ValueError, match=r"^target: asked for 8 samples, the sampler returned 7"):
+        PoolStream("8gaussians", _rows(-1), "exact", pool_size=8, batch_size=4).batch(0)
+    with pytest.raises(ValueError, match=r"^source and target: expected samples of one shape, got \(3,\) and \(2,\)"):
+        couple_pool(_rows(0, 3), "moons", exact, 8, g)
+    with pytest.raises(TypeError, match="^source: expected a dataset name or a callable"):
+        PoolStream(5, "moons", "exact", pool_size=8, batch_size=4)
+
+    def late(n: int, generator: torch.Generator) -> torch.Tensor:  # right for the loader's probe of 2 samples
+        return torch.randn(n if n <= 2 else n + 1, 2, generator=generator)
+
+    with pytest.raises(ValueError, match=r"^target: asked for 4 samples, the sampler returned 5"):
+        next(iter(otcfm.loader.coupled_loader("8gaussians", late, "exact", batch_size=4, num_workers=0)))

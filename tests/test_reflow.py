@@ -4,6 +4,7 @@ a one-step generator by distillation; the CLI commands."""
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -222,17 +223,16 @@ def test_pairs_held_as_a_tuple_train_and_resume_only_on_the_same_tensors(tmp_pat
 def test_a_pair_set_of_a_file_source_recorded_relative_is_still_resumed(
     teacher: torch.nn.Module, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import json
-
     import numpy as np
 
     np.save(tmp_path / "noise.npy", np.random.default_rng(0).normal(size=(64, 2)))
     monkeypatch.chdir(tmp_path)
     settings = {"steps": 2, "method": "euler", "out": tmp_path / "p", "progress": False}
     first = reflow.generate_pairs(teacher, "noise.npy", 20, **settings)
+    _as_written_before_identities(tmp_path / "p")  # as recorded before, when sets recorded no identity either
     meta = json.loads((tmp_path / "p" / "meta.json").read_text())
     assert meta["source"] == str(tmp_path / "noise.npy")
-    (tmp_path / "p" / "meta.json").write_text(json.dumps({**meta, "source": "noise.npy"}))  # as recorded before
+    (tmp_path / "p" / "meta.json").write_text(json.dumps({**meta, "source": "noise.npy"}))
     assert torch.equal(reflow.generate_pairs(teacher, "noise.npy", 20, **settings).x1, first.x1)
 
 
@@ -270,3 +270,126 @@ def test_online_pairs_take_any_source_and_resume_in_another_process(teacher: tor
     again = copy.deepcopy(teacher)
     reflow.train_on_pairs(reflow.OnlinePairs(teacher, "8gaussians", 2), again, steps=5, batch_size=16, run=run)
     assert otcfm.checkpoint.load(tmp_path / "checkpoint.pt")["step"] == 5
+
+
+class _BatchNormTeacher(torch.nn.Module):
+    """A teacher whose BatchNorm holds a 0-d buffer (``num_batches_tracked``); left in training mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(3, 2)
+        self.norm = torch.nn.BatchNorm1d(2)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.linear(torch.cat([x, t.reshape(-1, 1)], dim=1)))
+
+
+def _tiny(seed: int = 0) -> torch.nn.Module:
+    """A small MLP teacher with weights of its own seed."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return otcfm.models.MLP(2, hidden=8, depth=1)
+
+
+TINY = {"steps": 1, "method": "euler", "batch_size": 4, "progress": False}
+
+
+def test_a_chunk_from_another_pair_set_or_position_is_refused(tmp_path: Path) -> None:
+    """Chunks of one size from two teachers' (or seeds') sets were mixed without a word: each chunk now records its
+    set's identity and index."""
+    reflow.generate_pairs(_tiny(0), "8gaussians", 12, out=tmp_path / "a", **TINY)
+    reflow.generate_pairs(_tiny(1), "8gaussians", 12, out=tmp_path / "b", **TINY)  # another teacher
+    reflow.generate_pairs(_tiny(0), "8gaussians", 12, out=tmp_path / "c", seed=1, **TINY)  # another seed
+    reference = reflow.load_pairs(tmp_path / "a")
+    for other in ("b", "c"):
+        (tmp_path / "a" / "chunk-00001.pt").write_bytes((tmp_path / other / "chunk-00001.pt").read_bytes())
+        with pytest.raises(ValueError, match=r"^path: .*chunk-00001\.pt is not chunk 1 of this pair set"):
+            reflow.load_pairs(tmp_path / "a")
+        with pytest.raises(ValueError, match=r"^out: .*chunk-00001\.pt is not chunk 1"):  # resumed: named too
+            reflow.generate_pairs(_tiny(0), "8gaussians", 12, out=tmp_path / "a", **TINY)
+    (tmp_path / "a" / "chunk-00001.pt").write_bytes((tmp_path / "a" / "chunk-00002.pt").read_bytes())
+    with pytest.raises(ValueError, match=r"records set '\w+', chunk 2"):  # this set's chunk, another position
+        reflow.load_pairs(tmp_path / "a")
+    (tmp_path / "a" / "chunk-00001.pt").unlink()  # the advice: delete it and resume
+    resumed = reflow.generate_pairs(_tiny(0), "8gaussians", 12, out=tmp_path / "a", **TINY)
+    assert torch.equal(resumed.x1, reference.x1) and resumed.meta == reference.meta and "set" not in resumed.meta
+    meta = json.loads((tmp_path / "a" / "meta.json").read_text())
+    (tmp_path / "a" / "meta.json").write_text(json.dumps({**meta, "seed": 5}))  # edited by hand
+    with pytest.raises(ValueError, match="path: .*meta.json records the pair set"):
+        reflow.load_pairs(tmp_path / "a")
+    (tmp_path / "a" / "meta.json").write_text("{")
+    with pytest.raises(ValueError, match="^path: .*meta.json is not a readable"):  # said 'pairs:'
+        reflow.load_pairs(tmp_path / "a")
+
+
+def _as_written_before_identities(directory: Path) -> None:
+    """Make a pair set as otcfm wrote it before sets recorded an identity: none in meta.json, chunks of x0, x1."""
+    meta = json.loads((directory / "meta.json").read_text())
+    (directory / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "set"}))
+    for chunk in sorted(directory.glob("chunk-*.pt")):
+        part = otcfm.checkpoint.load(chunk)
+        otcfm.checkpoint.atomic_save({"x0": part["x0"], "x1": part["x1"]}, chunk)
+
+
+def test_pair_sets_written_before_chunks_carried_an_identity_still_load_and_resume(tmp_path: Path) -> None:
+    teacher = _tiny(0)
+    made = reflow.generate_pairs(teacher, "8gaussians", 12, out=tmp_path, **TINY)
+    _as_written_before_identities(tmp_path)
+    assert torch.equal(reflow.load_pairs(tmp_path).x1, made.x1)
+    (tmp_path / "chunk-00002.pt").unlink()
+    resumed = reflow.generate_pairs(teacher, "8gaussians", 12, out=tmp_path, **TINY)  # a new chunk beside old ones
+    assert torch.equal(resumed.x1, made.x1) and resumed.meta == made.meta
+
+
+def test_pairs_of_other_shapes_rows_dtypes_or_values_are_refused_naming_pairs() -> None:
+    """(n, 2) and (n, 1) pairs were broadcast by distill; a float64 pair set for a float32 model failed in torch;
+    NaN pairs were named x0 / x1 or not at all."""
+    g = torch.Generator().manual_seed(0)
+    x, column = torch.randn(8, 2, generator=g), torch.randn(8, 1, generator=g)
+    nan = x.clone()
+    nan[2, 1] = float("nan")
+    for fit in (
+        lambda pairs: reflow.distill(_tiny(), pairs, steps=1, batch_size=4, progress=False),
+        lambda pairs: reflow.train_on_pairs(pairs, _tiny(), steps=1, batch_size=4, progress=False),
+    ):
+        with pytest.raises(ValueError, match=r"^pairs: x0 and x1: expected pairs of the same shape"):
+            fit((x, column))
+        with pytest.raises(ValueError, match=r"^pairs: x0 and x1: expected pairs of the same shape"):
+            fit(lambda n, gen: (x[:n], column[:n]))
+        with pytest.raises(ValueError, match=r"^pairs: x0 and x1: asked for 4 pairs, got 5"):
+            fit(lambda n, gen: (x[: n + 1], x[: n + 1]))
+        with pytest.raises(ValueError, match=r"^pairs: torch.float64 pairs for a model whose parameters are "):
+            fit((x.double(), x.double()))
+        with pytest.raises(ValueError, match=r"^pairs: torch.float64 pairs"):
+            fit(lambda n, gen: (x[:n].double(), x[:n].double()))
+        with pytest.raises(ValueError, match=r"^pairs: x1 contains NaN or Inf"):
+            fit((x, nan))
+        with pytest.raises(ValueError, match=r"^pairs: x0 contains NaN or Inf"):
+            fit(lambda n, gen: (nan[:n], x[:n]))
+        with pytest.raises(TypeError, match=r"^pairs: expected f\(n, generator\) to return a tuple"):
+            fit(lambda n, gen: x[:n])
+
+
+def test_a_teacher_with_0d_tensors_generates_pairs_and_keeps_its_fingerprint(tmp_path: Path) -> None:
+    """BatchNorm's num_batches_tracked (a 0-d buffer) made teacher_fingerprint raise, and with it generate_pairs,
+    OnlinePairs and `otcfm reflow --model`; a teacher in training mode also had its statistics updated by the
+    generation, so its fingerprint changed and the set could not be resumed."""
+    teacher = _BatchNormTeacher()
+    before = reflow.teacher_fingerprint(teacher)
+    state = copy.deepcopy(teacher.state_dict())
+    pairs = reflow.generate_pairs(teacher, "8gaussians", 12, out=tmp_path, **TINY)
+    assert len(pairs) == 12 and bool(torch.isfinite(pairs.x1).all()) and teacher.training
+    assert reflow.teacher_fingerprint(teacher) == before == pairs.meta["teacher"]
+    assert all(torch.equal(state[k], v) for k, v in teacher.state_dict().items())  # running statistics untouched
+    (tmp_path / "chunk-00001.pt").unlink()
+    again = reflow.generate_pairs(teacher, "8gaussians", 12, out=tmp_path, **TINY)
+    assert torch.equal(again.x1, pairs.x1)
+    online = reflow.OnlinePairs(teacher, "8gaussians", steps=1)
+    assert f"teacher={before}" in repr(online) and online(4, torch.Generator().manual_seed(0))[1].shape == (4, 2)
+
+    # models without 0-d tensors keep the fingerprints of before, which existing pair sets record
+    fixed = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 2).double())
+    with torch.no_grad():
+        for k, p in enumerate(fixed.parameters()):
+            p.copy_(torch.arange(p.numel(), dtype=p.dtype).reshape(p.shape) / 7 + k)
+    assert reflow.teacher_fingerprint(fixed) == "29a18fb389235ce2"

@@ -327,7 +327,7 @@ def _pair_faults() -> list[tuple[str, object, object, bool, type, str]]:
         ("x1 empty", ok, torch.zeros(0, 3), False, ValueError, "x1: expected a non-empty batch"),
         ("sample shapes", ok, torch.zeros(4, 2), False, ValueError, "expected the same sample shape"),
         ("batch sizes", ok, torch.zeros(5, 3), True, ValueError, "expected the same batch size, got 4 and 5"),
-        ("meta device", ok, torch.zeros(4, 3, device="meta"), False, ValueError, "x1: a meta tensor has a shape but no"),
+        ("meta device", ok, torch.zeros(4, 3, device="meta"), False, ValueError, "x1: a meta tensor has a shape"),
         ("dtypes", ok, ok.double(), False, ValueError, "expected the same dtype, got torch.float32 and torch.float64"),
     ]
 
