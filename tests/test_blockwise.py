@@ -131,3 +131,35 @@ def test_inputs_that_require_grad_are_paired() -> None:
     x0, x1 = _clouds(32, 32)
     j = SinkhornCoupler(memory_budget=1000)(x0.requires_grad_(), x1).j  # addmm(out=...) refuses autograd inputs
     assert j.shape == (32,)
+
+
+@pytest.mark.parametrize(
+    "scale, dtype",
+    [
+        (1e-30, torch.float32),  # float32 squares underflow to 0: the old path read "all points equal"
+        (1e30, torch.float32),  # float32 squares overflow
+        (1e-200, torch.float64),  # float64 squares underflow
+        (1e150, torch.float64),  # float64 squares overflow
+    ],
+)
+def test_coupler_pairs_at_extreme_scales_equal_the_dense_pairs(scale: float, dtype: torch.dtype) -> None:
+    """SinkhornCoupler's blockwise path at any finite scale gives the dense path's pairs on the clouds at scale 1
+    (same generator; at least 90% equal: the two solves stop at different iterates, measured 100%)."""
+    from otcfm.couplers import SinkhornCoupler
+
+    x0, x1 = _clouds(64, 64, d=2, seed=4)
+    blockwise = SinkhornCoupler(epsilon=0.05, memory_budget=4096)
+    j = blockwise((x0 * scale).to(dtype), (x1 * scale).to(dtype), generator=torch.Generator().manual_seed(1)).j
+    dense = SinkhornCoupler(epsilon=0.05)(x0, x1, generator=torch.Generator().manual_seed(1)).j
+    assert float((j == dense).double().mean()) >= 0.9
+
+
+def test_underflowing_float32_squares_are_solved_in_float64() -> None:
+    """blockwise_sinkhorn on float32 clouds at 1e-30 (every float32 square is 0) gives the float64 solve's epsilon
+    (relative to the true mean cost, not read as an absolute epsilon of a zero cost) and potentials (1e-9)."""
+    x0, x1 = _clouds(40, 40, seed=6)
+    low = blockwise_sinkhorn((x0 * 1e-30).float(), (x1 * 1e-30).float(), 0.05, tol=1e-9, max_iter=5000)
+    high = blockwise_sinkhorn((x0 * 1e-30).float().double(), (x1 * 1e-30).float().double(), 0.05, tol=1e-9)
+    assert low.converged and high.converged
+    assert low.epsilon == pytest.approx(high.epsilon, rel=1e-12) and high.epsilon > 0
+    assert float((low.g - high.g).abs().max()) <= 1e-9 * high.epsilon

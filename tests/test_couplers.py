@@ -511,3 +511,57 @@ def test_source_labels_without_target_labels_are_refused() -> None:
     x0, x1 = torch.randn(8, 2), torch.randn(8, 2)
     with pytest.raises(ValueError, match="y0: source labels need target labels y1"):
         ExactCoupler()(x0, x1, y0=torch.arange(8) % 2)
+
+
+#: The three Sinkhorn paths of SinkhornCoupler at 64 x 64: dense float64, blockwise (a budget below the dense
+#: plan's 32 KiB) and dense float32 (its threshold lowered to 64 x 64 entries for the call).
+SINKHORN_PATHS = {"dense": (None, False), "blockwise": (4096, False), "float32": (None, True)}
+
+
+@pytest.mark.parametrize("path", sorted(SINKHORN_PATHS))
+def test_labels_are_honoured_or_refused_alike_on_every_sinkhorn_path(
+    monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    """Source labels without target labels are refused (ValueError naming y0) on every path, where the blockwise
+    and float32 paths used to drop them; both labels pair within labels on every path."""
+    import otcfm.couplers.sinkhorn as sinkhorn
+
+    budget, float32 = SINKHORN_PATHS[path]
+    if float32:
+        monkeypatch.setattr(sinkhorn, "FLOAT32_MIN_ENTRIES", 64 * 64)
+    x0, x1 = _batch(0, 64, dtype=torch.float32), _batch(1, 64, dtype=torch.float32) + 1
+    y = torch.arange(64) % 2
+    coupler = SinkhornCoupler(memory_budget=budget)
+    with pytest.raises(ValueError, match="y0: source labels need target labels y1"):
+        coupler(x0, x1, y0=y, generator=torch.Generator().manual_seed(0))
+    i, j = coupler(x0, x1, y0=y, y1=y, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(y[i], y[j])
+
+
+@pytest.mark.parametrize("path", sorted(SINKHORN_PATHS))
+def test_dense_sinkhorn_estimates_its_memory(monkeypatch: pytest.MonkeyPatch, path: str) -> None:
+    """With 64 MiB available, a 2048 x 2048 dense Sinkhorn (20 bytes per entry in float32, 40 in float64) raises
+    MemoryError naming the solve before it allocates; the blockwise path keeps to its budget (not run here)."""
+    import otcfm._memory
+    import otcfm.couplers.blockwise as blockwise
+    import otcfm.couplers.sinkhorn as sinkhorn
+
+    budget, float32 = SINKHORN_PATHS[path]
+    monkeypatch.setattr(sinkhorn, "FLOAT32_MIN_ENTRIES", 2048 * 2048 if float32 else 2**62)
+    monkeypatch.setattr(otcfm._memory, "available_bytes", lambda: 2**26)
+    x0, x1 = _batch(0, 2048, dtype=torch.float32), _batch(1, 2048, dtype=torch.float32)
+    coupler = SinkhornCoupler(memory_budget=None if budget is None else 2**20)
+    if path == "blockwise":
+
+        def stop(*args: object, **kwargs: object) -> None:
+            raise RuntimeError("blockwise")
+
+        monkeypatch.setattr(blockwise, "blockwise_sinkhorn", stop)  # reached without a memory check
+        with pytest.raises(RuntimeError, match="blockwise"):
+            coupler(x0, x1, generator=torch.Generator().manual_seed(0))
+        return
+    precision = "float32" if float32 else "float64"
+    with pytest.raises(MemoryError, match=rf"sinkhorn \(dense, {precision}\) of a 2048x2048 batch needs"):
+        coupler(x0, x1, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(MemoryError, match="sinkhorn"):
+        coupler.plan(x0, x1) if float32 else sinkhorn_plan(squared_euclidean_cost(x0.double(), x1.double()), 0.05)

@@ -82,10 +82,10 @@ def _clouds(x0: Tensor, x1: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(a, b, |a|^2, |b|^2)``: the flattened clouds, detached, in a dtype whose range holds their costs.
 
     Half precision is computed in float32, and float32 clouds whose squared norms float32 cannot hold (coordinates
-    beyond about 1e19, or below about 1e-16 for all points) in float64. Clouds whose centre lies farther from the
-    origin than :data:`_CENTRE_ABOVE` times their variance are centred first: the cost is translation-invariant,
-    and ``|a|^2 + |b|^2 - 2 a.b`` loses about ``eps * |centre|^2 / variance`` of its digits (ordinary clouds keep
-    their values exactly as given, and so their pairings from before centring was added).
+    beyond about 1e19, or below about 1e-16 for all points, where they may underflow to zero) in float64. Clouds
+    whose centre lies farther from the origin than :data:`_CENTRE_ABOVE` times their variance are centred first:
+    the cost is translation-invariant, and ``|a|^2 + |b|^2 - 2 a.b`` loses about ``eps * |centre|^2 / variance``
+    of its digits (ordinary clouds keep their values exactly as given).
 
     Raises:
         ValueError: float64 cannot hold the squared distances either.
@@ -101,8 +101,12 @@ def _clouds(x0: Tensor, x1: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
             a, b = a - centre, b - centre
             a_sq, b_sq = (a * a).sum(1), (b * b).sum(1)
         bound, info = 2.0 * (float(a_sq.max()) + float(b_sq.max())), torch.finfo(dtype)
-        if bound == 0 or info.tiny / info.eps < bound < info.max:
+        if info.tiny / info.eps < bound < info.max:
             return a, b, a_sq, b_sq
+        if bound == 0 and float(torch.maximum(a.abs().max(), b.abs().max())) == 0:
+            return a, b, a_sq, b_sq  # every point at the origin (after centring): the cost is truly zero
+        # else the squares under- or overflowed (a zero bound of clouds away from the origin is underflow, not a
+        # zero cost, which would give the independent coupling): try float64
     raise ValueError(
         f"x0, x1: their squared distances (bound {bound:.3g}) overflow or underflow float64; rescale the data "
         "(with a relative epsilon the coupling does not depend on the scale)"

@@ -11,6 +11,7 @@ from otcfm import _random
 from otcfm._checks import check_pair
 
 __all__ = [
+    "check_source_labels",
     "condition_cost",
     "pairwise_squared_distances",
     "rescaled_squared_distances",
@@ -90,6 +91,17 @@ def rescaled_squared_distances(x0: Tensor, x1: Tensor) -> tuple[Tensor, float]:
     return pairwise_squared_distances(a / unit, b / unit), unit
 
 
+def check_source_labels(y0: Tensor | None, y1: Tensor | None) -> None:
+    """Source labels ``y0`` need target labels ``y1`` (the pairs' labels come from ``y1``): the one rule every
+    coupler path that takes labels applies, before it chooses how to solve.
+
+    Raises:
+        ValueError: ``y0`` given without ``y1``.
+    """
+    if y0 is not None and y1 is None:  # nothing to pair them with: they were ignored without a word
+        raise ValueError("y0: source labels need target labels y1 (the pairs' labels come from y1); give both")
+
+
 def condition_cost(
     cost: Tensor,
     y0: Tensor | None,
@@ -124,9 +136,8 @@ def condition_cost(
     Returns:
         the cost with the condition term, ``(B0, B1)``.
     """
+    check_source_labels(y0, y1)
     if y1 is None:
-        if y0 is not None:  # nothing to pair them with: they were ignored without a word
-            raise ValueError("y0: source labels need target labels y1 (the pairs' labels come from y1); give both")
         return cost
     n0, n1 = cost.shape
     for y, rows, name in ((y0, n0, "y0"), (y1, n1, "y1")):

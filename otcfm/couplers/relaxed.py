@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import replace
 
 import torch
 from torch import Tensor
@@ -34,8 +35,10 @@ from otcfm.couplers.base import Pairing
 from otcfm.couplers.cost import condition_cost, squared_euclidean_cost
 from otcfm.couplers.plan import CostFn, OTCoupler, pairs_from_plan
 from otcfm.couplers.sinkhorn import (
+    MIN_RELATIVE_EPSILON,
     ConvergenceWarning,
     SinkhornResult,
+    _check_memory,
     _matvec,
     absolute_epsilon,
     check_cost_matrix,
@@ -45,11 +48,65 @@ from otcfm.couplers.sinkhorn import (
 __all__ = ["PartialCoupler", "UnbalancedCoupler", "partial_plan", "unbalanced_plan"]
 
 
+#: Peak bytes per entry of the cost of :func:`unbalanced_plan`: the cost, the log kernel and two temporaries of a
+#: log-sum-exp (the scaling form needs fewer).
+UNBALANCED_BYTES_PER_ENTRY = 32
+#: Likewise for :func:`partial_plan`: the plan, three Dykstra corrections, the previous plan and three projections.
+PARTIAL_BYTES_PER_ENTRY = 80
+
+
 def _check(cost: Tensor, epsilon: float, tol: float, max_iter: int) -> None:
+    """The plan functions' checks: a valid cost, settings, an epsilon float64 resolves (as :func:`sinkhorn_plan`
+    asks), and memory for the solve."""
     check_cost_matrix(cost)
     check_rate(epsilon, "epsilon")
     check_rate(tol, "tol")
     check_count(max_iter, "max_iter")
+    mean = float(cost.mean())
+    if mean > 0 and epsilon < MIN_RELATIVE_EPSILON * mean:
+        raise ValueError(
+            f"epsilon: {epsilon:.3g} is below {MIN_RELATIVE_EPSILON:g} of the mean cost ({mean:.3g}), too small to be "
+            "resolved in float64; raise it, or use the exact coupler for the unregularised limit"
+        )
+
+
+def unbalanced_fixed_point_error(plan: Tensor, f: Tensor, g: Tensor, reg_m: float, a: Tensor, b: Tensor) -> float:
+    r"""How far an unbalanced plan is from the first-order conditions of its marginal penalties (relative).
+
+    At the optimum of :func:`unbalanced_plan`'s problem, with ``P = diag(u) K diag(v)``, ``f = epsilon log u`` and
+    ``g = epsilon log v``, the scaling updates ``u = (a / K v)^{\rho / (\rho + \epsilon)}`` give
+    ``P 1 = u \odot K v = a \odot u^{-\epsilon / \rho}``, that is
+
+    .. math::
+        P 1 = a\, e^{-f / \rho},\qquad P^\top 1 = b\, e^{-g / \rho}.
+
+    Returns ``max(|log(P 1) - log a + f / rho|, |log(P^T 1) - log b + g / rho|)`` over rows and columns: the
+    factor by which a marginal misses its condition (``inf`` for an empty row or a non-finite plan). The
+    iterations' own criterion, the change of ``log u`` and ``log v``, bounds it in exact arithmetic; a stalled
+    or float-limited run does not meet it.
+
+    Args:
+        plan: ``(B0, B1)``; f: ``(B0,)``; g: ``(B1,)``; a: ``(B0,)``; b: ``(B1,)``; reg_m: ``rho``, in cost units.
+    """
+    rows = plan.sum(1).log() - a.log() + f / reg_m
+    cols = plan.sum(0).log() - b.log() + g / reg_m
+    error = float(torch.maximum(rows.abs().max(), cols.abs().max()))
+    return error if math.isfinite(error) else math.inf
+
+
+def partial_constraint_error(plan: Tensor, mass: float, a: Tensor, b: Tensor) -> float:
+    r"""How far a partial plan is from its constraints ``P 1 <= a``, ``P^T 1 <= b``, ``1^T P 1 = m`` (relative).
+
+    Returns the largest of ``max_k (P 1)_k / a_k - 1``, ``max_l (P^T 1)_l / b_l - 1`` (0 when every bound holds)
+    and ``|1^T P 1 - m| / m`` (``inf`` for a non-finite plan).
+
+    Args:
+        plan: ``(B0, B1)``; a: ``(B0,)``; b: ``(B1,)``; mass: ``m``.
+    """
+    rows = float((plan.sum(1) / a).max()) - 1.0
+    cols = float((plan.sum(0) / b).max()) - 1.0
+    error = max(rows, cols, 0.0, abs(float(plan.sum()) - mass) / mass)
+    return error if math.isfinite(error) else math.inf
 
 
 def unbalanced_plan(
@@ -65,22 +122,53 @@ def unbalanced_plan(
     """Entropic unbalanced OT plan of ``cost: (B0, B1)`` (absolute ``epsilon`` and marginal penalty ``reg_m``).
 
     Stops when the scalings change by a factor within ``1 +- tol`` (``max |log u - log u_prev|``, and for ``v``;
-    POT's criterion, the change of ``u`` itself, overflows where ``u`` does) or after ``max_iter`` iterations;
-    ``converged`` says which. ``error`` is that change;
+    POT's criterion, the change of ``u`` itself, overflows where ``u`` does) or after ``max_iter`` iterations.
+    The plan returned is then checked against the first-order conditions of its problem,
+    ``P 1 = a exp(-f / rho)`` and ``P^T 1 = b exp(-g / rho)`` (:func:`unbalanced_fixed_point_error`): a run that
+    stalled (float64 no longer resolves the change of the scalings) has ``converged=False`` like one that ran out
+    of iterations. ``error`` is the change, or the fixed-point error where that is larger;
     ``f, g`` are ``epsilon * log u``, ``epsilon * log v``.
 
     Returns:
         a :class:`~otcfm.couplers.SinkhornResult` whose plan's marginals are near, not equal to, ``a`` and ``b``.
+
+    Raises:
+        ValueError: a bad cost or setting; ``epsilon`` below ``1e-7`` of the mean cost.
+        MemoryError: the solve would not fit in the available memory (CPU).
     """
     _check(cost, epsilon, tol, max_iter)
     check_rate(reg_m, "reg_m")
     n0, n1 = cost.shape
-    log_a, log_b = torch.log(marginal_weights(a, n0, cost, "a")), torch.log(marginal_weights(b, n1, cost, "b"))
+    _check_memory(n0, n1, UNBALANCED_BYTES_PER_ENTRY - 8, "unbalanced OT", cost.device)  # the cost exists
+    a, b = marginal_weights(a, n0, cost, "a"), marginal_weights(b, n1, cost, "b")
     power = reg_m / (reg_m + epsilon)
+    result = None
     if float(cost.abs().max()) / epsilon < _SCALING_RANGE:  # the kernel itself is in range (no shift: see below)
-        result = _unbalanced_scaling(cost, epsilon, power, log_a.exp(), log_b.exp(), tol, max_iter)
-        if result is not None:
-            return result
+        result = _unbalanced_scaling(cost, epsilon, power, a, b, tol, max_iter)
+    if result is None:
+        result = _unbalanced_log(cost, epsilon, power, a.log(), b.log(), tol, max_iter)
+    fixed_point = unbalanced_fixed_point_error(result.plan, result.f, result.g, reg_m, a, b)
+    return _checked(result, fixed_point, _fixed_point_tol(tol))
+
+
+def _fixed_point_tol(tol: float) -> float:
+    """The fixed-point error accepted of a run stopped at the change ``tol``: the change bounds it in exact
+    arithmetic, and float64 rounds ``log P 1`` to about 1e-12 (a few units of the largest ``C / epsilon``)."""
+    return 2.0 * tol + 1e-10
+
+
+def _checked(result: SinkhornResult, constraint_error: float, limit: float) -> SinkhornResult:
+    """``result`` with ``converged`` false and ``error`` the larger of the two where its plan misses its constraints
+    (``constraint_error`` above ``limit``)."""
+    if constraint_error <= limit:
+        return result
+    return replace(result, error=max(result.error, constraint_error), converged=False)
+
+
+def _unbalanced_log(
+    cost: Tensor, epsilon: float, power: float, log_a: Tensor, log_b: Tensor, tol: float, max_iter: int
+) -> SinkhornResult:
+    """:func:`unbalanced_plan`'s iterations on ``log u, log v`` (finite at any epsilon float64 resolves)."""
     log_kernel = -cost / epsilon + log_a[:, None] + log_b[None, :]
     log_u, log_v = torch.zeros_like(log_a), torch.zeros_like(log_b)
     error, iterations = math.inf, 0
@@ -92,7 +180,7 @@ def unbalanced_plan(
         error = float(torch.maximum((log_u - previous_u).abs().max(), (log_v - previous_v).abs().max()))
         if error < tol:
             break
-    plan = torch.exp(log_kernel + log_u[:, None] + log_v[None, :])
+    plan = torch.exp(log_kernel.add_(log_u[:, None]).add_(log_v[None, :]))
     return SinkhornResult(plan, epsilon * log_u, epsilon * log_v, epsilon, iterations, error, error < tol)
 
 
@@ -109,23 +197,37 @@ def partial_plan(
     """Entropic partial OT plan of ``cost: (B0, B1)`` moving total mass ``mass`` (absolute ``epsilon``).
 
     Dykstra's iterations (multiplicative where the kernel cannot underflow, else in log form); stops when the plan
-    changes by less than ``tol`` in Frobenius norm
-    (checked every 10 iterations, as POT does) or after ``max_iter``. ``error`` is that change; ``f, g`` are
+    changes by less than ``tol`` in Frobenius norm (checked every 10 iterations, as POT does) and meets its
+    constraints to ``sqrt(tol)`` (:func:`partial_constraint_error`: row sums at most ``a``, column sums at most
+    ``b``, relative; the total mass), or after ``max_iter``. At small epsilon Dykstra's iterates can stand still
+    for many iterations far from the constraints; such a plan, and one stopped by ``max_iter``, has
+    ``converged=False``. ``error`` is the change, or the constraint error where that is larger; ``f, g`` are
     zero (the projections keep no potentials).
 
     Raises:
         ValueError: ``mass`` not in ``(0, min(sum a, sum b)]``, and the checks of :func:`unbalanced_plan`.
+        MemoryError: the solve would not fit in the available memory (CPU).
     """
     _check(cost, epsilon, tol, max_iter)
     n0, n1 = cost.shape
     a, b = marginal_weights(a, n0, cost, "a"), marginal_weights(b, n1, cost, "b")
     if not (isinstance(mass, (int, float)) and 0 < mass <= min(float(a.sum()), float(b.sum())) + 1e-12):
         raise ValueError(f"mass: expected a number in (0, 1], the fraction of the mass to transport, got {mass!r}")
+    _check_memory(n0, n1, PARTIAL_BYTES_PER_ENTRY - 8, "partial OT", cost.device)  # the cost exists
+    limit = math.sqrt(tol)
+    result = None
     if float(cost.max() - cost.min()) / epsilon < _SCALING_RANGE:
         result = _partial_scaling(cost, epsilon, mass, a, b, tol, max_iter)
-        if result is not None:
-            return result
-    log_a, log_b, log_m = torch.log(a), torch.log(b), math.log(mass)
+    if result is None:
+        result = _partial_log(cost, epsilon, mass, a, b, tol, max_iter)
+    return _checked(result, partial_constraint_error(result.plan, mass, a, b), limit)
+
+
+def _partial_log(
+    cost: Tensor, epsilon: float, mass: float, a: Tensor, b: Tensor, tol: float, max_iter: int
+) -> SinkhornResult:
+    """:func:`partial_plan`'s iterations in log form (finite at any epsilon float64 resolves)."""
+    log_a, log_b, log_m, limit = torch.log(a), torch.log(b), math.log(mass), math.sqrt(tol)
     log_p = -cost / epsilon
     log_p = log_p + (log_m - torch.logsumexp(log_p.reshape(-1), 0))
     log_q1, log_q2, log_q3 = (torch.zeros_like(log_p) for _ in range(3))
@@ -144,7 +246,7 @@ def partial_plan(
         iterations += 1
         if iterations % 10 == 0 or iterations == max_iter:
             error = float(torch.linalg.matrix_norm(torch.exp(previous) - torch.exp(log_p)))
-            if error < tol:
+            if error < tol and partial_constraint_error(torch.exp(log_p), mass, a, b) <= limit:
                 break
     zeros0, zeros1 = torch.zeros_like(log_a), torch.zeros_like(log_b)
     return SinkhornResult(torch.exp(log_p), zeros0, zeros1, epsilon, iterations, error, error < tol)
@@ -205,7 +307,7 @@ def _partial_scaling(
             error = float(torch.linalg.matrix_norm(previous - p))
             if not (math.isfinite(error) and bool(torch.isfinite(q1).all() and torch.isfinite(q2).all())):
                 return None
-            if error < tol:
+            if error < tol and partial_constraint_error(p, mass, a, b) <= math.sqrt(tol):
                 break
     zeros0, zeros1 = torch.zeros_like(a), torch.zeros_like(b)
     return SinkhornResult(p, zeros0, zeros1, epsilon, iterations, error, error < tol)
@@ -226,6 +328,9 @@ class _RelaxedCoupler(OTCoupler):
         self.epsilon, self.tol, self.max_iter = float(epsilon), tol, max_iter
         self.relative = check_flag(relative, "relative")
 
+    #: Peak bytes per cost entry of the solve (the cost included).
+    bytes_per_entry = 8
+
     def _solve(self, cost: Tensor, eps: float, scale: float) -> SinkhornResult:
         raise NotImplementedError
 
@@ -237,7 +342,12 @@ class _RelaxedCoupler(OTCoupler):
         y1: Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> SinkhornResult:
-        """The relaxed plan of ``x0: (B0, ...)``, ``x1: (B1, ...)``; relative settings scale with the mean cost."""
+        """The relaxed plan of ``x0: (B0, ...)``, ``x1: (B1, ...)``; relative settings scale with the mean cost.
+
+        Raises:
+            MemoryError: the dense solve would not fit in the available memory (CPU), before anything is allocated.
+        """
+        _check_memory(x0.shape[0], x1.shape[0], self.bytes_per_entry, f"{self.name} OT", x0.device)
         base, _ = self.scaled_base_cost(x0, x1)
         eps = absolute_epsilon(self.epsilon, self.relative, base)
         scale = eps / self.epsilon  # the mean cost when relative, else 1
@@ -249,8 +359,9 @@ class _RelaxedCoupler(OTCoupler):
         result = self.plan(x0, x1, y0, y1, generator)
         if not result.converged:
             warnings.warn(
-                f"{self.name} OT did not converge: change {result.error:.3g} > tol {self.tol:g} after "
-                f"{result.iterations} iterations; raise max_iter or epsilon",
+                f"{self.name} OT did not converge: error {result.error:.3g} (tol {self.tol:g}) after "
+                f"{result.iterations} iterations, the plan misses its constraints or stopped early; raise max_iter "
+                "or epsilon",
                 ConvergenceWarning,
                 stacklevel=3,
             )
@@ -272,6 +383,7 @@ class UnbalancedCoupler(_RelaxedCoupler):
     """
 
     name = "unbalanced"
+    bytes_per_entry = UNBALANCED_BYTES_PER_ENTRY
 
     def __init__(
         self,
@@ -306,6 +418,7 @@ class PartialCoupler(_RelaxedCoupler):
     """
 
     name = "partial"
+    bytes_per_entry = PARTIAL_BYTES_PER_ENTRY
 
     def __init__(
         self,

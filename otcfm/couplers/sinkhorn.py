@@ -16,8 +16,9 @@ from torch import Tensor
 from otcfm import _random
 from otcfm._args import check_anneal, check_count, check_flag, check_rate
 from otcfm._checks import all_finite, check_pair
+from otcfm._memory import check_dense_fits
 from otcfm.couplers.base import Pairing
-from otcfm.couplers.cost import condition_cost, squared_euclidean_cost
+from otcfm.couplers.cost import check_source_labels, condition_cost, squared_euclidean_cost
 from otcfm.couplers.plan import CostFn, OTCoupler, pairs_from_plan
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "FLOAT32_MIN_ENTRIES",
     "FLOAT32_MIN_EPSILON",
     "MIN_RELATIVE_EPSILON",
+    "SINKHORN_BYTES_PER_ENTRY",
     "ConvergenceWarning",
     "SinkhornCoupler",
     "SinkhornResult",
@@ -61,6 +63,12 @@ class _Float32Problem:
     epsilon: float
 
 
+#: Peak bytes per cost entry of a dense float64 Sinkhorn solve: the cost, the kernel (which becomes the plan) and
+#: the two temporaries of a log-domain step (the label term's, where labels are given, come and go before).
+SINKHORN_BYTES_PER_ENTRY = 40
+#: Likewise for the float32 path: its two buffers (cost and kernel) and the temporaries of a log-domain step.
+_FLOAT32_BYTES_PER_ENTRY = 20
+
 #: With ``anneal="auto"``, epsilon scaling is used below this fraction of the mean cost, where it saves
 #: iterations; above it plain scaling iterations converge in a few dozen steps and annealing costs kernels.
 ANNEAL_BELOW = 0.005
@@ -80,7 +88,8 @@ class SinkhornResult:
         g: ``(B1,)`` potential, likewise.
         epsilon: the absolute epsilon of the final iterations.
         iterations: Sinkhorn iterations made (annealing stages included).
-        error: L2 norm of the violation of the target marginal, ``||P^T 1 - b||_2``.
+        error: L2 norm of the larger violation of the returned plan's marginals, ``||P^T 1 - b||_2`` or
+            ``||P 1 - a||_2`` (for the relaxed plans of :mod:`otcfm.couplers.relaxed`, see their functions).
         converged: ``error <= tol``.
     """
 
@@ -143,6 +152,7 @@ def sinkhorn_plan(
     scaling), which needs far fewer iterations at small epsilon; the plan at
     the target epsilon is the same. Stops when the target marginal is met,
     ``||P^T 1 - b||_2 <= tol`` (POT's criterion), or after ``max_iter``.
+    The plan returned is checked against both marginals: ``converged`` only if each is met to ``tol``.
     Runs on ``cost``'s device and dtype.
 
     Args:
@@ -161,9 +171,23 @@ def sinkhorn_plan(
 
     Raises:
         ValueError: ``epsilon <= 0`` or below ``1e-7`` of the mean cost, NaN/Inf cost, bad weights.
+        MemoryError: the solve would not fit in the available memory (CPU), before anything is allocated.
     """
     check_cost_matrix(cost)
-    return _result(_scaling(cost, epsilon, a, b, relative, tol, max_iter, anneal), b, tol)
+    _check_memory(*cost.shape, SINKHORN_BYTES_PER_ENTRY - 8, "sinkhorn (dense)", cost.device)  # the cost exists
+    return _result(_scaling(cost, epsilon, a, b, relative, tol, max_iter, anneal), a, b, tol)
+
+
+#: Dense solves needing less than this many bytes (64 MiB) are not checked against the available memory: reading
+#: it is a file read per call, kept out of the training steps of ordinary batches.
+_CHECK_MEMORY_ABOVE = 2**26
+
+
+def _check_memory(n0: int, n1: int, per_entry: int, what: str, device: torch.device) -> None:
+    """:func:`~otcfm._memory.check_dense_fits` for a solve on the CPU (host memory says nothing of a GPU's) that
+    needs at least :data:`_CHECK_MEMORY_ABOVE` bytes."""
+    if n0 * n1 * per_entry >= _CHECK_MEMORY_ABOVE and torch.device(device).type == "cpu":
+        check_dense_fits(n0, n1, per_entry, what)
 
 
 def check_cost_matrix(cost: object) -> Tensor:
@@ -178,12 +202,15 @@ def check_cost_matrix(cost: object) -> Tensor:
     return cost
 
 
-def _result(scaled: _Scaled, b: Tensor | None, tol: float) -> SinkhornResult:
+def _result(scaled: _Scaled, a: Tensor | None, b: Tensor | None, tol: float) -> SinkhornResult:
     """The :class:`SinkhornResult` of :func:`_scaling`'s iterations: the dense plan (formed in the kernel's memory),
-    its potentials and its target marginal error against ``b`` (uniform when None)."""
+    its potentials and the larger of its marginal errors against ``a`` and ``b`` (uniform when None), both read
+    from the plan itself (one pass for the two sums, one host read)."""
     plan = scaled.kernel.mul_(scaled.u[:, None]).mul_(scaled.v[None, :])
-    b = marginal_weights(b, plan.shape[1], plan, "b")
-    error = float(torch.linalg.vector_norm(plan.sum(0) - b))
+    a, b = marginal_weights(a, plan.shape[0], plan, "a"), marginal_weights(b, plan.shape[1], plan, "b")
+    errors = torch.stack([torch.linalg.vector_norm(plan.sum(0) - b), torch.linalg.vector_norm(plan.sum(1) - a)])
+    error = float(errors.max())
+    error = error if math.isfinite(error) else math.inf
     f, g = scaled.f + scaled.epsilon * scaled.u.log(), scaled.g + scaled.epsilon * scaled.v.log()
     return SinkhornResult(plan, f, g, scaled.epsilon, scaled.iterations, error, error <= tol)
 
@@ -431,7 +458,14 @@ class SinkhornCoupler(OTCoupler):
         y1: Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> SinkhornResult:
-        """Entropic plan of ``x0: (B0, ...)``, ``x1: (B1, ...)``; a relative epsilon scales the label-free cost."""
+        """Entropic plan of ``x0: (B0, ...)``, ``x1: (B1, ...)``; a relative epsilon scales the label-free cost.
+
+        Raises:
+            ValueError: ``y0`` without ``y1``, and the checks of :func:`sinkhorn_plan`.
+            MemoryError: the dense plan would not fit in the available memory (CPU), before anything is allocated.
+        """
+        check_source_labels(y0, y1)
+        _check_memory(x0.shape[0], x1.shape[0], SINKHORN_BYTES_PER_ENTRY, "sinkhorn (dense, float64)", x0.device)
         base, unit = self.scaled_base_cost(x0, x1)  # checked finite; the label term of checked labels keeps it so
         eps = absolute_epsilon(self.epsilon if self.relative else self.epsilon / unit / unit, self.relative, base)
         weight = self.label_weight
@@ -442,7 +476,8 @@ class SinkhornCoupler(OTCoupler):
             # cross (label counts that differ) does not underflow, so the iterations can meet the marginals.
             weight = float(base.max()) or 1.0
         cost = condition_cost(base, y0, y1, weight, generator)
-        result = _result(_scaling(cost, eps, None, None, False, self.tol, self.max_iter, self.anneal), None, self.tol)
+        scaled = _scaling(cost, eps, None, None, False, self.tol, self.max_iter, self.anneal)
+        result = _result(scaled, None, None, self.tol)
         if unit == 1.0:
             return result
         square = unit * unit  # the inputs were rescaled (see scaled_base_cost): back to cost units (inf if beyond)
@@ -455,19 +490,15 @@ class SinkhornCoupler(OTCoupler):
     def pair(
         self, x0: Tensor, x1: Tensor, y0: Tensor | None, y1: Tensor | None, generator: torch.Generator | None
     ) -> Pairing:
+        check_source_labels(y0, y1)  # one rule for every path below: source labels need target labels
         large = self.memory_budget is not None and x0.shape[0] * x1.shape[0] * 8 > self.memory_budget
         if large and self.cost is squared_euclidean_cost and y1 is None and not self.replace:
-            from otcfm.couplers.blockwise import blockwise_sinkhorn, draw_partners
-
-            blocks = blockwise_sinkhorn(
-                x0, x1, self.epsilon, relative=self.relative, tol=self.tol, max_iter=self.max_iter,
-                anneal=self.anneal, memory_budget=self.memory_budget,
-            )  # fmt: skip
-            self._warn(blocks.converged, blocks.error, blocks.iterations, blocks.epsilon)
-            j = draw_partners(x0, x1, blocks.g, blocks.epsilon, generator, self.memory_budget)
-            return Pairing(torch.arange(x0.shape[0], device=x0.device), j.to(x0.device))
+            return self._pair_blockwise(x0, x1, generator)
         problem = self._float32_problem(x0, x1, y1) if x0.shape[0] * x1.shape[0] >= FLOAT32_MIN_ENTRIES else None
         if problem is not None:
+            held = self._workspace.holds(x0.shape[0], x1.shape[0], x0.device)
+            per_entry = _FLOAT32_BYTES_PER_ENTRY - (8 if held else 0)  # buffers held are already counted as used
+            _check_memory(x0.shape[0], x1.shape[0], per_entry, "sinkhorn (dense, float32)", x0.device)
             with self._workspace.lease(x0.shape[0], x1.shape[0], x0.device) as (cost, kernel):
                 scaled = self._solve_float32(problem, cost, kernel)
                 if math.isfinite(scaled.error):  # else (not seen; a guard) the float64 path below decides
@@ -479,6 +510,29 @@ class SinkhornCoupler(OTCoupler):
         hard = y1 is not None and self.label_weight is None and not y1.is_floating_point()
         self._warn(result.converged, result.error, result.iterations, result.epsilon, hard)
         return pairs_from_plan(result.plan, generator, x0.device, self.replace)
+
+    def _pair_blockwise(self, x0: Tensor, x1: Tensor, generator: torch.Generator | None) -> Pairing:
+        """Pairs from :func:`~otcfm.couplers.blockwise.blockwise_sinkhorn` on both clouds scaled by a power of two
+        (exact; :func:`_unit`) where their squares would under- or overflow, as the dense path rescales its cost:
+        the same pairs at any finite input scale."""
+        from otcfm.couplers.blockwise import blockwise_sinkhorn, draw_partners
+
+        unit = _unit(x0, x1)
+        epsilon = self.epsilon
+        if unit != 0:  # x / 2^unit; an absolute epsilon in the units of the scaled cost
+            x0, x1 = _scaled(x0, -unit), _scaled(x1, -unit)
+            epsilon = epsilon if self.relative else math.ldexp(epsilon, -2 * unit)
+        blocks = blockwise_sinkhorn(
+            x0, x1, epsilon, relative=self.relative, tol=self.tol, max_iter=self.max_iter, anneal=self.anneal,
+            memory_budget=self.memory_budget,
+        )  # fmt: skip
+        try:
+            reported = math.ldexp(blocks.epsilon, 2 * unit)  # back in cost units, for the message
+        except OverflowError:
+            reported = math.inf
+        self._warn(blocks.converged, blocks.error, blocks.iterations, reported)
+        j = draw_partners(x0, x1, blocks.g, blocks.epsilon, generator, self.memory_budget)
+        return Pairing(torch.arange(x0.shape[0], device=x0.device), j.to(x0.device))
 
     def _float32_problem(self, x0: Tensor, x1: Tensor, y1: Tensor | None) -> _Float32Problem | None:
         """The centred clouds, their squared norms and the absolute epsilon, if float32 can hold the problem:
@@ -546,6 +600,25 @@ class SinkhornCoupler(OTCoupler):
         return f"SinkhornCoupler(epsilon={self.epsilon} ({kind}), tol={self.tol}, max_iter={self.max_iter})"
 
 
+#: Clouds whose largest coordinate lies outside ``[2^-_UNIT_RANGE, 2^_UNIT_RANGE]`` are rescaled for the blockwise
+#: path: beyond it float32 squares of their differences may under- or overflow.
+_UNIT_RANGE = 32
+
+
+def _unit(x0: Tensor, x1: Tensor) -> int:
+    """``k`` such that ``x / 2^k`` has its largest coordinate in ``[0.5, 1)``, where the largest coordinate of
+    ``x0, x1`` lies outside ``[2^-_UNIT_RANGE, 2^_UNIT_RANGE]``; else (and for all-zero clouds) 0."""
+    largest = max(float(x0.detach().abs().max()), float(x1.detach().abs().max()))
+    if largest == 0 or 2.0**-_UNIT_RANGE <= largest <= 2.0**_UNIT_RANGE:
+        return 0
+    return math.frexp(largest)[1]
+
+
+def _scaled(x: Tensor, k: int) -> Tensor:
+    """``x * 2^k`` in ``x``'s dtype, computed in float64 (exact: the factor need not exist in ``x``'s dtype)."""
+    return (x.detach().to(torch.float64) * math.ldexp(1.0, k)).to(x.dtype)
+
+
 class _Workspace:
     """Two reusable ``(n0, n1)`` float32 buffers (cost and kernel) for the float32 path of a coupler.
 
@@ -558,6 +631,11 @@ class _Workspace:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._buffers: tuple[Tensor, Tensor] | None = None
+
+    def holds(self, n0: int, n1: int, device: torch.device) -> bool:
+        """Whether buffers for an ``(n0, n1)`` problem on ``device`` are kept (a lease would allocate none)."""
+        held = self._buffers
+        return held is not None and held[0].shape == (n0, n1) and held[0].device == torch.device(device)
 
     @contextmanager
     def lease(self, n0: int, n1: int, device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
