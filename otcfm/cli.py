@@ -599,7 +599,6 @@ def _sample(args: argparse.Namespace) -> int:
 
 def _reflow(args: argparse.Namespace) -> int:
     """``otcfm reflow`` and ``otcfm distill``: pairs from the teacher, then the student's training."""
-    out = _check_out(args.out, args.resume, args.overwrite)
     teacher, config, source = _load(args.teacher, args.model, "--teacher")
     if not _nameable(config.target):  # the W2 table draws reference samples from the teacher's target
         raise ValueError(
@@ -607,6 +606,7 @@ def _reflow(args: argparse.Namespace) -> int:
             f"against it; run it in Python: otcfm.reflow.rectify(teacher, source) or generate_pairs + "
             f"{'train_on_pairs' if args.command == 'reflow' else 'distill'}"
         )
+    out = _check_out(args.out, args.resume, args.overwrite)  # after the checks above: no folder left by them
     started = time.perf_counter()
     pairs = reflow.generate_pairs(
         teacher,
@@ -721,8 +721,9 @@ _RENAMED = {
     "reflow": {"steps": "--train-steps", "n": "--pairs"},
     "distill": {"steps": "--train-steps", "n": "--pairs"},
 }
-#: Names that stay as they are: the network (``model: returned NaN``), not the ``--model`` option.
-_KEPT = ("model", "command", "given")
+#: Names that stay as they are: the network (``model: returned NaN``), not the ``--model`` option; the pair data
+#: (``pairs: x1 contains NaN``), not the ``--pairs`` count that argparse checks.
+_KEPT = ("model", "pairs", "command", "given")
 
 
 def _in_flags(message: str, args: argparse.Namespace) -> str:

@@ -305,5 +305,6 @@ def test_sample_a_run_trained_on_a_tensor_in_python(tmp_path: Path, capsys: pyte
     assert "--png: the run's target, tensor(64, 3), was given in Python" in capsys.readouterr().err
     assert main(["reflow", "--teacher", str(tmp_path / "run"), "--out", str(tmp_path / "rf")]) == 2
     assert "--teacher: its target, tensor(64, 3), was given in Python" in capsys.readouterr().err
+    assert not (tmp_path / "rf").exists()
     assert main(["sample", "--checkpoint", str(tmp_path / "run"), "--out", str(out), "--model", "nope:f"]) == 2
     assert capsys.readouterr().err.startswith("otcfm: error: --model nope:f: ")

@@ -53,6 +53,29 @@ def test_the_probe_covers_every_class_with_enough_cases() -> None:
         "cli",
     ):
         assert groups[group] >= 6, group
+    # the classes of the second probe: plans against their constraints, the semidiscrete coupler, flags and
+    # numbers, pair sets; each with cases of its own
+    for group in (
+        "plan-relaxed",
+        "plan-blockwise",
+        "plan-labels",
+        "plan-memory",
+        "absent-class",
+        "nan-source",
+        "scale",
+        "flag",
+        "numpy-number",
+        "seed",
+        "meta",
+        "data-name",
+        "cli-flag",
+        "chunk",
+        "pairs-shape",
+        "sampler",
+        "teacher-0d",
+        "dtype",
+    ):
+        assert groups[group] >= 3, group
 
 
 #: Cases not yet clear, by id (strict: a case that becomes clear fails here until it is removed from the list).
