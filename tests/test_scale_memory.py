@@ -1,7 +1,14 @@
-"""Exact couplings at every input scale (against scipy on the rescaled problem); memory checks before dense solves."""
+"""Exact couplings at every input scale (against scipy on the rescaled problem); memory checks before dense solves;
+the semidiscrete fit and pairing within their memory budget beside the data.
+
+``python tests/test_scale_memory.py`` measures the semidiscrete peak on 200,000 x 784 float32 data (627 MB) with a
+16 MiB ``memory_budget``: a short fit and 100 pairings in a fresh process.
+"""
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -115,3 +122,82 @@ def test_20000_samples_under_a_memory_limit_raise_memory_error_not_abort() -> No
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "20000x20000 batch needs about 17.9 GiB" in out.stdout
+
+
+#: Runs a short semidiscrete fit and some pairings in a fresh process; prints the resident memory above the
+#: baseline taken once the data exist (the kernel's peak, VmHWM, reset through /proc/self/clear_refs).
+SEMIDISCRETE_PEAK = textwrap.dedent(
+    """
+    import json, sys, warnings
+    import torch
+    torch.set_num_threads(1)
+    from otcfm.couplers import SemidiscreteCoupler
+
+    n, d, budget, steps, pairings, batch = (int(a) for a in sys.argv[1:7])
+    screen = {"auto": None, "on": True, "off": False}[sys.argv[7]]
+
+    def status(key):
+        for line in open("/proc/self/status"):
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+
+    def run(data):
+        coupler = SemidiscreteCoupler(memory_budget=budget, screen=screen)
+        with warnings.catch_warnings(record=True):  # a fit this short is far from its noise floor, and says so
+            warnings.simplefilter("always")
+            coupler.fit("gaussian", data, steps=steps, batch_size=batch, eval_samples=batch,
+                        generator=torch.Generator().manual_seed(0), progress=False)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(pairings):
+            coupler(torch.randn(batch, d, generator=g), data)
+
+    run(torch.randn(300, d, generator=torch.Generator().manual_seed(2)))  # imports, allocator pools: not counted
+    data = torch.randn(n, d, generator=torch.Generator().manual_seed(0))
+    with open("/proc/self/clear_refs", "w") as reset:
+        reset.write("5")
+    baseline = status("VmRSS")
+    run(data)
+    peak = status("VmHWM")
+    print(json.dumps({"data": data.numel() * data.element_size(), "baseline": baseline, "peak": peak,
+                      "above": peak - baseline}))
+    """
+)
+
+
+def semidiscrete_peak(
+    n: int, d: int, budget: int, steps: int, pairings: int, batch: int, screen: str = "auto"
+) -> dict[str, int]:
+    """Bytes: the data's size, the process's resident memory once the data exist, its peak during a
+    ``steps``-step fit and ``pairings`` pairings of ``batch`` samples (``screen``: ``"auto"``, ``"on"``, ``"off"``),
+    and the peak above that baseline. glibc's malloc is told to map every allocation of 1 MiB or more on its own
+    (``MALLOC_MMAP_THRESHOLD_``), so that a freed temporary leaves the resident set instead of staying in the heap:
+    the peak then counts what was alive at once."""
+    args = [str(v) for v in (n, d, budget, steps, pairings, batch, screen)]
+    environment = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**20)}
+    command = [sys.executable, "-c", SEMIDISCRETE_PEAK, *args]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=3000, env=environment)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_semidiscrete_fit_and_pairing_copy_no_part_of_the_data() -> None:
+    """50,000 x 256 float32 points (51 MB), a 1 MiB budget: the fit and the pairings stay below a third of the data
+    above the baseline (a float32 copy of the data, its float64 or bfloat16 copy, or a temporary of its size in the
+    squared norms or the warm start would exceed it; the allowance covers the (N,) vectors and the allocator)."""
+    measured = semidiscrete_peak(50_000, 256, 2**20, steps=2, pairings=3, batch=32)
+    assert measured["above"] <= measured["data"] / 3, measured
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_the_screen_copies_the_data_in_bfloat16_within_the_budget() -> None:
+    """With ``screen=True`` and a 32 MiB budget that holds the screen's bfloat16 copy (26 MB) and its scores: no
+    float32 copy or temporary of the data's size (51 MB) beside it."""
+    measured = semidiscrete_peak(50_000, 256, 32 * 2**20, steps=2, pairings=3, batch=32, screen="on")
+    assert measured["above"] <= 32 * 2**20 + measured["data"] / 3, measured
+
+
+if __name__ == "__main__":
+    found = semidiscrete_peak(200_000, 784, 16 * 2**20, steps=2, pairings=100, batch=64)
+    mib = {key: round(value / 2**20, 1) for key, value in found.items()}
+    print(f"MiB: {mib}; allowed above the baseline: data + 256 = {mib['data'] + 256}")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import pickle
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +16,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import otcfm
-from otcfm.couplers import SemidiscreteCoupler, SemidiscreteFit
+from otcfm.couplers import ConvergenceWarning, SemidiscreteCoupler, SemidiscreteFit
 from otcfm.couplers.semidiscrete import noise_floor
+from otcfm.couplers.shards import SemidiscreteShard
 
 
 def _data(n: int, d: int = 2, seed: int = 0) -> torch.Tensor:
@@ -41,6 +44,7 @@ def test_pairing_is_the_brute_force_argmin(seed: int, n: int, b: int, budget: in
             "kind": "otcfm.semidiscrete-potentials",
             "potentials": torch.randn(n, generator=g, dtype=torch.float64),
             "fingerprint": otcfm.couplers.semidiscrete.fingerprint(data),
+            "unit": 1.0,
             "labels": None,
             "mean_cost": 1.0,
             "epsilon": 0.0,
@@ -365,3 +369,163 @@ def test_scale_benchmark_quick(tmp_path: Path) -> None:
     assert set(measured["semidiscrete:measured"]["quality"]) == {"1", "2", "4", "100"}
     assert scale.main(["--quick", "--tasks", "mixture", "--out", str(tmp_path)]) == 0  # resumes: nothing appended
     assert len(results.read_text().splitlines()) == len(rows)
+
+
+# ---------------------------------------------------------------------------------------------- input scales
+
+#: Input scales whose float32 squares under- or overflow.
+SCALES = [1e-30, 1e-20, 1e20, 1e30]
+#: How far (relative to the largest term of a row's scores) a partner's float64 score may lie below the row's best:
+#: the float32 rounding of the scores.
+ARGMIN_TOLERANCE = 1e-4
+
+
+def _is_argmin(x0: torch.Tensor, data: torch.Tensor, coupler: SemidiscreteCoupler, j: torch.Tensor) -> bool:
+    """Whether ``j`` is ``argmin_k ||x - y_k||^2 - g_k`` in float64 on the problem rescaled by the coupler's unit
+    (``x / u``, ``y / u``, ``g / u^2``), up to :data:`ARGMIN_TOLERANCE`: the row's ``|x|^2`` is left out (common to
+    the row), the scores are ``2 x.y_k - |y_k|^2 + g_k``."""
+    u = coupler.unit
+    x, y, g = x0.double() / u, data.double() / u, coupler.potentials / u**2
+    assert g.dtype == torch.float64 and bool(torch.isfinite(g).all())
+    cross, square = 2 * x @ y.T, (y * y).sum(1)
+    scores = cross - square[None] + g[None]
+    scale = cross.abs().amax(1) + (square + g.abs()).amax()
+    chosen = scores.gather(1, j[:, None])[:, 0]
+    return bool(((scores.amax(1) - chosen) <= ARGMIN_TOLERANCE * scale).all())
+
+
+def _scaled_fit(
+    source_scale: float, data_scale: float, dtype: torch.dtype = torch.float32
+) -> tuple[SemidiscreteCoupler, SemidiscreteFit, torch.Tensor]:
+    data = (torch.randn(32, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * data_scale).to(dtype)
+
+    def source(n: int, generator: torch.Generator | None) -> torch.Tensor:
+        return (torch.randn(n, 2, generator=generator, dtype=torch.float64) * source_scale).to(dtype)
+
+    coupler = SemidiscreteCoupler()
+    report = coupler.fit(
+        source, data, steps=150, batch_size=256, generator=torch.Generator().manual_seed(1), progress=False
+    )
+    return coupler, report, data
+
+
+@pytest.mark.parametrize("scale", SCALES)
+def test_fit_and_pairing_at_extreme_scales_match_the_unit_problem(scale: float) -> None:
+    """Source and data at 1e-30 ... 1e30 (float32 squares under- or overflow): finite potentials, partners the
+    float64 argmin of the rescaled problem, an assignment error as low as at scale 1 (0.169 with these seeds)."""
+    _, at_one, _ = _scaled_fit(1.0, 1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        coupler, report, data = _scaled_fit(scale, scale)
+    assert coupler.unit != 1.0 and report.assignment_error < 2 * report.noise_floor
+    assert report.assignment_error == pytest.approx(at_one.assignment_error, abs=0.05)
+    assert math.isfinite(report.dual) and report.dual == pytest.approx(at_one.dual * scale**2, rel=0.05)
+    x0 = torch.randn(64, 2, generator=torch.Generator().manual_seed(2)) * scale
+    assert _is_argmin(x0, data, coupler, coupler(x0, data).j)
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e30])
+@pytest.mark.parametrize("side", ["source", "data"])
+def test_one_sided_extreme_scale_warns_and_pairs_by_the_argmin(side: str, scale: float) -> None:
+    """Source and data 1e30 apart in scale: the float32 potentials cannot resolve the coupling; the fit says so
+    (ConvergenceWarning) and pairing is still the argmin of the potentials it has."""
+    with pytest.warns(ConvergenceWarning, match="noise floor"):
+        coupler, _, data = _scaled_fit(scale if side == "source" else 1.0, scale if side == "data" else 1.0)
+    x0 = torch.randn(64, 2, generator=torch.Generator().manual_seed(2)) * (scale if side == "source" else 1.0)
+    assert _is_argmin(x0, data, coupler, coupler(x0, data).j)
+
+
+@pytest.mark.parametrize("fitted", [1e-30, 1.0, 1e30])
+def test_batches_far_from_the_fitted_scale_pair_by_the_argmin(fitted: float) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        coupler, _, data = _scaled_fit(fitted, fitted)
+    for scale in (1e-30, 1.0, 1e30):
+        x0 = torch.randn(16, 2, generator=torch.Generator().manual_seed(3)) * scale
+        assert _is_argmin(x0, data, coupler, coupler(x0, data).j), scale
+
+
+def test_magnitudes_no_unit_holds_are_refused() -> None:
+    """float64 data whose costs (or their inverses) float64 cannot hold, or float32 subnormals, are refused naming
+    the target."""
+    for source, target in ((1.0, 1e300), (1e-300, 1e-300)):
+        with pytest.raises(ValueError, match=r"target: magnitudes up to .* cannot be scored in torch.float64"):
+            _scaled_fit(source, target, torch.float64)
+    with pytest.raises(ValueError, match=r"target: .* torch.float32 .* or pass float64 data"):
+        _scaled_fit(1e-42, 1e-40)
+
+
+def test_extreme_scale_potentials_roundtrip_and_shard() -> None:
+    """Potentials in float64 cost units (about 1e60 here) with their unit: saved, loaded, sharded, they pair alike."""
+    coupler, _, data = _scaled_fit(1e30, 1e30)
+    state = coupler.state_dict()
+    assert state["unit"] == coupler.unit and state["potentials"].dtype == torch.float64
+    assert float(coupler.potentials.abs().max()) > 1e50
+    loaded = SemidiscreteCoupler().load_state_dict(state, data)
+    x0 = torch.randn(32, 2, generator=torch.Generator().manual_seed(4)) * 1e30
+    j = coupler(x0, data).j
+    assert torch.equal(loaded(x0, data).j, j)
+    assert torch.equal(SemidiscreteShard.from_coupler(coupler, data).pair(x0)[0], j)
+    with pytest.raises(ValueError, match="unit: at unit=1"):  # cost-unit potentials of 1e60 overflow float32 scores
+        SemidiscreteShard(data, coupler.potentials, 0)
+    with pytest.raises(ValueError, match="state: expected a power of two as the unit"):
+        SemidiscreteCoupler().load_state_dict({**state, "unit": 3.0})
+
+
+# --------------------------------------------------------------------------------- classes, NaN, convergence
+
+
+def test_a_source_class_absent_from_the_data_is_an_error() -> None:
+    data, labels = _data(30), torch.arange(30) % 3
+    coupler = SemidiscreteCoupler()
+    coupler.fit("gaussian", data, steps=20, batch_size=64, y1=labels, generator=torch.Generator().manual_seed(0),
+                eval_samples=300, progress=False)  # fmt: skip
+    x0 = torch.randn(4, 2)
+    with pytest.raises(ValueError, match=r"y0: classes \[5\] have no point in the dataset"):
+        coupler(x0, data, y0=torch.tensor([0, 1, 5, 2]), y1=labels)
+    with pytest.raises(ValueError, match=r"y0: classes \[-1, 7\]"):
+        coupler(x0, data, y0=torch.tensor([7, -1, 7, 0]))
+    assert torch.equal(labels[coupler(x0, data, y0=torch.tensor([2, 1, 0, 2])).j], torch.tensor([2, 1, 0, 2]))
+
+
+def _nan_from(call: int) -> object:
+    """A sampler whose draws hold a NaN from its ``call``-th call on (``as_source`` draws 3 times to probe it)."""
+    calls = {"n": 0}
+
+    def draw(n: int, generator: torch.Generator | None) -> torch.Tensor:
+        calls["n"] += 1
+        x = torch.randn(n, 2, generator=generator)
+        if calls["n"] >= call:
+            x[n - 1, 0] = float("nan")
+        return x
+
+    return draw
+
+
+@pytest.mark.parametrize("call", [4, 5, 9])
+def test_nan_from_the_source_is_an_error(call: int) -> None:
+    """The fit's first draw (the probe), its first step, a later step: each draw is checked, not only a probe."""
+    with pytest.raises(ValueError, match="source: contains NaN or Inf"):
+        SemidiscreteCoupler().fit(_nan_from(call), _data(20), steps=10, batch_size=32, progress=False)
+
+
+@pytest.mark.parametrize("call", [4, 6])
+def test_evaluate_refuses_a_sampler_that_draws_nan(call: int) -> None:
+    data = _data(20)
+    coupler, _ = _fitted(data, steps=20)
+    with pytest.raises(ValueError, match="source: contains NaN or Inf"):
+        coupler.evaluate(_nan_from(call), data, 3000, torch.Generator().manual_seed(0))
+
+
+def test_a_fit_far_from_its_noise_floor_warns() -> None:
+    """Two clusters 200 apart: the affine warm start sends the source between them, and one step cannot fix it; a
+    converged fit does not warn."""
+    g = torch.Generator().manual_seed(7)
+    data = torch.cat([torch.randn(20, 2, generator=g) + torch.tensor([-40.0, 200.0]), torch.randn(20, 2, generator=g)])
+    with pytest.warns(ConvergenceWarning, match=r"assignment error 0\.\d+ after 1 steps, .* noise floor"):
+        report = SemidiscreteCoupler().fit("gaussian", data, steps=1, batch_size=64, progress=False)
+    assert report.assignment_error > 3 * report.noise_floor
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        _, report = _fitted(_data(200), steps=300)
+    assert report.assignment_error < 2 * report.noise_floor

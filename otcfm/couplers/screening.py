@@ -11,7 +11,8 @@ significant bits. The screen makes it exact anyway:
    ``v_j = t_j + K`` lies in ``[0.047 K, 2K]``.
 2. Compute ``v_j`` in one bfloat16 product of ``[x, 1, K]`` and ``[z_j, c_j, 1]`` (float32 accumulation, a
    bfloat16 result), each row divided by a power of two near its ``K`` and ``z`` by one near ``max |z_j|``
-   (exact scalings, so every product is below 2 in magnitude whatever the data's scale). Its error in each
+   (exact scalings, so every product is below 2 in magnitude whatever the data's scale; ``max |z_j|`` itself is
+   found from ``z`` over a power of two, so its squares neither over- nor underflow). Its error in each
    entry is at most ``E = K (2u + u^2 + 2 (1 + u)^2 (gamma + u (1 + gamma)))``, with ``u = 2^-8`` the unit
    roundoff of bfloat16 (the rounding of the inputs and of the result) and ``gamma = (D + 2) 2^-24 /
    (1 - (D + 2) 2^-24)`` the float32 accumulation's; the rounding of ``K`` itself shifts a whole row alike and
@@ -41,7 +42,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["MAX_DIM", "Screen", "fast_bfloat16"]
+__all__ = ["MAX_DIM", "Screen", "fast_bfloat16", "padded_rows"]
 
 _U = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits)
 _BLOCK = 128  # columns per block of the screened row maximum
@@ -70,6 +71,11 @@ def _cpu_has_bfloat16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def padded_rows(n: int) -> int:
+    """Rows of the screen's bfloat16 copy of ``n`` data points: whole blocks of 128."""
+    return math.ceil(n / _BLOCK) * _BLOCK
+
+
 def _error_factor(dim: int) -> float:
     """``E / K`` of the module docstring for products of length ``dim + 2``, with a 1% margin."""
     terms = (dim + 2) * 2.0**-24
@@ -82,7 +88,8 @@ class Screen:
 
     Args:
         data: ``(N, D)`` float32 dataset.
-        memory_budget: bytes for the float32 rescoring of the candidates at once.
+        memory_budget: bytes for the float32 rescoring of the candidates at once, and for a block of rows while
+            the copy is made (the dataset itself is never copied in float32).
 
     Attributes:
         calls, fallbacks: calls of :meth:`argmax`, and those that returned None (for the curious: whether to
@@ -98,46 +105,56 @@ class Screen:
         _check_accumulation(data.device)
         n, d = data.shape
         self.data, self.blocks, self.memory_budget = data, math.ceil(n / _BLOCK), memory_budget
-        self.square = (data * data).sum(1)
-        centred = data - data.mean(0)
-        self.radius = centred.norm(dim=1).max()  # R = max_j |z_j|
-        exponent = int(torch.frexp(self.radius).exponent) if bool(self.radius > 0) else 0
-        self.unit = 2.0**exponent  # z is stored as z / unit (a power of two: exact), of norm below 1
+        rows = max(_BLOCK, memory_budget // (32 * d))  # a float32 block of centred rows at a time: budget / 8
+        mean = data.mean(0)
+        # R = max_j |z_j|, as unit * radius with unit a power of two and radius in [0.5, 1): the norms are taken of
+        # z over a power of two near max |z_jk|, so that they neither over- nor underflow at any scale of the data
+        top = max(float((data[start : start + rows] - mean).abs().amax()) for start in range(0, n, rows))
+        shift = math.frexp(top)[1] if 0 < top < math.inf else 0
+        radius = 0.0
+        for start in range(0, n, rows):
+            z = (data[start : start + rows] - mean).mul_(2.0**-shift)
+            radius = max(radius, float(z.norm(dim=1).amax()))
+        mantissa, exponent = math.frexp(radius) if 0 < radius < math.inf else (0.0, 0)
+        self.radius = mantissa  # R / unit
+        self.unit = 2.0 ** (exponent + shift)  # z is stored as z / unit (a power of two: exact), of norm below 1
         self.right = torch.zeros(self.blocks * _BLOCK, d + 2, dtype=torch.bfloat16, device=data.device)
-        self.right[:n, :d] = (centred / self.unit).to(torch.bfloat16)
+        for start in range(0, n, rows):
+            stop = min(start + rows, n)
+            self.right[start:stop, :d] = (data[start:stop] - mean).div_(self.unit)  # rounded to bfloat16 here
         self.factor = _error_factor(d)
         self.calls = self.fallbacks = 0
         self._lock = threading.Lock()  # self.right's last two columns are rewritten when the potentials change
         self._prepared: tuple[weakref.ref[Tensor], int, Tensor, Tensor] | None = None
 
-    def _prepare(self, g: Tensor) -> tuple[Tensor, Tensor]:
-        """Write ``[c_j, 1]`` for potentials ``g`` into the last two columns of :attr:`right` (under the lock);
-        return ``h: (N,)`` and ``max_j |c_j|``. Kept while ``g`` is the same tensor object, unchanged by
+    def _prepare(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        """Write ``[c_j, 1]`` for score offsets ``h`` into the last two columns of :attr:`right` (under the lock);
+        return ``h: (N,)`` in float32 and ``max_j |c_j|``. Kept while ``h`` is the same tensor object, unchanged by
         in-place ops (fixed potentials while training); a temporary copy, an inference tensor, or a new
         tensor at a freed one's address is prepared afresh. Writes that bypass torch's version counter
-        (``g.data``, a NumPy view) are not seen: assign new potentials instead."""
-        version = None if g.is_inference() else g._version  # read first: an update racing this call re-prepares
+        (``h.data``, a NumPy view) are not seen: pass a new tensor instead."""
+        version = None if h.is_inference() else h._version  # read first: an update racing this call re-prepares
         prepared = self._prepared
-        if version is not None and prepared is not None and prepared[0]() is g and prepared[1] == version:
+        if version is not None and prepared is not None and prepared[0]() is h and prepared[1] == version:
             return prepared[2], prepared[3]
-        n = self.data.shape[0]
-        h = g.to(self.square) - self.square
+        n, original = self.data.shape[0], h
+        h = h.to(self.data.dtype)
         low, high = torch.aminmax(h)
         c = (h - (low + high) / 2) / 2  # c_j: centred on the midrange, so max |c_j| is least
         self.right[:n, -2], self.right[:n, -1] = c.to(torch.bfloat16), 1.0
         self.right[n:, -2], self.right[n:, -1] = -1.0, 0.0  # padded points: v < 0, below every real entry
         reach = c.abs().amax()
-        self._prepared = None if version is None else (weakref.ref(g), version, h, reach)
+        self._prepared = None if version is None else (weakref.ref(original), version, h, reach)
         return h, reach
 
-    def argmax(self, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor] | None:
-        """``argmax_j 2 x.y_j + g_j - |y_j|^2`` of each row of ``x: (B, D)`` and that maximum, both ``(B,)``;
-        None when the screen cannot decide cheaply (too many candidates, or rows too large or too small for
-        the bound): the caller then scores in float32.
+    def argmax(self, x: Tensor, h: Tensor) -> tuple[Tensor, Tensor] | None:
+        """``argmax_j 2 x.y_j + h_j`` of each row of ``x: (B, D)`` and that maximum, both ``(B,)``; None when the
+        screen cannot decide cheaply (too many candidates, or rows too large or too small for the bound): the
+        caller then scores in float32.
 
         Args:
             x: ``(B, D)`` float32 source samples.
-            g: ``(N,)`` potentials.
+            h: ``(N,)`` score offsets ``g_j - |y_j|^2`` (potentials ``g``).
         """
         _check_accumulation(x.device)
         n, b = self.data.shape[0], x.shape[0]
@@ -145,15 +162,16 @@ class Screen:
         # then divided by a power of two s near K (exact), so every product is below 2 and the bound is scale-free.
         with self._lock:
             self.calls += 1
-            h, reach = self._prepare(g)
-            bound = (x.norm(dim=1) * self.radius + reach) * 1.05
+            h, reach = self._prepare(h)
+            moved = x * self.unit  # the products x.z_j are (x unit).(z_j / unit)
+            bound = (_norms(moved) * self.radius + reach) * 1.05
             smallest, largest = (float(v) for v in torch.aminmax(bound))
             if not (_SMALLEST <= smallest and largest <= _LARGEST):  # NaN fails too
                 self.fallbacks += 1
                 return None
             scale = torch.ldexp(torch.ones_like(bound), -torch.frexp(bound).exponent)[:, None]  # 1 / s
             ones = torch.ones(b, 1, dtype=x.dtype, device=x.device)
-            left = torch.cat([x * self.unit, ones, bound[:, None]], dim=1).mul_(scale)
+            left = torch.cat([moved, ones, bound[:, None]], dim=1).mul_(scale)
             screened = (left.to(torch.bfloat16) @ self.right.T).view(b * self.blocks, _BLOCK)
         block_max = screened.view(torch.int16).amax(dim=1).view(torch.bfloat16).float().view(b, self.blocks)
         window = 2 * (self.factor * bound * scale[:, 0] + (x.shape[1] + 2) * 2.0**-124)  # 2E, in units of s
@@ -184,6 +202,17 @@ class Screen:
             products = x.index_select(0, r) * self.data.index_select(0, c)
             parts.append(2 * products.sum(1) + h.index_select(0, c))
         return torch.cat(parts) if len(parts) != 1 else parts[0]
+
+
+def _norms(x: Tensor) -> Tensor:
+    """``|x_i|`` of each row of ``x: (B, D)``, taken over a power of two near ``max |x|`` so that the squares neither
+    over- nor underflow (inf or 0 only where the norm itself is beyond the dtype)."""
+    top = float(x.abs().amax())
+    if not 0 < top < math.inf:
+        return x.norm(dim=1)
+    exponent = math.frexp(top)[1]
+    half = exponent // 2
+    return (x * 2.0**-half * 2.0 ** (half - exponent)).norm(dim=1) * 2.0**half * 2.0 ** (exponent - half)
 
 
 def _check_accumulation(device: torch.device) -> None:

@@ -23,8 +23,17 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from otcfm._checks import check_finite
-from otcfm.couplers.semidiscrete import SemidiscreteCoupler, _flat, _partners_and_scores
+from otcfm._checks import all_finite, check_finite
+from otcfm.couplers.semidiscrete import (
+    SemidiscreteCoupler,
+    _check_unit,
+    _exponent,
+    _flat,
+    _partners_and_scores,
+    _scaled_batch,
+    _squared_norms,
+    _times_power_of_two,
+)
 
 __all__ = ["SemidiscreteShard"]
 
@@ -37,8 +46,10 @@ class SemidiscreteShard:
         potentials: their fitted potentials ``g``, ``(N_r,)``, in cost units.
         offset: index of ``data[0]`` in the whole dataset.
         epsilon: absolute entropic regularisation (``coupler.absolute_epsilon()``); 0 for the hard assignment.
-        memory_budget: bytes for one block of scores.
+        memory_budget: bytes for one block of scores (and of rows while the squared norms are summed).
         group: process group; the default group when None (a single process without one).
+        unit: the power of two the scores are computed in units of (``coupler.unit``, see
+            :class:`SemidiscreteCoupler`); the same on every rank.
 
     Every rank of ``group`` must call :meth:`pair` together, with batches of the same shape.
     Use :meth:`from_coupler` to cut the shards from a fitted :class:`SemidiscreteCoupler`.
@@ -52,6 +63,7 @@ class SemidiscreteShard:
         epsilon: float = 0.0,
         memory_budget: int = 2**28,
         group: dist.ProcessGroup | None = None,
+        unit: float = 1.0,
     ) -> None:
         if not isinstance(data, Tensor) or data.ndim < 2 or data.shape[0] == 0 or not data.is_floating_point():
             raise ValueError(f"data: expected a non-empty floating-point tensor (N_r, ...), got {_shape(data)}")
@@ -62,10 +74,19 @@ class SemidiscreteShard:
         if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not 0 <= epsilon < math.inf:
             raise ValueError(f"epsilon: expected a finite number >= 0, got {epsilon!r}")
         self.data = check_finite(data, "data")
-        self.potentials = check_finite(potentials.to(device=data.device, dtype=data.dtype), "potentials")
+        self.unit = _check_unit(unit, "unit")
+        self.potentials = check_finite(potentials.to(device=data.device, dtype=torch.float64), "potentials")
         self.offset, self.epsilon, self.memory_budget, self.group = offset, float(epsilon), memory_budget, group
         flat = _flat(self.data)
-        self._square = (flat * flat).sum(1)
+        rows = max(1, memory_budget // (32 * flat.shape[1]))
+        square = _squared_norms(flat, self.unit, rows)  # |y / unit|^2
+        scaled = _times_power_of_two(self.potentials, -2 * _exponent(self.unit)).to(data.dtype)
+        self._offsets = scaled - square  # the score offsets g_j / unit^2 - |y_j / unit|^2
+        if not all_finite(self._offsets):
+            raise ValueError(
+                f"unit: at unit={self.unit:g}, the potentials over unit^2 or the squared norms of the data over unit^2 "
+                f"overflow {data.dtype}; pass the coupler's unit (SemidiscreteShard.from_coupler does)"
+            )
 
     @classmethod
     def from_coupler(
@@ -86,7 +107,7 @@ class SemidiscreteShard:
         assert coupler.potentials is not None
         return cls(
             data[start:stop], coupler.potentials[start:stop], start, coupler.absolute_epsilon(),
-            coupler.memory_budget, group,
+            coupler.memory_budget, group, coupler.unit,
         )  # fmt: skip
 
     def pair(self, x0: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
@@ -123,9 +144,10 @@ class SemidiscreteShard:
             base = int(torch.randint(2**62, (1,), generator=generator))
             noise = torch.Generator(device=self.data.device).manual_seed(stream_seed(base, "shard", rank))
         chunk = max(1, self.memory_budget // (8 * sources.shape[0]))
-        local, best = _partners_and_scores(
-            sources, _flat(self.data), self.potentials, self.epsilon, chunk, None, None, noise, self._square
-        )
+        scaled, factor = _scaled_batch(sources, self.unit, "x0")  # the same factor on every rank: the same sources
+        offsets = self._offsets if factor == 1.0 else self._offsets * factor
+        epsilon = self.epsilon * factor / self.unit**2
+        local, best = _partners_and_scores(scaled, _flat(self.data), offsets, epsilon, chunk, None, None, noise)
         winner = best.clone()
         index = local + self.offset
         if size > 1:
