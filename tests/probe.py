@@ -703,6 +703,7 @@ def report(cases: list[Case]) -> dict[str, Counter]:
 
 
 if __name__ == "__main__":
+    sys.modules.setdefault("probe", sys.modules[__name__])  # the case modules' `from probe import ...` is this one
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         cases = all_cases(Path(tmp))
