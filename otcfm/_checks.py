@@ -52,6 +52,7 @@ __all__ = [
     "check_finite",
     "check_pair",
     "check_time",
+    "check_dtype_fits",
     "explain_dtype",
     "first_nonfinite",
     "floating_dtype",
@@ -210,10 +211,15 @@ def floating_dtype(model: object) -> torch.dtype | None:
 def explain_dtype(model: object, x: Tensor, name: str) -> None:
     """After ``model(x, ...)`` raised: raise a ``ValueError`` naming ``name`` and both dtypes if ``x``'s dtype is not
     that of ``model``'s parameters (torch's own message says ``mat1 and mat2 must have the same dtype``)."""
-    dtype = floating_dtype(model)
+    check_dtype_fits(x, floating_dtype(model), name)
+
+
+def check_dtype_fits(x: Tensor, dtype: torch.dtype | None, name: str, noun: str = "samples") -> None:
+    """Raise a ``ValueError`` naming ``name`` and both dtypes if ``x`` is not of ``dtype``, the dtype of a model's
+    parameters (None: no check); ``noun`` is what the message calls ``x`` (``"samples"``, ``"pairs"``)."""
     if dtype is not None and x.dtype != dtype:
         raise ValueError(
-            f"{name}: {x.dtype} samples for a model whose parameters are {dtype}; cast the samples "
+            f"{name}: {x.dtype} {noun} for a model whose parameters are {dtype}; cast the {noun} "
             f"(x.to({dtype})) or the model (model.to({x.dtype}))"
         )
 

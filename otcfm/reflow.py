@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from otcfm import checkpoint as ckpt
 from otcfm import distributed
 from otcfm._args import check_count, check_flag, check_seed
-from otcfm._checks import all_finite, check_choice, floating_dtype, host_reads_free
+from otcfm._checks import all_finite, check_choice, check_dtype_fits, floating_dtype, host_reads_free
 from otcfm._describe import describe
 from otcfm._random import keeps_global_rng
 from otcfm.data import Sampler
@@ -524,15 +524,6 @@ def distill(
     return _fit(model, pairs, one_step_loss, steps, batch_size, lr, seed, progress, "distill", run, {"loss": loss})
 
 
-def _check_dtype(x: Tensor, model_dtype: torch.dtype | None) -> None:
-    """Pairs of ``x``'s dtype must suit a model whose floating parameters are ``model_dtype`` (None: no check)."""
-    if model_dtype is not None and x.dtype != model_dtype:
-        raise ValueError(
-            f"pairs: {x.dtype} pairs for a model whose parameters are {model_dtype}; cast the pairs "
-            f"(x.to({model_dtype})) or the model (model.to({x.dtype}))"
-        )
-
-
 def _check_drawn_finite(x0: Tensor, x1: Tensor) -> None:
     """Raise naming ``pairs`` if ``x0`` or ``x1`` holds NaN or Inf (a read on the host)."""
     for name, x in (("x0", x0), ("x1", x1)):
@@ -571,7 +562,7 @@ def _fit(
             f"got {type(pairs).__name__}"
         )
     if isinstance(pairs, PairSet):  # checked once, whole; a callable's draws at every step (their metadata)
-        _check_dtype(pairs.x0, model_dtype)
+        check_dtype_fits(pairs.x0, model_dtype, "pairs", "pairs")
         _check_drawn_finite(pairs.x0, pairs.x1)
     device = run.device if run.device is not None else next(iter(model.parameters()), torch.empty(0)).device
     schedule = Schedule(
@@ -609,7 +600,7 @@ def _fit(
                     f"pairs: expected f(n, generator) to return a tuple (x0, x1) of tensors, got {type(drawn).__name__}"
                 )
             _check_pair_tensors(*drawn, "pairs: x0", "pairs: x1", rows=batch_size)
-            _check_dtype(drawn[0], model_dtype)
+            check_dtype_fits(drawn[0], model_dtype, "pairs", "pairs")
         x0, x1 = drawn
         return loss(net, x0.to(target_device), x1.to(target_device), generator)
 
