@@ -214,6 +214,23 @@ def explain_dtype(model: object, x: Tensor, name: str) -> None:
     check_dtype_fits(x, floating_dtype(model), name)
 
 
+def explain_time_first(model: object, x: Tensor, t: Tensor, y: Tensor | None = None) -> None:
+    """After ``model(x, t)`` failed or returned another shape: raise a ``ValueError`` saying so if ``model(t, x)``
+    works (the time-first convention of TorchCFM's UNet and torchdyn's fields), with the one-line adapter."""
+    if not callable(model):
+        return
+    try:
+        with torch.no_grad():
+            v = model(t, x) if y is None else model(t, x, y)
+    except Exception:  # not a time-first model either: the caller's own error stands
+        return
+    if isinstance(v, Tensor) and v.shape == x.shape:
+        raise ValueError(
+            "model: it takes the time first, model(t, x), as TorchCFM's UNet and torchdyn's vector fields do; otcfm "
+            "calls model(x, t): wrap it, model = otcfm.models.time_first(model)"
+        )
+
+
 def check_dtype_fits(x: Tensor, dtype: torch.dtype | None, name: str, noun: str = "samples") -> None:
     """Raise a ``ValueError`` naming ``name`` and both dtypes if ``x`` is not of ``dtype``, the dtype of a model's
     parameters (None: no check); ``noun`` is what the message calls ``x`` (``"samples"``, ``"pairs"``)."""

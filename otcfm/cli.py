@@ -17,7 +17,7 @@ from typing import Any, NoReturn
 import numpy as np
 import torch
 
-from otcfm import __version__, distributed, metrics, reflow
+from otcfm import __version__, distributed, reflow, report
 from otcfm import checkpoint as ckpt
 from otcfm._args import check_seed
 from otcfm.couplers import COUPLERS
@@ -25,13 +25,15 @@ from otcfm.data import DATASETS
 from otcfm.data.sources import FILE_SUFFIXES, DataSource, as_source
 from otcfm.engine import CHECKPOINT_NAME, LR_SCHEDULES
 from otcfm.paths import PATHS
-from otcfm.solvers import METHODS, integrate, solve
+from otcfm.plotting import is_image_shape
+from otcfm.solvers import METHODS, solve
 from otcfm.timesteps import TIME_SAMPLERS
 from otcfm.training import SEMIDISCRETE_FIT_NAME, TrainConfig, build_model, load_model, train
 
 __all__ = ["main", "run"]
 
-EVAL_STEPS = (1, 2, 4, 8, 100)
+#: Models otcfm builds itself (``--model``); a checkpoint rebuilds them from its own record.
+BUILT_IN_MODELS = ("mlp", "unet")
 #: Named datasets that take a ``dim`` option (``--dim``).
 DIM_DATASETS = ("gaussian", "mixture")
 
@@ -75,6 +77,16 @@ def _decay(text: str) -> float:
         value = float("nan")
     if not 0.0 <= value < 1.0:
         raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
     return value
 
 
@@ -142,13 +154,28 @@ def _add_common(parser: argparse.ArgumentParser, steps_flag: str, steps_default:
         help="continue the run in OUT (train: options not given take the run's own settings)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace a run already in OUT")
-    parser.add_argument("--eval-n", type=_positive_int, default=2000, help="samples per draw in the W2 table")
+    parser.add_argument(
+        "--warmup-steps", type=_count, default=0, help="linear learning-rate warm-up over the first steps (0: none)"
+    )
+    parser.add_argument(
+        "--eval-n",
+        type=_positive_int,
+        default=2000,
+        help="samples per draw in the W2 table (image data: at most the held-out rows)",
+    )
     parser.add_argument("--eval-draws", type=_positive_int, default=3, help="draws averaged in the W2 table")
+    parser.add_argument(
+        "--eval-guidance",
+        type=float,
+        default=2.0,
+        help="guidance weight whose accuracy the table of a class-conditional image run reports (beside 0 and 1)",
+    )
     parser.add_argument(
         "--model",
         default=None,
-        help="'package.module:factory' building the model (default: the built-in MLP); reflow and distill need it "
-        "again for a teacher made by a factory, since otcfm never imports code named in a file",
+        help="mlp, unet (the built-in UNet, for images (C, H, W)), or 'package.module:factory' building the model "
+        "(default: mlp); reflow and distill need a factory again for a teacher made by one, since otcfm never "
+        "imports code named in a file",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -221,7 +248,21 @@ def _parser(train_defaults: dict[str, Any] | None = None) -> argparse.ArgumentPa
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="a keyword of the --model factory, repeatable",
+        help="a model option, repeatable: preset=cifar10, base_channels=64 for --model unet; a keyword of a "
+        "--model factory",
+    )
+    tr.add_argument(
+        "--conditional",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="train a class-conditional model(x, t, y) on the target's labels (auto: with --model unet on labelled "
+        "data such as digits or mnist)",
+    )
+    tr.add_argument(
+        "--label-dropout",
+        type=float,
+        default=None,
+        help="fraction of labels replaced by 'no class' for classifier-free guidance (default: 0.1 when conditional)",
     )
     tr.add_argument("--hidden", type=_positive_int, default=defaults.hidden, help="MLP width")
     tr.add_argument("--depth", type=_positive_int, default=defaults.depth, help="MLP hidden layers")
@@ -260,7 +301,13 @@ def _parser(train_defaults: dict[str, Any] | None = None) -> argparse.ArgumentPa
         else:
             rf.add_argument("--loss", default="l2", choices=["l2", "pseudo_huber"], help="distillation loss")
 
-    sa = commands.add_parser("sample", help="sample from a checkpoint", formatter_class=_Formatter)
+    sa = commands.add_parser(
+        "sample",
+        help="sample from a checkpoint",
+        description="Draw --n samples from a trained run (train, reflow or distill) by solving its flow from the "
+        "run's source; with --class, samples of one class of a class-conditional run, guided by --guidance.",
+        formatter_class=_Formatter,
+    )
     sa.add_argument("--checkpoint", required=True, help="checkpoint.pt or its run directory")
     sa.add_argument("--n", type=_positive_int, default=2000, help="number of samples")
     sa.add_argument("--steps", type=_positive_int, default=100, help="solver steps")
@@ -276,80 +323,29 @@ def _parser(train_defaults: dict[str, Any] | None = None) -> argparse.ArgumentPa
         required=True,
         help="output file of the (n, ...) samples: .npy for numpy (np.load), else torch (torch.load)",
     )
-    sa.add_argument("--png", help="also save a PNG of trajectories and samples (default: no figure)")
+    sa.add_argument(
+        "--class",
+        dest="label",
+        type=_count,
+        default=None,
+        help="sample this class from a class-conditional run (default: unconditional samples)",
+    )
+    sa.add_argument(
+        "--guidance",
+        type=float,
+        default=1.0,
+        help="classifier-free guidance weight with --class: 1 plain conditional, 0 unconditional, >1 stronger",
+    )
+    sa.add_argument(
+        "--png",
+        help="also save a PNG: a grid of the samples for image data, else trajectories and samples (default: none)",
+    )
     return parser
 
 
-def _data(config: TrainConfig) -> tuple[DataSource, DataSource]:
-    """The config's source and target (names or files, as recorded by ``otcfm train``)."""
-    target = as_source(config.target, "target", config.target_options)
-    return as_source(config.source, "source", config.source_options, like=target), target
-
-
-def _evaluate(
-    model: torch.nn.Module, config: TrainConfig, n: int, draws: int, out: Path, stage: str = "", plot_steps: int = 100
-) -> dict[str, Any]:
-    """W2 vs Euler steps over `draws` held-out draws (mean and std), a reference floor, and the PNG.
-
-    For a finite dataset (a file) the reference samples are drawn from the training data itself.
-    """
-    source, target = _data(config)
-    held_out = torch.Generator().manual_seed(config.seed + 1_000_003)
-    per_draw: dict[int, list[float]] = {k: [] for k in EVAL_STEPS}
-    floors = []
-    for _ in range(draws):
-        x0 = source(n, held_out)
-        reference = target(n, held_out)
-        floors.append(metrics.w2(target(n, held_out), reference))
-        for k, value in metrics.w2_by_steps(model, x0, reference, EVAL_STEPS, "euler").items():
-            per_draw[k].append(value)
-    trajectory = integrate(model, x0, plot_steps, "euler", return_trajectory=True)
-    from otcfm.plotting import plot_flow
-
-    title = f"{config.source} -> {config.target}, {_describe(config, stage)}"
-    png = plot_flow(trajectory, reference, out / "samples.png", title=title)
-    return {
-        "n": n,
-        "draws": draws,
-        "method": "euler",
-        "w2": {str(k): _mean_std(v) for k, v in per_draw.items()},
-        "w2_floor": _mean_std(floors),
-        "reference": "training rows" if target.rows is not None else "held-out draws",
-        "png": str(png),
-    }
-
-
-def _describe(config: TrainConfig, stage: str) -> str:
-    """``coupler=..., path=...`` of a run, or what a Reflow stage trained on."""
-    if stage == "reflow":
-        return f"2-rectified flow on the pairs of a coupler={config.coupler} teacher"
-    if stage == "distill":
-        return f"one-step generator distilled from a coupler={config.coupler} teacher"
-    return f"coupler={config.coupler}, path={config.path}"
-
-
-def _mean_std(values: list[float]) -> dict[str, float]:
-    tensor = torch.tensor(values, dtype=torch.float64)
-    std = float(tensor.std()) if len(values) > 1 else 0.0
-    return {"mean": float(tensor.mean()), "std": std}
-
-
-#: How the W2 table names its reference samples (``w2.json``'s "reference").
-_REFERENCE = {"training rows": "reference samples drawn from the training data", "held-out draws": "held-out samples"}
-
-
-def _print_table(result: dict[str, Any], config: TrainConfig, stage: str = "") -> None:
-    reference = _REFERENCE.get(result.get("reference"), "held-out samples")
-    print(
-        f"W2 vs Euler steps: {config.source} -> {config.target}, {_describe(config, stage)}, "
-        f"n={result['n']} {reference}, mean +- std over {result['draws']} draw{'s' if result['draws'] != 1 else ''}"
-    )
-    print("| Euler steps | W2 |")
-    print("|---:|---:|")
-    for k, v in result["w2"].items():
-        print(f"| {k} | {v['mean']:.3f} +- {v['std']:.3f} |")
-    floor = result["w2_floor"]
-    print(f"(W2 between two independent target samples of the same size: {floor['mean']:.3f} +- {floor['std']:.3f})")
+def _table_name(evaluation: dict[str, Any]) -> str:
+    """``w2.json`` for the W2 table, ``fd.json`` for the table of image data."""
+    return "w2.json" if evaluation.get("metric") == "w2" else "fd.json"
 
 
 def _check_out(out: str, resume: bool, overwrite: bool) -> Path:
@@ -404,6 +400,9 @@ def _config(args: argparse.Namespace) -> TrainConfig:
         checkpoint_every=args.checkpoint_every,
         global_coupling=args.global_coupling,
         pool_size=args.pool_size,
+        warmup_steps=args.warmup_steps,
+        conditional={"auto": None, "on": True, "off": False}[args.conditional],
+        label_dropout=args.label_dropout,
     )
 
 
@@ -455,7 +454,7 @@ def _with_run_settings(config: TrainConfig, out: Path, given: set[str], dim: int
             f"--resume: the run in {out} was made in Python with a model object ({recorded_model[7:]}); resume it "
             "there: otcfm.train(model=..., out=..., resume=True)"
         )
-    if "model" not in given and recorded_model != "mlp":
+    if "model" not in given and recorded_model not in BUILT_IN_MODELS:
         raise ValueError(
             f"--model: the run in {out} was made with --model {recorded_model}; give it again "
             "(otcfm never imports code named in a file)"
@@ -467,7 +466,9 @@ def _with_run_settings(config: TrainConfig, out: Path, given: set[str], dim: int
         and field.name not in _NOT_FROM_CHECKPOINT
         and _FIELD_OPTIONS.get(field.name, field.name) not in given
     }
-    if config.model == recorded_model and "model_option" not in given:
+    if "model" not in given and recorded_model in BUILT_IN_MODELS:
+        taken["model"] = recorded_model
+    if taken.get("model", config.model) == recorded_model and "model_option" not in given:
         taken["model_options"] = saved.get("model_options", {})
     for side in ("source", "target"):
         data = taken.get(side, getattr(config, side))
@@ -503,10 +504,12 @@ def _train(args: argparse.Namespace) -> int:
         f"trained {done} steps{resumed} in {seconds:.1f} s ({len(result.losses)} in all); "
         f"checkpoint: {out / CHECKPOINT_NAME}"
     )
-    evaluation = _evaluate(result.sampling_model.cpu(), result.config, args.eval_n, args.eval_draws, out)
+    evaluation = report.evaluate(
+        result.sampling_model.cpu(), result.config, args.eval_n, args.eval_draws, out, guidance=args.eval_guidance
+    )
     evaluation["train_seconds"] = seconds
-    (out / "w2.json").write_text(json.dumps(evaluation, indent=2))
-    _print_table(evaluation, result.config)
+    (out / _table_name(evaluation)).write_text(json.dumps(evaluation, indent=2))
+    report.print_table(evaluation, result.config)
     print(f"figure: {evaluation['png']}")
     return 0
 
@@ -518,12 +521,12 @@ def _load(checkpoint: str, factory: str | None, argument: str) -> tuple[torch.nn
     state = ckpt.load(path / CHECKPOINT_NAME if path.is_dir() else path, argument)
     saved = state.get("config") if isinstance(state, dict) else None
     model = None
-    if isinstance(saved, dict) and saved.get("model", "mlp") != "mlp" and factory is None:
+    if isinstance(saved, dict) and saved.get("model", "mlp") not in BUILT_IN_MODELS and factory is None:
         raise ValueError(
             f"{argument}: the model of {checkpoint!r} was built by {saved['model']!r}; pass --model with the factory "
             "that builds it (otcfm never imports code named in a file)"
         )
-    if isinstance(saved, dict) and factory is not None:
+    if isinstance(saved, dict) and factory is not None and factory not in BUILT_IN_MODELS:
         options = saved.get("model_options", {}) if saved.get("model") == factory else {}
         try:
             model = build_model(TrainConfig(model=factory, model_options=options, seed=saved.get("seed", 0)))
@@ -542,15 +545,15 @@ def _load(checkpoint: str, factory: str | None, argument: str) -> tuple[torch.nn
 
 
 def _nameable(spec: str) -> bool:
-    """Whether a recorded source or target can be drawn from again: a dataset name or a file."""
-    return spec in DATASETS or spec.endswith(FILE_SUFFIXES)
+    """Whether a recorded source or target can be drawn from again: a dataset name, a file or a folder of images."""
+    return spec in DATASETS or spec.endswith(FILE_SUFFIXES) or (os.path.isabs(spec) and Path(spec).is_dir())
 
 
 def _recorded_source(config: TrainConfig, run: dict[str, Any], argument: str) -> DataSource:
     """The source of a run, also of one whose target was an object given in Python (a tensor, a sampler): a
     Gaussian source takes the sample shape its recorded fingerprint holds (``gaussian:{}:shape=(1, 28, 28)``)."""
     if _nameable(config.target):
-        return _data(config)[0]
+        return report.data_of(config)[0]
     if not _nameable(config.source):
         raise ValueError(
             f"{argument}: the run drew its source from {config.source}, an object given in Python; sample it there "
@@ -571,13 +574,18 @@ def _sample(args: argparse.Namespace) -> int:
         if value is not None and (value.is_dir() or (value.parent.exists() and not value.parent.is_dir())):
             raise ValueError(f"{name}: cannot write a file at {str(value)!r}")
     model, config, source = _load(args.checkpoint, args.model, "--checkpoint")
-    if args.png and not _nameable(config.target):
+    images = is_image_shape(source.shape)
+    if args.png and not images and not _nameable(config.target):
         raise ValueError(
             f"--png: the run's target, {config.target}, was given in Python; there is no reference to draw beside "
             "the samples (leave --png out, or plot them with otcfm.plotting.plot_flow)"
         )
+    if args.label is not None and not config.conditional:
+        raise ValueError(f"--class: the run in {args.checkpoint} is not class-conditional (trained without labels)")
+    if args.guidance != 1.0 and args.label is None:
+        raise ValueError("--guidance: needs --class (guidance steers towards a class)")
     x0 = source(args.n, torch.Generator().manual_seed(args.seed))
-    solution = solve(model, x0, args.steps, args.method, return_trajectory=True)
+    solution = solve(model, x0, args.steps, args.method, return_trajectory=True, y=args.label, guidance=args.guidance)
     trajectory = solution.trajectory
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.png:
@@ -589,10 +597,16 @@ def _sample(args: argparse.Namespace) -> int:
     unit = "output time" if args.method == "dopri5" else "step"  # dopri5 picks its own steps
     steps = f"{args.steps} {unit}{'s' if args.steps != 1 else ''}"
     print(f"saved {args.n} samples ({args.method}, {steps}, {solution.nfe} network evaluations) to {out}")
-    if args.png:
+    if args.png and images:
+        from otcfm.plotting import plot_image_grid
+
+        which = f"class {args.label}, guidance {args.guidance:g}, " if args.label is not None else ""
+        title = f"{config.target}: {which}{args.method}, {steps}"
+        print(f"figure: {plot_image_grid(trajectory[-1][:128], args.png, title=title)}")
+    elif args.png:
         from otcfm.plotting import plot_flow
 
-        reference = _data(config)[1](args.n, torch.Generator().manual_seed(args.seed + 1))
+        reference = report.data_of(config)[1](args.n, torch.Generator().manual_seed(args.seed + 1))
         print(f"figure: {plot_flow(trajectory, reference, args.png)}")
     return 0
 
@@ -630,6 +644,7 @@ def _reflow(args: argparse.Namespace) -> int:
         precision=args.precision,
         device=args.device,
         checkpoint_every=args.checkpoint_every,
+        warmup_steps=args.warmup_steps,
         record={"config": dataclasses.asdict(config)},
     )
     common = {
@@ -656,10 +671,12 @@ def _reflow(args: argparse.Namespace) -> int:
         f"({args.train_steps} in all); checkpoint: {checkpoint}"
     )
     plot_steps = 1 if args.command == "distill" else 100  # a one-step model is drawn as what it is
-    evaluation = _evaluate(student, config, args.eval_n, args.eval_draws, out, args.command, plot_steps)
+    evaluation = report.evaluate(
+        student, config, args.eval_n, args.eval_draws, out, args.command, plot_steps, guidance=args.eval_guidance
+    )
     evaluation["seconds"] = seconds
-    (out / "w2.json").write_text(json.dumps(evaluation, indent=2))
-    _print_table(evaluation, config, args.command)
+    (out / _table_name(evaluation)).write_text(json.dumps(evaluation, indent=2))
+    report.print_table(evaluation, config, args.command)
     print(f"figure: {evaluation['png']}")
     return 0
 

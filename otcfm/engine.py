@@ -79,6 +79,8 @@ class Schedule:
         precision: ``"fp32"`` or ``"bf16"`` (autocast of the model's forward pass; the coupling, the loss and
             the weights stay in float32).
         checkpoint_every: steps between checkpoints (when there is an output directory).
+        warmup_steps: a linear warm-up: step ``k < warmup_steps`` (from 0) runs at
+            ``lr * (k + 1) / warmup_steps``, then ``lr_schedule`` runs over the remaining steps (0: none).
     """
 
     steps: int
@@ -89,24 +91,38 @@ class Schedule:
     precision: Precision = "fp32"
     checkpoint_every: int = 500
     lr_schedule: LRSchedule = "constant"
+    warmup_steps: int = 0
 
     def __post_init__(self) -> None:
         check_schedule(self)
 
 
-def learning_rate(lr: float, lr_schedule: LRSchedule, step: int, steps: int) -> float:
+def learning_rate(lr: float, lr_schedule: LRSchedule, step: int, steps: int, warmup_steps: int = 0) -> float:
     r"""The learning rate of step ``step`` (counted from 0) of a run of ``steps`` steps.
 
-    ``"constant"``: ``lr``. ``"cosine"``: :math:`\mathrm{lr} \cdot (1 + \cos(\pi k / K)) / 2` for step
-    :math:`k` of :math:`K`, from ``lr`` at the first step down to nearly 0 at the last (no warm-up). A function of
+    A warm-up of :math:`W` = ``warmup_steps`` steps rises linearly: :math:`\mathrm{lr} \cdot (k + 1) / W` for
+    :math:`k < W`. After it, ``"constant"``: ``lr``; ``"cosine"``: :math:`\mathrm{lr} \cdot (1 + \cos(\pi (k - W)
+    / (K - W))) / 2` for step :math:`k` of :math:`K`, from ``lr`` down to nearly 0 at the last step. A function of
     the step alone, so a resumed run follows the same rates as an uninterrupted one.
     """
     _check_lr_schedule(lr_schedule)
     if not isinstance(steps, int) or steps < 1 or not 0 <= step < steps:
         raise ValueError(f"step, steps: expected 0 <= step < steps with steps >= 1, got step={step!r}, steps={steps!r}")
+    _check_warmup(warmup_steps, steps)
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
     if lr_schedule == "constant":
         return lr
-    return lr * 0.5 * (1.0 + math.cos(math.pi * step / steps))
+    return lr * 0.5 * (1.0 + math.cos(math.pi * (step - warmup_steps) / (steps - warmup_steps)))
+
+
+def _check_warmup(warmup_steps: Any, steps: int) -> int:
+    warmup_steps = check_count(warmup_steps, "warmup_steps", minimum=0)
+    if warmup_steps and warmup_steps >= steps:
+        raise ValueError(
+            f"warmup_steps: expected fewer than steps={steps} (a warm-up that never ends), got {warmup_steps}"
+        )
+    return warmup_steps
 
 
 def check_schedule(s: Any) -> None:
@@ -120,6 +136,7 @@ def check_schedule(s: Any) -> None:
         "ema_decay": _check_decay(s.ema_decay),
         "grad_clip": None if s.grad_clip is None else check_rate(s.grad_clip, "grad_clip"),
     }
+    plain["warmup_steps"] = _check_warmup(s.warmup_steps, plain["steps"])
     _check_lr_schedule(s.lr_schedule)
     if s.precision not in ("fp32", "bf16"):
         raise ValueError(f"precision: unknown value {s.precision!r}; expected one of 'bf16', 'fp32'")
@@ -345,6 +362,7 @@ def _run(
                     "ema": ema.state_dict() if ema is not None else None,
                     "step": len(losses),
                     "lr_schedule": schedule.lr_schedule,
+                    "warmup_steps": schedule.warmup_steps,
                     "planned_steps": schedule.steps,
                     "optimizer": optimizer.state_dict(),
                     "generator": generator_state,
@@ -377,8 +395,8 @@ def _run(
                 updating = True  # from here until the step is recorded, the state is mid-update
                 if schedule.grad_clip is not None:
                     nn.utils.clip_grad_norm_(model.parameters(), schedule.grad_clip)
-                if schedule.lr_schedule != "constant":
-                    rate = learning_rate(schedule.lr, schedule.lr_schedule, done, schedule.steps)
+                if schedule.lr_schedule != "constant" or schedule.warmup_steps:
+                    rate = learning_rate(schedule.lr, schedule.lr_schedule, done, schedule.steps, schedule.warmup_steps)
                     for group in optimizer.param_groups:
                         group["lr"] = rate
                 optimizer.step()
@@ -464,6 +482,8 @@ def _check_same_schedule(state: dict[str, Any], schedule: Schedule, path: Path) 
         differing = f"lr_schedule: checkpoint {saved!r} vs now {schedule.lr_schedule!r}"
     elif saved == "cosine" and state.get("planned_steps", schedule.steps) != schedule.steps:
         differing = f"steps: checkpoint {state['planned_steps']!r} vs now {schedule.steps!r} under lr_schedule 'cosine'"
+    elif state.get("warmup_steps", 0) != schedule.warmup_steps:
+        differing = f"warmup_steps: checkpoint {state.get('warmup_steps', 0)!r} vs now {schedule.warmup_steps!r}"
     if differing is not None:
         raise ValueError(f"resume: the checkpoint {path} was made with another config ({differing})")
 
@@ -509,6 +529,11 @@ def check_run(
         raise TypeError(f"model: expected an nn.Module called as model(x, t), got {type(model).__name__}")
     if next(model.parameters(), None) is None:
         raise ValueError("model: it has no parameters to train")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError(
+            "model: none of its parameters requires grad (an EMA copy, or a model after requires_grad_(False)); "
+            "train a copy with model.requires_grad_(True)"
+        )
     if callback is not None and not callable(callback):
         raise TypeError(f"callback: expected a function callback(step, loss) or None, got {type(callback).__name__}")
 

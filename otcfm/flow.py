@@ -11,6 +11,7 @@ from the time sampler and ``(x_t, u_t)`` from the probability path.
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Callable
 from functools import partial
@@ -22,6 +23,7 @@ from torch import Tensor
 
 from otcfm import _checks, _random
 from otcfm.couplers import Coupler, get_coupler
+from otcfm.guidance import null_label_of
 from otcfm.paths import BridgePath, Path, get_path
 from otcfm.timesteps import TimeSampler, get_time_sampler
 
@@ -191,6 +193,8 @@ class FlowMatcher:
         *,
         y0: Tensor | None = None,
         y1: Tensor | None = None,
+        label_dropout: float = 0.0,
+        null_label: int | None = None,
     ) -> Tensor:
         """Flow-matching loss: mean squared error of ``model(x_t, t)`` against ``u_t``.
 
@@ -204,7 +208,12 @@ class FlowMatcher:
             x0: source batch, ``(B0, ...)``.
             x1: target batch, ``(B1, ...)``.
             generator: randomness of the coupling, ``t`` and noise.
-            y0, y1: optional labels or conditions (see :meth:`batch`).
+            y0, y1: optional labels or conditions (see :meth:`batch`); integer labels ``(B, 1)`` count as ``(B,)``.
+            label_dropout: for classifier-free guidance (:mod:`otcfm.guidance`): the fraction of pairs whose
+                label the model sees as ``null_label`` ("no class"), drawn from ``generator`` for each pair; the
+                coupling still pairs within the true labels.
+            null_label: the "no class" label; default the model's ``null_label`` attribute
+                (:class:`otcfm.models.UNet` has one).
 
         Returns:
             scalar tensor (mean over batch and dimensions).
@@ -215,12 +224,21 @@ class FlowMatcher:
                 (a float64 batch for a float32 model; the message names both dtypes).
         """
         read_loss = isinstance(x0, Tensor) and _checks.host_reads_free(x0)
+        y0, y1 = _flat_labels(y0), _flat_labels(y1)
+        dropped = _dropout_labels(model, y1, label_dropout, null_label)
         t, x_t, u_t, _, j = self._batch(x0, x1, generator, y0, y1, not read_loss)
+        y = None if y1 is None else y1[j]
+        if dropped is not None and y is not None:
+            keep = _random.rand((y.shape[0],), generator, y.device, torch.float32) >= dropped[0]
+            y = torch.where(keep, y, dropped[1])
         try:
-            v = model(x_t, t) if y1 is None else model(x_t, t, y1[j])
-        except RuntimeError:  # nothing to pay on the good path; named only where the dtypes differ
+            v = model(x_t, t) if y is None else model(x_t, t, y)
+        except Exception:  # nothing to pay on the good path; named only where the dtypes or the signature differ
             _checks.explain_dtype(model, x_t, "x0 and x1")
+            _checks.explain_time_first(model, x_t, t, y)
             raise
+        if isinstance(v, Tensor) and v.shape != u_t.shape:
+            _checks.explain_time_first(model, x_t, t, y)
         if not isinstance(v, Tensor) or v.shape != u_t.shape or not v.is_floating_point():
             got = f"{tuple(v.shape)} {v.dtype}" if isinstance(v, Tensor) else type(v).__name__
             raise (ValueError if isinstance(v, Tensor) else TypeError)(
@@ -238,6 +256,32 @@ class FlowMatcher:
 
     def __repr__(self) -> str:
         return f"FlowMatcher(coupler={self.coupler!r}, path={self.path!r}, time_sampler={self.time_sampler!r})"
+
+
+def _flat_labels(y: Tensor | None) -> Tensor | None:
+    """Integer labels ``(B, 1)`` as ``(B,)``; anything else as given (the coupler checks it)."""
+    if isinstance(y, Tensor) and y.ndim == 2 and y.shape[1] == 1 and not y.is_floating_point():
+        return y.reshape(-1)
+    return y
+
+
+def _dropout_labels(
+    model: Callable[..., Tensor], y1: Tensor | None, rate: float, null_label: int | None
+) -> tuple[float, Tensor] | None:
+    """``(rate, null label as a tensor)`` when labels are dropped, None when ``rate`` is 0."""
+    if not isinstance(rate, numbers.Real) or isinstance(rate, bool) or not 0.0 <= rate <= 1.0:
+        raise ValueError(f"label_dropout: expected a number in [0, 1], got {rate!r}")
+    if rate == 0.0:
+        return None
+    if y1 is None or y1.is_floating_point():
+        raise ValueError("label_dropout: drops integer class labels y1; none were given")
+    null = null_label_of(model, null_label)
+    if null is None:
+        raise ValueError(
+            "null_label: label_dropout replaces labels by a 'no class' label; pass null_label= or give the model a "
+            "null_label attribute (otcfm.models.UNet(num_classes=K) has null_label = K)"
+        )
+    return float(rate), torch.tensor(null, dtype=y1.dtype, device=y1.device)
 
 
 # _mse(v, u): mean((v - u) ** 2) of two tensors of the same shape, F.mse_loss(v, u), one kernel each way.

@@ -405,6 +405,7 @@ class RunOptions:
         lr_schedule: ``"constant"`` or ``"cosine"`` (decay to 0 over the steps; :func:`otcfm.engine.learning_rate`).
         grad_clip: gradient-norm clipping (None: none).
         precision: ``"fp32"`` or ``"bf16"``.
+        warmup_steps: a linear learning-rate warm-up over the first steps (0: none).
         device: ``"cpu"``, ``"cuda"``, ``"auto"``; None keeps the model where it is.
         checkpoint_every: steps between checkpoints.
         callback: ``callback(step, loss)`` after every step.
@@ -420,6 +421,7 @@ class RunOptions:
     precision: Precision = "fp32"
     device: torch.device | str | None = None
     checkpoint_every: int = 500
+    warmup_steps: int = 0
     callback: Callable[[int, float], None] | None = None
     record: dict[str, Any] = field(default_factory=dict)
 
@@ -574,6 +576,7 @@ def _fit(
         precision=run.precision,
         checkpoint_every=run.checkpoint_every,
         lr_schedule=run.lr_schedule,
+        warmup_steps=run.warmup_steps,
     )
     steps, lr, seed, batch_size = schedule.steps, schedule.lr, schedule.seed, check_count(batch_size, "batch_size")
     identity = {
@@ -585,6 +588,7 @@ def _fit(
         "seed": seed,
         "ema_decay": run.ema_decay,
         "lr_schedule": run.lr_schedule,
+        "warmup_steps": run.warmup_steps,
         "grad_clip": run.grad_clip,
         "precision": run.precision,
     }

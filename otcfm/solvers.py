@@ -17,7 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from otcfm._args import check_count, check_flag, check_rate
-from otcfm._checks import check_batch, check_choice
+from otcfm._checks import check_batch, check_choice, explain_time_first
+from otcfm.guidance import guided_field
 from otcfm.torchdyn_adapter import TorchdynField, load_neural_ode
 
 __all__ = ["FIXED_STEP_METHODS", "METHODS", "Solution", "check_output", "check_velocity", "integrate", "solve"]
@@ -89,6 +90,9 @@ def solve(
     rtol: float = 1e-5,
     grad: bool = False,
     max_nfe: int = MAX_NFE,
+    y: Tensor | int | None = None,
+    guidance: float = 1.0,
+    null_label: int | None = None,
 ) -> Solution:
     """Integrate ``dx/dt = model(x, t)`` from ``x0`` at ``t_span[0]`` to ``t_span[1]``.
 
@@ -104,6 +108,13 @@ def solve(
         grad: track gradients (off by default: sampling runs under ``no_grad``).
         max_nfe: budget of model evaluations of ``"dopri5"``, whose steps shrink without end where the flow
             blows up or the model returns NaN/Inf.
+        y: class labels of a conditional model, ``(B,)`` or ``(B, 1)`` integers or one int for all; the model
+            is then called ``model(x, t, y)``.
+        guidance: classifier-free guidance weight ``w``: ``v(x, t, null) + w (v(x, t, y) - v(x, t, null))``
+            in one batched call per evaluation (1: plain conditional, 0: unconditional; see
+            :mod:`otcfm.guidance`).
+        null_label: the unconditional branch's label; default the model's ``null_label`` attribute, else the
+            model is called without labels.
 
     Returns:
         a :class:`Solution` with the final state, output times, optional trajectory and NFE.
@@ -125,6 +136,7 @@ def solve(
     check_count(max_nfe, "max_nfe")
     check_flag(return_trajectory, "return_trajectory")
     check_flag(grad, "grad")
+    model = guided_field(model, y, guidance, null_label, x0.shape[0], x0.device)
     times = torch.linspace(float(t_span[0]), float(t_span[1]), steps + 1, dtype=x0.dtype, device=x0.device)
     with torch.set_grad_enabled(grad):
         if method == "dopri5":
@@ -146,8 +158,9 @@ def _check_span(t_span: object) -> None:
         raise ValueError(f"t_span: expected two different finite times (t0, t1), got {t_span!r}")
 
 
-def check_velocity(model: Callable[..., Tensor], x: Tensor, argument: str = "model") -> Tensor:
-    """Evaluate ``model(x, t=0)`` once and check its output: a floating tensor of ``x``'s shape, finite.
+def check_velocity(model: Callable[..., Tensor], x: Tensor, argument: str = "model", y: Tensor | None = None) -> Tensor:
+    """Evaluate ``model(x, t=0)`` (``model(x, t=0, y)`` with labels) once and check its output: a floating tensor
+    of ``x``'s shape, finite.
 
     For entry points that do long work with a model (training, pair generation), so a model that does not fit
     the data fails before the work starts. A module is evaluated in eval mode (no batch-norm statistics are
@@ -165,7 +178,7 @@ def check_velocity(model: Callable[..., Tensor], x: Tensor, argument: str = "mod
         for module, _ in modes:
             module.training = False
         with torch.no_grad():
-            v = first_call(model, x, torch.zeros(x.shape[0], dtype=x.dtype, device=x.device), argument)
+            v = first_call(model, x, torch.zeros(x.shape[0], dtype=x.dtype, device=x.device), argument, y)
     finally:
         for module, mode in modes:
             module.training = mode
@@ -175,17 +188,31 @@ def check_velocity(model: Callable[..., Tensor], x: Tensor, argument: str = "mod
     return v
 
 
-def first_call(model: Callable[..., Tensor], x: Tensor, t: Tensor, argument: str = "model") -> Tensor:
-    """``model(x, t)``, where an exception (e.g. a model made for samples of another shape) becomes a
-    ``ValueError`` naming ``argument`` and the shape of ``x``; for a model's first call in a long run."""
+def first_call(
+    model: Callable[..., Tensor], x: Tensor, t: Tensor, argument: str = "model", y: Tensor | None = None
+) -> Tensor:
+    """``model(x, t)`` (``model(x, t, y)`` with labels), where an exception (e.g. a model made for samples of
+    another shape, or one that takes the time first) becomes a ``ValueError`` naming ``argument`` and the shape of
+    ``x``; for a model's first call in a long run."""
     try:
-        return model(x, t)
+        v = model(x, t) if y is None else model(x, t, y)
     except Exception as error:
+        try:
+            explain_time_first(model, x, t, y)
+        except ValueError as time_first:
+            raise ValueError(str(time_first).replace("model:", f"{argument}:", 1)) from error
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        call = f"{argument}(x, t)" if y is None else f"{argument}(x, t, y)"
         raise ValueError(
-            f"{argument}: calling it as {argument}(x, t) on samples of shape {tuple(x.shape)} failed ({first}); "
+            f"{argument}: calling it as {call} on samples of shape {tuple(x.shape)} failed ({first}); "
             f"does it take samples of this shape and dtype ({x.dtype})?"
         ) from error
+    if isinstance(v, Tensor) and v.shape != x.shape:
+        try:
+            explain_time_first(model, x, t, y)
+        except ValueError as time_first:
+            raise ValueError(str(time_first).replace("model:", f"{argument}:", 1)) from None
+    return v
 
 
 def check_output(v: object, x: Tensor, argument: str = "model") -> Tensor:
@@ -265,6 +292,9 @@ def integrate(
     rtol: float = 1e-5,
     grad: bool = False,
     max_nfe: int = MAX_NFE,
+    y: Tensor | int | None = None,
+    guidance: float = 1.0,
+    null_label: int | None = None,
 ) -> Tensor:
     """Integrate a velocity model; the tensor-returning form of :func:`solve`.
 
@@ -285,5 +315,8 @@ def integrate(
         rtol=rtol,
         grad=grad,
         max_nfe=max_nfe,
+        y=y,
+        guidance=guidance,
+        null_label=null_label,
     )
     return solution.trajectory if return_trajectory else solution.x

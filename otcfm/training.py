@@ -52,7 +52,8 @@ from otcfm.engine import (
     resolve_device,
 )
 from otcfm.flow import FlowMatcher
-from otcfm.models import MLP, model_spec, rebuild_model
+from otcfm.guidance import null_label_of
+from otcfm.models import MLP, model_spec, rebuild_model, unet
 from otcfm.paths import PATHS
 from otcfm.paths import Path as ProbabilityPath
 from otcfm.runlock import run_lock
@@ -82,9 +83,11 @@ class TrainConfig:
         path_options: other keyword options of the path (``{"beta_max": 20}`` for ``"diffusion"``).
         time_sampler: ``"uniform"``, ``"logit_normal"`` or ``"u_shaped"``.
         time_sampler_options: its keyword options (``{"std": 0.5}``).
-        model: ``"mlp"`` (the built-in MLP of width ``hidden`` and ``depth`` hidden layers), or
-            ``"package.module:factory"``, called as ``factory(**model_options)``.
-        model_options: keyword options of a model factory.
+        model: ``"mlp"`` (the built-in MLP of width ``hidden`` and ``depth`` hidden layers), ``"unet"`` (the
+            built-in :class:`otcfm.models.UNet` for image data ``(C, H, W)``), or ``"package.module:factory"``,
+            called as ``factory(**model_options)``.
+        model_options: keyword options of the UNet (``{"preset": "cifar10"}``, ``{"base_channels": 64}``; see
+            :func:`otcfm.models.unet`) or of a model factory.
         hidden: MLP width.
         depth: MLP hidden layers.
         steps: optimisation steps.
@@ -98,6 +101,14 @@ class TrainConfig:
         checkpoint_every: steps between checkpoints (when an output directory is given).
         global_coupling: under torchrun, couple the batches of all ranks as one OT problem
             (:func:`otcfm.distributed.global_pairs`) instead of each rank its own; no effect in one process.
+        warmup_steps: a linear learning-rate warm-up over the first steps (0: none;
+            :func:`otcfm.engine.learning_rate`).
+        conditional: train a class-conditional model ``model(x, t, y)`` on the target's labels, pairing within
+            classes. None (auto): when the target carries labels and either they were given explicitly (a
+            ``(data, labels)`` pair, ``target_labels=``) or the model takes them (``model="unet"``, a model with a
+            ``null_label``); recorded as True or False.
+        label_dropout: the fraction of pairs whose label the model sees as "no class", for classifier-free
+            guidance (:mod:`otcfm.guidance`); None: 0.1 in a conditional run, 0 otherwise; recorded as a number.
         pool_size: couple ``pool_size`` samples per side at once (an OT pool, a multiple of ``batch_size``) and
             train on it for ``pool_size / batch_size`` steps, each pair once (:class:`otcfm.loader.PoolStream`;
             pool ``k`` of rank ``r`` is seeded from ``seed``, ``r`` and ``k``, so a resumed run is bit-exact).
@@ -129,9 +140,21 @@ class TrainConfig:
     checkpoint_every: int = 500
     global_coupling: bool = False
     pool_size: int | None = None
+    warmup_steps: int = 0
+    conditional: bool | None = None
+    label_dropout: float | None = None
 
     def __post_init__(self) -> None:
         check_schedule(self)
+        if self.conditional is not None:
+            object.__setattr__(self, "conditional", check_flag(self.conditional, "conditional"))
+        if self.label_dropout is not None:
+            rate = self.label_dropout
+            if not isinstance(rate, numbers.Real) or isinstance(rate, bool) or not 0.0 <= rate < 1.0:
+                raise ValueError(f"label_dropout: expected a number in [0, 1) or None, got {rate!r}")
+            if rate > 0 and self.conditional is False:
+                raise ValueError(f"label_dropout: {rate} drops class labels, and conditional=False trains without any")
+            object.__setattr__(self, "label_dropout", float(rate))
         object.__setattr__(self, "global_coupling", check_flag(self.global_coupling, "global_coupling"))
         for name in ("batch_size", "hidden", "depth"):
             object.__setattr__(self, name, check_count(getattr(self, name), name))
@@ -182,6 +205,7 @@ class TrainConfig:
             grad_clip=self.grad_clip,
             precision=self.precision,
             checkpoint_every=self.checkpoint_every,
+            warmup_steps=self.warmup_steps,
         )
 
     def data_dim(self) -> int:
@@ -282,15 +306,19 @@ def _recorded_source(config: TrainConfig, path: Path) -> TrainConfig:
     before 2026-11-25 gave a user's own 2-D data 8gaussians, 'auto' now gives them a Gaussian)."""
     saved = ckpt.load(path).get("config") if path.is_file() else None
     recorded = saved.get("source") if isinstance(saved, dict) else None
-    nameable = isinstance(recorded, str) and (recorded in DATASETS or recorded.endswith(FILE_SUFFIXES))
+    nameable = isinstance(recorded, str) and (
+        recorded in DATASETS
+        or recorded.endswith(FILE_SUFFIXES)
+        or (os.path.isabs(recorded) and Path(recorded).is_dir())
+    )
     if not nameable or config.source_options:  # an object's description cannot be drawn from: left to the check
         return config
     return dataclasses.replace(config, source=saved["source"], source_options=saved.get("source_options", {}))
 
 
-def _data(config: TrainConfig, objects: dict[str, Any]) -> tuple[DataSource, DataSource]:
+def _data(config: TrainConfig, objects: dict[str, Any], target_labels: Any = None) -> tuple[DataSource, DataSource]:
     target_data = objects.get("target", config.target)
-    target = as_source(target_data, "target", config.target_options)
+    target = as_source(target_data, "target", config.target_options, labels=target_labels)
     source_data = objects.get("source", config.source)
     if isinstance(source_data, str) and source_data == "auto":  # the toy pairs of the benchmarks, else noise
         toy = isinstance(target_data, str) and target_data in DATASETS and target.shape == (2,)
@@ -307,7 +335,7 @@ def _data(config: TrainConfig, objects: dict[str, Any]) -> tuple[DataSource, Dat
 def _import_factory(spec: str) -> Callable[..., nn.Module]:
     module_name, _, attribute = spec.partition(":")
     if not module_name or not attribute:
-        raise ValueError(f"model: expected 'mlp' or 'package.module:factory', got {spec!r}")
+        raise ValueError(f"model: expected 'mlp', 'unet' or 'package.module:factory', got {spec!r}")
     try:
         factory = getattr(importlib.import_module(module_name), attribute)
     except ModuleNotFoundError as error:
@@ -323,13 +351,21 @@ def _import_factory(spec: str) -> Callable[..., nn.Module]:
     return factory
 
 
-def build_model(config: TrainConfig, features: int | None = None) -> nn.Module:
+def build_model(
+    config: TrainConfig,
+    features: int | None = None,
+    shape: tuple[int, ...] | None = None,
+    num_classes: int | None = None,
+) -> nn.Module:
     """The model of ``config``, initialised from ``config.seed`` without touching torch's global RNG.
 
     Args:
         config: ``model="mlp"`` builds :class:`otcfm.models.MLP` for ``features`` inputs (the target's when
-            None); ``"package.module:factory"`` calls ``factory(**config.model_options)``.
+            None); ``"unet"`` builds :func:`otcfm.models.unet` for samples of ``shape`` (the target's when None)
+            with ``config.model_options``; ``"package.module:factory"`` calls ``factory(**config.model_options)``.
         features: values per sample (``C*H*W`` for images).
+        shape: the sample shape ``(C, H, W)`` of a UNet.
+        num_classes: classes of a conditional UNet (None: unconditional).
     """
     if config.model == "mlp" and config.model_options:
         raise ValueError(
@@ -340,6 +376,15 @@ def build_model(config: TrainConfig, features: int | None = None) -> nn.Module:
         torch.manual_seed(config.seed)
         if config.model == "mlp":
             return MLP(features or config.data_dim(), hidden=config.hidden, depth=config.depth)
+        if config.model == "unet":
+            if shape is None:
+                shape = as_source(config.target, "target", config.target_options).shape
+            options = {k: v for k, v in config.model_options.items() if k != "num_classes"}
+            classes = num_classes if num_classes is not None else config.model_options.get("num_classes")
+            try:
+                return unet(shape, num_classes=classes, **options)
+            except (TypeError, ValueError) as error:
+                raise _option_error("model_options", config.model_options, error) from error
         factory = _import_factory(config.model)
         options = check_options(factory, config.model_options, "model_options")
         try:
@@ -349,6 +394,38 @@ def build_model(config: TrainConfig, features: int | None = None) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: {config.model!r} returned a {type(model).__name__}, expected an nn.Module")
     return model
+
+
+def _resolve_conditional(config: TrainConfig, target: DataSource, explicit: bool, model: nn.Module | None) -> bool:
+    """Whether the run is class-conditional (see ``TrainConfig.conditional``)."""
+    if config.conditional is False:
+        return False
+    if config.conditional is True:
+        if not target.has_labels:
+            raise ValueError(
+                f"conditional: the target {target.spec!r} carries no class labels; give them as target=(data, labels), "
+                "target_labels=, a Dataset of (x, label) items, or a labelled dataset name ('digits', 'mnist')"
+            )
+        return True
+    takes_labels = config.model == "unet" or (model is not None and null_label_of(model, None) is not None)
+    conditional = target.has_labels and (explicit or takes_labels)
+    if not conditional and config.label_dropout:
+        raise ValueError(
+            f"label_dropout: {config.label_dropout} drops class labels, and this run is unconditional (the target "
+            "carries no labels, or the model takes none); set conditional=True for a conditional run"
+        )
+    return conditional
+
+
+def _classes(config: TrainConfig, target: DataSource) -> int:
+    """The number of classes of a conditional built-in model: the target's, or ``model_options["num_classes"]``."""
+    found = target.num_classes
+    given = config.model_options.get("num_classes")
+    if given is None:
+        return found
+    if not isinstance(given, int) or isinstance(given, bool) or given < found:
+        raise ValueError(f"model_options: num_classes={given!r}, but the target's labels run up to {found - 1}")
+    return given
 
 
 def _check_model_settings(config: TrainConfig, model: nn.Module | None, resuming: bool) -> None:
@@ -386,6 +463,7 @@ def train(
     device: torch.device | str | None = None,
     progress: bool = True,
     callback: Callable[[int, float], None] | None = None,
+    target_labels: Any = None,
     **overrides: Any,
 ) -> TrainResult:
     """Train a velocity model with flow matching (with DDP when launched by torchrun).
@@ -395,6 +473,7 @@ def train(
         otcfm.train(target=np.load("data.npy"), model=MyNet(), steps=5000, out="runs/mine")
         otcfm.train(target="mixture", target_options={"dim": 32}, coupler="sinkhorn",
                     coupler_options={"epsilon": 0.01})
+        otcfm.train(target=(images, labels), model="unet", label_dropout=0.1)  # class-conditional, guidable
 
     Args:
         config: the run's settings; defaults when None. Keyword ``overrides`` replace fields
@@ -413,6 +492,7 @@ def train(
             device where it needs to (POT and scipy: the CPU).
         progress: show a progress bar.
         callback: called as ``callback(step, loss)`` after every step.
+        target_labels: integer class labels ``(N,)`` of a tensor / array / file target (see ``conditional``).
 
     Returns:
         a :class:`TrainResult`.
@@ -439,7 +519,11 @@ def train(
     _check_model_settings(config, model, resuming)
     if resume and out is not None and config.source == "auto" and "source" not in objects:
         config = _recorded_source(config, Path(out) / CHECKPOINT_NAME)
-    source, target = _data(config, objects)
+    source, target = _data(config, objects, target_labels)
+    explicit = target_labels is not None or isinstance(objects.get("target"), tuple)
+    conditional = _resolve_conditional(config, target, explicit, model)
+    rate = config.label_dropout if config.label_dropout is not None else (0.1 if conditional else 0.0)
+    config = dataclasses.replace(config, conditional=conditional, label_dropout=rate)
     described = {k: describe(v) for k, v in objects.items() if k in ("coupler", "path", "time_sampler")}
     if model is not None:
         described["model"] = f"object:{type(model).__module__}.{type(model).__qualname__}"
@@ -448,26 +532,42 @@ def train(
     _, world_size = distributed.world()
     global_coupling = config.global_coupling and world_size > 1
     paired = FlowMatcher(coupler="paired", path=fm.path, time_sampler=fm.time_sampler) if global_coupling else fm
-    net_model = model if model is not None else build_model(config, target.features)
+    classes = _classes(config, target) if conditional else None
+    net_model = model if model is not None else build_model(config, target.features, target.shape, classes)
     device_ = resolve_device(device)
     check_run(net_model, resume, overwrite, callback, progress)  # the engine's checks, before the probe and any fit
+    null = null_label_of(net_model, None) if conditional else None
+    if config.label_dropout and null is None:
+        raise ValueError(
+            f"label_dropout: {config.label_dropout} replaces labels by a 'no class' label, and the model has no "
+            "null_label attribute; give it one (the built-in UNet has), or set label_dropout=0"
+        )
     place = next(net_model.parameters()).device
     first = source(2, torch.Generator().manual_seed(0)).to(place)
     if not all_finite(first):  # blamed on the data, not on the model that it makes return NaN
         raise ValueError("source: a draw of 2 samples contains NaN or Inf")
+    probe_labels = torch.zeros(2, dtype=torch.int64, device=place) if conditional else None
     with torch.autocast(place.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):  # as the steps run it
-        check_velocity(net_model, first, "model")  # before any work
+        check_velocity(net_model, first, "model", y=probe_labels)  # before any work
     semidiscrete = fm.coupler if isinstance(fm.coupler, SemidiscreteCoupler) else None
     if semidiscrete is not None and config.pool_size is not None:
         raise ValueError("pool_size: the semidiscrete coupler pairs with the whole dataset; pools are for others")
+    if config.pool_size is not None and conditional:
+        raise ValueError("pool_size: OT pools are coupled without labels; train a conditional model without pools")
     if config.pool_size is not None and global_coupling and semidiscrete is None:
         raise ValueError("pool_size: pools couple each rank's own samples; leave global_coupling off with pools")
     check_out(out, resume, overwrite)  # before the lock and any fit: an existing run is not touched
     lock = run_lock(out) if out is not None and distributed.world()[0] == 0 else contextlib.nullcontext()
     with lock:  # held from before a semidiscrete fit (which writes in out) to the end of the run
-        dataset = None
+        dataset = dataset_labels = None
+        if conditional and semidiscrete is not None:
+            dataset_labels = target.labels.to(device_) if target.labels is not None else None
+            if dataset_labels is None:  # a Dataset's labels: read once, all of them
+                dataset_labels = torch.as_tensor(target._all_labels()).to(device_)
         if semidiscrete is not None:
-            dataset = _fit_semidiscrete(semidiscrete, config, source, target, out, resume, overwrite, device_, progress)
+            dataset = _fit_semidiscrete(
+                semidiscrete, config, source, target, out, resume, overwrite, device_, progress, dataset_labels
+            )
             global_coupling, paired = False, fm  # every rank pairs its batch with the whole dataset itself
         pools = None
         if config.pool_size is not None:
@@ -483,25 +583,33 @@ def train(
             except ValueError as error:  # the loss names its x0 / x1: the user passed source / target
                 raise named_as_data(error, f"a batch drawn at step {step}") from error
 
+        labelled: dict[str, Any] = {"label_dropout": config.label_dropout, "null_label": null} if conditional else {}
+
         def coupled_loss(net: nn.Module, step: int, generator: torch.Generator) -> torch.Tensor:
             if pools is not None:
                 x0, x1 = pools.batch(step)
                 return paired.loss(net, x0.to(device_), x1.to(device_), generator)
             x0 = source(config.batch_size, generator).to(device_)
             if dataset is not None:
-                return fm.loss(net, x0, dataset, generator)
-            x1 = target(config.batch_size, generator).to(device_)
+                return fm.loss(net, x0, dataset, generator, y1=dataset_labels, **labelled)
+            y1 = None
+            if conditional:
+                x1, y1 = target.labeled(config.batch_size, generator)
+                x1, y1 = x1.to(device_), y1.to(device_)
+            else:
+                x1 = target(config.batch_size, generator).to(device_)
             if not global_coupling:
-                return fm.loss(net, x0, x1, generator)
+                return fm.loss(net, x0, x1, generator, y1=y1, **labelled)
             shared = torch.Generator().manual_seed(distributed.stream_seed(config.seed, "coupling", step))
-            x0, x1, _, _ = distributed.global_pairs(fm.coupler, x0, x1, generator=shared)
-            return paired.loss(net, x0, x1, generator)
+            x0, x1, _, y1 = distributed.global_pairs(fm.coupler, x0, x1, y1=y1, generator=shared)
+            return paired.loss(net, x0, x1, generator, y1=y1, **labelled)
 
         run = {
             "stage": "train",
             **dataclasses.asdict(config),
             "source_fingerprint": source.fingerprint,
             "target_fingerprint": target.fingerprint,
+            **({"labels_fingerprint": target.labels_fingerprint} if conditional else {}),
         }
         fitted = fit(
             net_model,
@@ -518,7 +626,12 @@ def train(
                 "config": dataclasses.asdict(config),
                 **({"semidiscrete": semidiscrete.state_dict()} if semidiscrete is not None else {}),
             },
-            run_defaults={"stage": "train", **dataclasses.asdict(TrainConfig(source="8gaussians"))},
+            run_defaults={  # what a checkpoint that predates a setting trained with
+                "stage": "train",
+                **dataclasses.asdict(TrainConfig(source="8gaussians")),
+                "conditional": False,
+                "label_dropout": 0.0,
+            },
             locked=out is not None,
         )
         return TrainResult(fitted.model, fitted.ema, fitted.losses, config, fitted.start_step)
@@ -538,8 +651,10 @@ def _fit_semidiscrete(
     overwrite: bool,
     device: torch.device,
     progress: bool,
+    labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The whole target dataset on ``device``, with ``coupler``'s potentials fitted on it (or resumed, or checked).
+    """The whole target dataset on ``device``, with ``coupler``'s potentials fitted on it (or resumed, or checked);
+    with ``labels`` (``(N,)`` on ``device``) the potentials pair within classes.
 
     With ``out``, the fit saves its state in ``out/semidiscrete-fit.pt`` as it goes, so an interrupted fit resumes
     where it stopped (a file of another problem is refused by the fit; ``overwrite`` starts it afresh)."""
@@ -557,7 +672,7 @@ def _fit_semidiscrete(
             coupler.load_state_dict(state, dataset)
             return dataset
     if coupler.potentials is not None:
-        coupler.check_dataset(dataset)
+        coupler.check_dataset(dataset, labels)
         return dataset
     generator = torch.Generator().manual_seed(distributed.stream_seed(config.seed, "semidiscrete", 0))
     main = distributed.world()[0] == 0
@@ -566,7 +681,9 @@ def _fit_semidiscrete(
         progress_file.unlink()
     if progress_file is not None:
         progress_file.parent.mkdir(parents=True, exist_ok=True)
-    report = coupler.fit(source, dataset, generator=generator, progress=progress and main, checkpoint=progress_file)
+    report = coupler.fit(
+        source, dataset, generator=generator, y1=labels, progress=progress and main, checkpoint=progress_file
+    )
     if progress and main:
         print(
             f"semidiscrete potentials: {report.steps} steps in {report.seconds:.1f} s, assignment error "

@@ -243,7 +243,7 @@ def test_resume_of_a_factory_run_takes_its_model_options(
 def test_cli_resume_of_a_run_made_with_a_model_object(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     otcfm.train(model=otcfm.models.MLP(2, hidden=8, depth=1), target="moons", steps=3, out=tmp_path, progress=False)
     assert main(["train", "--out", str(tmp_path), "--resume", "--steps", "5", "--no-progress"]) == 2
-    assert "made in Python with a model object (otcfm.models.MLP); resume it there" in capsys.readouterr().err
+    assert "made in Python with a model object (otcfm.models.mlp.MLP); resume it there" in capsys.readouterr().err
 
 
 def test_a_missing_teacher_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

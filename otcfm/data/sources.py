@@ -6,11 +6,18 @@
 
 - a name in :data:`otcfm.data.DATASETS`, with its keyword options (``"mixture"`` with ``dim=32``);
   ``"gaussian"`` without ``dim`` takes the sample shape of the other side (``like=``), images included;
+- a folder of PNG images (:func:`otcfm.data.images.load_image_folder`: ``(N, C, H, W)`` scaled to [-1, 1]);
 - a tensor or numpy array ``(N, ...)``, a ``.npy`` file (read without pickle) or a ``.pt`` file holding one
   tensor (read with ``weights_only=True``): rows drawn uniformly with replacement;
 - a map-style ``torch.utils.data.Dataset`` whose items are tensors or tuples whose first entry is one
   (``(x, label)``): items drawn uniformly with replacement;
-- a sampler function ``f(n, generator) -> (n, ...)``.
+- a sampler function ``f(n, generator) -> (n, ...)``;
+- a pair ``(data, labels)`` of a tensor or array and its integer class labels ``(N,)``.
+
+Labels: a source built from labelled data keeps them (:attr:`DataSource.labels`, drawn beside the samples by
+:meth:`DataSource.labeled`): the labels of a ``(data, labels)`` pair or of ``labels=``, the second tensor of a
+``TensorDataset``, the labels of ``"digits"``, ``"mnist"`` and ``"cifar10"``, or the second entry of a
+``Dataset``'s items. Drawing samples alone draws the same rows from the generator as drawing them with labels.
 
 Finite datasets are converted to float32 once (integer pixels included) and checked for NaN/Inf once, when
 the source is made; sample shapes are kept (``(N, C, H, W)`` images stay images). Every draw comes from the
@@ -55,6 +62,8 @@ class DataSource:
             resumed run checks it.
         rows: the whole dataset ``(N, *shape)`` when the data are a finite table drawn uniformly (a tensor, an
             array, a file, a ``TensorDataset``, ``"digits"``), else None; the semidiscrete coupler pairs with it.
+        labels: ``(N,)`` int64 class labels of ``rows`` when the data carry them, else None (a ``Dataset``'s
+            labels are read by :meth:`labeled` as it draws; :attr:`num_classes` reads them all).
     """
 
     def __init__(
@@ -64,9 +73,50 @@ class DataSource:
         spec: str,
         fingerprint: str,
         rows: Tensor | None = None,
+        labels: Tensor | None = None,
+        draw_labeled: Callable[[int, torch.Generator | None], tuple[Tensor, Tensor]] | None = None,
+        all_labels: Callable[[], Tensor] | None = None,
     ) -> None:
         self._draw, self.shape, self.spec, self.fingerprint = draw, shape, spec, fingerprint
-        self.rows = rows
+        self.rows, self.labels = rows, labels
+        if labels is not None and rows is not None and draw_labeled is None:
+
+            def draw_rows_labeled(n: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+                index = torch.randint(rows.shape[0], (n,), generator=generator)  # the draw of _from_tensor
+                return rows[index], labels[index]
+
+            draw_labeled = draw_rows_labeled
+        self._draw_labeled = draw_labeled
+        self._all_labels = (lambda: labels) if labels is not None else all_labels
+        self._classes: int | None = None
+
+    @property
+    def has_labels(self) -> bool:
+        """Whether the data carry class labels (:meth:`labeled` can draw them)."""
+        return self._draw_labeled is not None
+
+    @property
+    def num_classes(self) -> int:
+        """``1 + `` the largest label (classes are ``0 .. num_classes - 1``)."""
+        if self._all_labels is None:
+            raise ValueError(f"{self.spec}: the data carry no class labels")
+        if self._classes is None:
+            self._classes = int(self._all_labels().max()) + 1
+        return self._classes
+
+    @property
+    def labels_fingerprint(self) -> str | None:
+        """SHA-256 of all the labels (first 16 hex digits), None without labels."""
+        return None if self._all_labels is None else content_hash(self._all_labels())
+
+    def labeled(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """``n`` samples ``(n, *shape)`` and their labels ``(n,)`` int64, drawn as :meth:`__call__` draws samples."""
+        if self._draw_labeled is None:
+            raise ValueError(
+                f"{self.spec}: the data carry no class labels; give them as (data, labels), target_labels=, or a "
+                "Dataset of (x, label) items"
+            )
+        return self._draw_labeled(n, generator)
 
     @property
     def features(self) -> int:
@@ -82,10 +132,11 @@ class DataSource:
 
 
 def as_source(
-    data: DataLike,
+    data: DataLike | tuple[Tensor | np.ndarray, Tensor | np.ndarray],
     argument: str = "data",
     options: dict[str, Any] | None = None,
     like: DataSource | None = None,
+    labels: Tensor | np.ndarray | None = None,
 ) -> DataSource:
     """Wrap ``data`` as a :class:`DataSource` (see the module docstring for what is accepted).
 
@@ -95,6 +146,7 @@ def as_source(
         argument: the caller's name for ``data`` (``"target"``, ``"--target"``), used in error messages.
         options: keyword options of a named dataset (``{"dim": 32}``); only for names.
         like: the other side of the problem; ``"gaussian"`` without ``dim`` then draws samples of its shape.
+        labels: integer class labels ``(N,)`` (or ``(N, 1)``) of a tensor, array or file, one per row.
 
     Returns:
         the :class:`DataSource`.
@@ -105,6 +157,45 @@ def as_source(
         FileNotFoundError: a file path that does not exist.
     """
     options = dict(options or {})
+    if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], (Tensor, np.ndarray)):
+        if labels is not None:
+            raise ValueError(f"{argument}: labels given twice, in the ({argument}, labels) pair and as labels")
+        data, labels = data
+    source = _unlabeled_source(data, argument, options, like)
+    if labels is None:
+        return source
+    if source.rows is None:
+        raise ValueError(
+            f"{argument}_labels: labels go with a finite table (a tensor, array or file), not {source.spec}"
+        )
+    checked = check_class_labels(labels, source.rows.shape[0], f"{argument}_labels")
+    return DataSource(source._draw, source.shape, source.spec, source.fingerprint, rows=source.rows, labels=checked)
+
+
+def check_class_labels(labels: Any, rows: int, argument: str) -> Tensor:
+    """Integer class labels ``(rows,)`` (``(rows, 1)`` accepted), ``>= 0``, as int64 on the CPU."""
+    if isinstance(labels, np.ndarray):
+        if labels.dtype.kind not in "iu":
+            raise TypeError(f"{argument}: expected integer class labels, got dtype {labels.dtype}")
+        labels = torch.from_numpy(np.ascontiguousarray(labels))
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"{argument}: expected a tensor or array of integer class labels, got {type(labels).__name__}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"{argument}: expected integer class labels, got dtype {labels.dtype}")
+    if labels.shape not in ((rows,), (rows, 1)):
+        raise ValueError(f"{argument}: expected one label per row, shape ({rows},), got {tuple(labels.shape)}")
+    labels = labels.detach().to(device="cpu", dtype=torch.int64).reshape(rows)
+    if rows and int(labels.min()) < 0:
+        raise ValueError(f"{argument}: expected class labels >= 0, got {int(labels.min())}")
+    return labels
+
+
+def _unlabeled_source(data: Any, argument: str, options: dict[str, Any], like: DataSource | None) -> DataSource:
+    if isinstance(data, (str, os.PathLike)) and str(data) and Path(data).is_dir():
+        _no_options(options, argument)
+        from otcfm.data.images import load_image_folder
+
+        return _from_tensor(load_image_folder(data), argument, os.path.abspath(data))
     if isinstance(data, os.PathLike) or (isinstance(data, str) and _looks_like_file(data)):
         _no_options(options, argument)
         return _from_file(Path(data), argument)
@@ -114,9 +205,14 @@ def as_source(
     if isinstance(data, (Tensor, np.ndarray)):
         return _from_tensor(_as_float_tensor(data, argument), argument, f"tensor{tuple(data.shape)}")
     if isinstance(data, TensorDataset):
-        return _from_tensor(
+        source = _from_tensor(
             _as_float_tensor(data.tensors[0], argument), argument, f"dataset:TensorDataset[{len(data)}]"
         )
+        second = data.tensors[1] if len(data.tensors) > 1 else None
+        if second is None or second.is_floating_point() or second.shape not in ((len(data),), (len(data), 1)):
+            return source
+        labels = check_class_labels(second, len(data), f"{argument} (the TensorDataset's labels)")
+        return DataSource(source._draw, source.shape, source.spec, source.fingerprint, rows=source.rows, labels=labels)
     if isinstance(data, Dataset):
         return _from_dataset(data, argument)
     if callable(data):
@@ -200,12 +296,12 @@ def _from_name(name: str, argument: str, options: dict[str, Any], like: DataSour
         probe = draw_named(1, torch.Generator().manual_seed(0))
     except TypeError as error:  # an option the sampler does not take
         raise ValueError(f"{argument}: invalid options {options} for dataset {name!r} ({error})") from error
-    rows = None
-    if name == "digits":  # a finite table: the train split, drawn uniformly
-        from otcfm.data.digits import load_digits
+    from otcfm.data import TABLES
 
-        rows = load_digits(options.get("split", "train"))[0]
-    return DataSource(draw_named, tuple(probe.shape[1:]), name, fingerprint, rows=rows)
+    rows = labels = None
+    if name in TABLES:  # a finite table (a split of it), drawn uniformly: its sampler draws the same rows
+        rows, labels = TABLES[name](**options)
+    return DataSource(draw_named, tuple(probe.shape[1:]), name, fingerprint, rows=rows, labels=labels)
 
 
 def _from_file(path: Path, argument: str) -> DataSource:
@@ -292,9 +388,41 @@ def _from_dataset(dataset: Dataset, argument: str) -> DataSource:
     def draw_items(n: int, generator: torch.Generator | None) -> Tensor:
         return items(torch.randint(size, (n,), generator=generator).tolist())
 
+    def label_of(k: int) -> int:
+        item = dataset[k]
+        value = item[1] if isinstance(item, (tuple, list)) and len(item) > 1 else None
+        if isinstance(value, Tensor) and value.numel() == 1 and not value.is_floating_point():
+            value = value.item()
+        elif (
+            isinstance(value, (np.ndarray, np.integer)) and np.size(value) == 1 and np.asarray(value).dtype.kind in "iu"
+        ):
+            value = np.asarray(value).item()
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{argument}: item {k} has no integer class label >= 0 as its second entry, got {value!r}")
+        return int(value)
+
+    def draw_labeled(n: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+        index = torch.randint(size, (n,), generator=generator).tolist()
+        return items(index), torch.tensor([label_of(k) for k in index], dtype=torch.int64)
+
+    def all_labels() -> Tensor:
+        targets = getattr(dataset, "targets", None)  # torchvision's datasets hold them
+        if isinstance(targets, (Tensor, np.ndarray, list)) and len(targets) == size:
+            return check_class_labels(torch.as_tensor(np.asarray(targets)), size, f"{argument} (its targets)")
+        return torch.tensor([label_of(k) for k in range(size)], dtype=torch.int64)
+
+    first_item = dataset[0]
+    labelled = isinstance(first_item, (tuple, list)) and len(first_item) > 1
     spec = f"dataset:{type(dataset).__qualname__}[{size}]"
     spread = sorted({k * (size - 1) // max(_PROBE - 1, 1) for k in range(_PROBE)})  # first to last, evenly
-    return DataSource(draw_items, shape, spec, _sampled(spec, lambda: items(spread)))
+    return DataSource(
+        draw_items,
+        shape,
+        spec,
+        _sampled(spec, lambda: items(spread)),
+        draw_labeled=draw_labeled if labelled else None,
+        all_labels=all_labels if labelled else None,
+    )
 
 
 def _from_sampler(sampler: Callable[[int, torch.Generator], Tensor], argument: str) -> DataSource:

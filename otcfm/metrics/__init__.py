@@ -1,8 +1,9 @@
 """Metrics of samples, flows and couplings; definitions in docs/benchmarks.md."""
 
 from otcfm.metrics.coupling import assignment_error, renormalised_entropy, transport_cost_ratio
-from otcfm.metrics.frechet import DigitsFeatures, digits_features, frechet_distance
+from otcfm.metrics.frechet import DigitsFeatures, ImageFeatures, digits_features, frechet_distance, image_features
 from otcfm.metrics.geometry import crossing_rate, swap_fraction
+from otcfm.metrics.images import ImageScores, score_images
 from otcfm.metrics.trajectory import FlowStatistics, flow_statistics, path_energy, straightness
 from otcfm.metrics.variance import (
     GradientVariance,
@@ -19,6 +20,8 @@ __all__ = [
     "DigitsFeatures",
     "FlowStatistics",
     "GradientVariance",
+    "ImageScores",
+    "ImageFeatures",
     "TargetVariance",
     "assignment_error",
     "coupled_pairs",
@@ -28,8 +31,10 @@ __all__ = [
     "frechet_distance",
     "gaussian_target_variance",
     "gradient_variance",
+    "image_features",
     "path_energy",
     "renormalised_entropy",
+    "score_images",
     "straightness",
     "swap_fraction",
     "target_variance",
