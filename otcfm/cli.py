@@ -293,6 +293,13 @@ def _parser(train_defaults: dict[str, Any] | None = None) -> argparse.ArgumentPa
         rf.add_argument("--out", required=True, help="output directory (pairs in OUT/pairs, resumable)")
         rf.add_argument("--solver-steps", type=_positive_int, default=100, help="teacher ODE steps per pair")
         rf.add_argument("--method", default="rk4", choices=METHODS, help="teacher ODE solver")
+        rf.add_argument(
+            "--guidance",
+            type=float,
+            default=1.0,
+            help="a class-conditional teacher's guidance weight for the pairs (each pair of a uniformly drawn class; "
+            "the student is conditional too)",
+        )
         _add_common(rf, "--train-steps", 2000)
         if name == "reflow":
             rf.add_argument(
@@ -620,6 +627,9 @@ def _reflow(args: argparse.Namespace) -> int:
             f"against it; run it in Python: otcfm.reflow.rectify(teacher, source) or generate_pairs + "
             f"{'train_on_pairs' if args.command == 'reflow' else 'distill'}"
         )
+    classes = report.classes_of(teacher, config, report.data_of(config)[1]) if config.conditional else None
+    if classes is None and args.guidance != 1.0:
+        raise ValueError("--guidance: the teacher is not class-conditional (trained without labels)")
     out = _check_out(args.out, args.resume, args.overwrite)  # after the checks above: no folder left by them
     started = time.perf_counter()
     pairs = reflow.generate_pairs(
@@ -632,6 +642,8 @@ def _reflow(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=not args.no_progress,
         overwrite=args.overwrite,
+        classes=classes,
+        guidance=args.guidance,
     )
     student = copy.deepcopy(teacher)
     run = reflow.RunOptions(

@@ -36,7 +36,7 @@ from otcfm._checks import all_finite, check_choice, check_dtype_fits, floating_d
 from otcfm._describe import describe
 from otcfm._random import keeps_global_rng
 from otcfm.data import Sampler
-from otcfm.data.sources import DataSource, as_source, content_hash, same_file
+from otcfm.data.sources import DataSource, as_source, check_class_labels, content_hash, same_file
 from otcfm.engine import LRSchedule, Precision, Schedule, fit, resolve_device
 from otcfm.flow import FlowMatcher
 from otcfm.solvers import METHODS, Method, check_output, check_velocity, integrate
@@ -66,17 +66,22 @@ class PairSet:
         x0: ``(n, ...)`` source samples.
         x1: ``(n, ...)`` the teacher's images of ``x0``.
         meta: how they were made (teacher fingerprint, solver, steps, seed, source).
+        y: ``(n,)`` int64 class labels the pairs were made with (a class-conditional teacher), or None.
 
     Raises:
-        TypeError, ValueError: ``x0`` or ``x1`` is no floating tensor ``(n, ...)``, or they differ in shape or dtype.
+        TypeError, ValueError: ``x0`` or ``x1`` is no floating tensor ``(n, ...)``, or they differ in shape or dtype;
+            ``y`` is no integer tensor ``(n,)``.
     """
 
     x0: Tensor
     x1: Tensor
     meta: dict[str, Any] = field(default_factory=dict)
+    y: Tensor | None = None
 
     def __post_init__(self) -> None:
         _check_pair_tensors(self.x0, self.x1, "x0", "x1")
+        if self.y is not None:
+            object.__setattr__(self, "y", check_class_labels(self.y, self.x0.shape[0], "y"))
 
     def __len__(self) -> int:
         return self.x0.shape[0]
@@ -85,6 +90,13 @@ class PairSet:
         """``n`` pairs drawn uniformly with replacement, the pairing kept: ``((n, ...), (n, ...))``."""
         k = torch.randint(len(self), (n,), generator=generator)
         return self.x0[k], self.x1[k]
+
+    def labeled(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """``n`` pairs and their labels, drawn as :meth:`__call__` draws pairs: ``((n, ...), (n, ...), (n,))``."""
+        if self.y is None:
+            raise ValueError("pairs: this pair set holds no class labels")
+        k = torch.randint(len(self), (n,), generator=generator)
+        return self.x0[k], self.x1[k], self.y[k]
 
 
 def _check_pair_tensors(x0: Any, x1: Any, first: str, second: str, rows: int | None = None) -> None:
@@ -133,8 +145,13 @@ def _evaluating(model: nn.Module) -> Iterator[None]:
             module.training = mode
 
 
-def _chunk_noise(source: DataSource, seed: int, chunk: int, size: int) -> Tensor:
-    return source(size, torch.Generator().manual_seed((seed * 1_000_003 + chunk) % 2**64))
+def _chunk_noise(
+    source: DataSource, seed: int, chunk: int, size: int, classes: int | None = None
+) -> tuple[Tensor, Tensor | None]:
+    """The noise of a chunk and, for a conditional teacher, its labels (uniform over ``classes``, drawn after it)."""
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + chunk) % 2**64)
+    x0 = source(size, generator)
+    return x0, None if classes is None else torch.randint(classes, (size,), generator=generator)
 
 
 @keeps_global_rng
@@ -149,6 +166,9 @@ def generate_pairs(
     seed: int = 0,
     progress: bool = True,
     overwrite: bool = False,
+    *,
+    classes: int | None = None,
+    guidance: float = 1.0,
 ) -> PairSet:
     """Push ``n`` source samples through ``teacher``'s ODE; save them in chunks when ``out`` is given.
 
@@ -166,6 +186,11 @@ def generate_pairs(
         overwrite: replace a pair set in ``out`` made from another teacher or with other settings (its
             ``meta.json`` and chunks; other files stay) instead of refusing it. One made with the same
             settings is kept either way: generating it again would give the same values.
+        classes: for a class-conditional teacher ``teacher(x, t, y)``: each pair gets a label drawn uniformly from
+            ``0 .. classes - 1`` and is made by the teacher's flow for that class (:attr:`PairSet.y`); a student
+            trained on the set is then conditional too.
+        guidance: the classifier-free guidance weight of the teacher's flow (:mod:`otcfm.guidance`; needs
+            ``classes``).
 
     Returns:
         the :class:`PairSet` (all chunks, in order).
@@ -184,7 +209,12 @@ def generate_pairs(
     noise = as_source(source, "source")
     device = next(iter(teacher.parameters()), torch.empty(0)).device
     probe = noise(2, torch.Generator().manual_seed(0))
-    check_velocity(teacher, probe.to(device), "teacher")  # before any file
+    if classes is not None:
+        check_count(classes, "classes")
+    elif guidance != 1.0:
+        raise ValueError(f"guidance: {guidance!r} steers a class-conditional teacher; give classes as well")
+    probe_labels = None if classes is None else torch.zeros(2, dtype=torch.int64, device=device)
+    check_velocity(teacher, probe.to(device), "teacher", y=probe_labels)  # before any file
     meta = {
         "format": PAIR_FORMAT,
         "teacher": teacher_fingerprint(teacher),
@@ -196,6 +226,7 @@ def generate_pairs(
         "method": method,
         "seed": seed,
         "batch_size": batch_size,
+        **({"classes": classes, "guidance": float(guidance)} if classes is not None else {}),
     }
     directory = Path(out) if out is not None else None
     if directory is not None and directory.exists() and not directory.is_dir():
@@ -213,21 +244,25 @@ def generate_pairs(
     chunks = math.ceil(n / batch_size)
     from tqdm.auto import tqdm
 
-    in_memory: list[tuple[Tensor, Tensor]] = []
+    in_memory: list[tuple[Tensor, Tensor, Tensor | None]] = []
     for k in tqdm(range(rank, chunks, world_size), desc="pairs", unit="chunk", disable=not progress or rank > 0):
         path = directory / f"chunk-{k:05d}.pt" if directory is not None else None
         if path is not None and path.is_file():
             continue  # finished before an interruption
         size = min(batch_size, n - k * batch_size)
-        x0 = _chunk_noise(noise, seed, k, size)
+        x0, y = _chunk_noise(noise, seed, k, size, classes)
         with _evaluating(teacher):
-            x1 = integrate(teacher, x0.to(device), steps, method).cpu()
+            labels = None if y is None else y.to(device)
+            x1 = integrate(teacher, x0.to(device), steps, method, y=labels, guidance=guidance).cpu()
         if path is None:
-            in_memory.append((x0, x1))
+            in_memory.append((x0, x1, y))
         else:
-            ckpt.atomic_save({"x0": x0, "x1": x1, "set": identity, "chunk": k}, path)
+            ckpt.atomic_save(
+                {"x0": x0, "x1": x1, "set": identity, "chunk": k, **({"y": y} if y is not None else {})}, path
+            )
     if directory is None:
-        return PairSet(torch.cat([p[0] for p in in_memory]), torch.cat([p[1] for p in in_memory]), meta)
+        x0s, x1s, ys = zip(*in_memory, strict=True)
+        return PairSet(torch.cat(x0s), torch.cat(x1s), meta, None if classes is None else torch.cat(ys))
     distributed.barrier()  # every rank's chunks are on disk
     return _load(directory, "out")
 
@@ -353,8 +388,12 @@ def _load(directory: Path, argument: str) -> PairSet:
                 f"this set is {identity!r}): a file copied from another pair set or position? Delete it and resume "
                 "generate_pairs with this set's settings to make it again"
             )
-        parts.append((x0, x1))
-    return PairSet(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), meta)
+        y = part.get("y")
+        if "classes" in meta and not (isinstance(y, Tensor) and y.shape == (rows,)):
+            raise ValueError(f"{argument}: {chunk} holds no class labels y of shape ({rows},); its set has classes")
+        parts.append((x0, x1, y))
+    labels = torch.cat([p[2] for p in parts]) if "classes" in meta else None
+    return PairSet(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), meta, labels)
 
 
 class OnlinePairs:
@@ -462,9 +501,9 @@ def train_on_pairs(
     _check_training(steps, batch_size, lr)
     settings = {"stage": "reflow", "time_sampler": describe(fm.time_sampler)}
 
-    def loss(net: nn.Module, x0: Tensor, x1: Tensor, generator: torch.Generator) -> Tensor:
+    def loss(net: nn.Module, x0: Tensor, x1: Tensor, generator: torch.Generator, y: Tensor | None) -> Tensor:
         try:
-            return fm.loss(net, x0, x1, generator)
+            return fm.loss(net, x0, x1, generator, y1=y)
         except ValueError:
             _check_drawn_finite(x0, x1)  # names pairs where fm.loss named x0 or x1
             raise
@@ -509,9 +548,9 @@ def distill(
         raise ValueError(f"loss: unknown value {loss!r}; expected one of 'l2', 'pseudo_huber'")
     _check_training(steps, batch_size, lr)
 
-    def one_step_loss(net: nn.Module, x0: Tensor, x1: Tensor, generator: torch.Generator) -> Tensor:
+    def one_step_loss(net: nn.Module, x0: Tensor, x1: Tensor, generator: torch.Generator, y: Tensor | None) -> Tensor:
         t = torch.zeros(x0.shape[0], dtype=x0.dtype, device=x0.device)
-        v = check_output(net(x0, t), x0)
+        v = check_output(net(x0, t) if y is None else net(x0, t, y), x0)
         diff = (x0 + v - x1).reshape(x0.shape[0], -1)
         if loss == "l2":
             value = (diff**2).sum(1).mean()
@@ -541,7 +580,7 @@ def _check_training(steps: int, batch_size: int, lr: float) -> None:
 def _fit(
     model: nn.Module,
     pairs: PairSet | tuple[Tensor, Tensor] | PairSource,
-    loss: Callable[[nn.Module, Tensor, Tensor, torch.Generator], Tensor],
+    loss: Callable[[nn.Module, Tensor, Tensor, torch.Generator, Tensor | None], Tensor],
     steps: int,
     batch_size: int,
     lr: float,
@@ -551,8 +590,9 @@ def _fit(
     run: RunOptions | None,
     settings: dict[str, Any],
 ) -> nn.Module:
-    """Adam on ``loss(net, x0, x1, generator)`` over pairs drawn from ``pairs``, through the training engine;
-    ``model`` is trained in place (and given the EMA weights when ``run.ema_decay > 0``)."""
+    """Adam on ``loss(net, x0, x1, generator, y)`` over pairs drawn from ``pairs``, through the training engine
+    (``y``: the labels of a labelled :class:`PairSet`, else None); ``model`` is trained in place (and given the EMA
+    weights when ``run.ema_decay > 0``)."""
     run = run or RunOptions()
     model_dtype = floating_dtype(model)
     if isinstance(pairs, tuple) and len(pairs) == 2 and all(isinstance(x, Tensor) for x in pairs):
@@ -595,8 +635,12 @@ def _fit(
     target_device = resolve_device(device)
 
     check_draws = not isinstance(pairs, PairSet)
+    labelled = isinstance(pairs, PairSet) and pairs.y is not None
 
     def step_loss(net: nn.Module, step: int, generator: torch.Generator) -> Tensor:
+        if labelled:
+            x0, x1, y = pairs.labeled(batch_size, generator)
+            return loss(net, x0.to(target_device), x1.to(target_device), generator, y.to(target_device))
         drawn = pairs(batch_size, generator)
         if check_draws:  # shapes and dtypes: metadata, no synchronisation
             if not (isinstance(drawn, (tuple, list)) and len(drawn) == 2):
@@ -606,7 +650,7 @@ def _fit(
             _check_pair_tensors(*drawn, "pairs: x0", "pairs: x1", rows=batch_size)
             check_dtype_fits(drawn[0], model_dtype, "pairs", "pairs")
         x0, x1 = drawn
-        return loss(net, x0.to(target_device), x1.to(target_device), generator)
+        return loss(net, x0.to(target_device), x1.to(target_device), generator, None)
 
     fitted = fit(
         model,

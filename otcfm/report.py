@@ -92,6 +92,7 @@ def _evaluate_w2(
         "w2": {str(k): _mean_std(v) for k, v in per_draw.items()},
         "w2_floor": _mean_std(floors),
         "reference": "training rows" if target.rows is not None else "held-out draws",
+        "reference_rows": None if target.rows is None else target.rows.shape[0],
         "png": str(png),
     }
 
@@ -179,6 +180,8 @@ def print_table(result: dict[str, Any], config: TrainConfig, stage: str = "") ->
         _print_image_table(result, config, stage)
         return
     reference = _REFERENCE.get(result.get("reference"), "held-out samples")
+    if result.get("reference_rows") is not None:
+        reference = f"reference samples drawn with replacement from the {result['reference_rows']} training rows"
     print(
         f"W2 vs Euler steps: {config.source} -> {config.target}, {describe_stage(config, stage)}, "
         f"n={result['n']} {reference}, mean +- std over {result['draws']} draw{'s' if result['draws'] != 1 else ''}"

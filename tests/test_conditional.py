@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -152,3 +153,32 @@ def test_warmup_is_what_the_optimiser_runs_at(monkeypatch: pytest.MonkeyPatch) -
         torch.nn.Linear(2, 2), step_loss, Schedule(steps=5, lr=0.4, warmup_steps=4), run={}, progress=False
     )
     assert seen == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.4])
+
+
+def test_a_conditional_teacher_gives_labelled_pairs_and_a_conditional_student(tmp_path: Path) -> None:
+    from otcfm import reflow
+
+    x, y = images()
+    teacher = run(target=(x, y)).model
+
+    def noise(n: int, generator: torch.Generator) -> torch.Tensor:
+        return torch.randn(n, 1, 8, 8, generator=generator)
+
+    made = {"steps": 2, "method": "euler", "batch_size": 8, "progress": False, "classes": 2, "guidance": 2.0}
+    pairs = reflow.generate_pairs(teacher, noise, 20, out=tmp_path / "pairs", **made)
+    again = reflow.load_pairs(tmp_path / "pairs")
+    in_memory = reflow.generate_pairs(teacher, noise, 20, **made)
+    assert pairs.y is not None and pairs.y.shape == (20,) and set(pairs.y.tolist()) <= {0, 1}
+    assert torch.equal(pairs.y, again.y) and torch.equal(pairs.y, in_memory.y)
+    assert torch.equal(pairs.x1, in_memory.x1)
+    k = 3
+    expected = otcfm.integrate(teacher, pairs.x0[k : k + 1], 2, y=pairs.y[k : k + 1], guidance=2.0)
+    torch.testing.assert_close(pairs.x1[k : k + 1], expected, rtol=1e-5, atol=1e-6)  # the class's guided flow
+    seen: list[torch.Tensor] = []
+    student = copy.deepcopy(teacher)
+    student.register_forward_pre_hook(lambda module, args: seen.append(args[2].clone()))
+    reflow.distill(student, pairs, steps=2, batch_size=4, progress=False)
+    drawn = pairs.labeled(4, torch.Generator().manual_seed(0))[2]
+    assert torch.equal(seen[0], drawn)  # the student saw the labels of the pairs it was trained on
+    with pytest.raises(ValueError, match="guidance: 2.0 steers a class-conditional teacher; give classes"):
+        reflow.generate_pairs(teacher, noise, 4, guidance=2.0, progress=False)

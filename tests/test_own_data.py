@@ -82,7 +82,8 @@ def test_cli_on_a_file_resume_reflow_distill(npy: Path, tmp_path: Path, capsys: 
     run, longer = str(tmp_path / "run"), str(tmp_path / "longer")
     assert main(["train", "--target", str(npy), "--steps", "10", "--out", longer, *small]) == 0
     said = capsys.readouterr().out  # the W2 table's reference: rows of the file, not held-out data; one draw
-    assert "n=100 reference samples drawn from the training data, mean +- std over 1 draw\n" in said
+    expected = "n=100 reference samples drawn with replacement from the 500 training rows, mean +- std over 1 draw\n"
+    assert expected in said
     assert main(["train", "--target", str(npy), "--steps", "6", "--out", run, *small]) == 0
     assert main(["train", "--target", str(npy), "--steps", "6", "--out", run, *small]) == 2  # refused: a run
     assert "--overwrite" in capsys.readouterr().err
