@@ -14,21 +14,25 @@ TRAIN = ["train", "--target", "digits", "--model", "unet", "--steps", "4", "--ba
 
 
 @pytest.fixture
-def unet_run(tmp_path: Path, digits_cache: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A 4-step conditional UNet run on the digits (labels taken by --model unet), with the cached classifier."""
+def unet_run(
+    tmp_path: Path, digits_cache: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> Path:
+    """A 4-step conditional UNet run on the digits (labels taken by --model unet), with the cached classifier; what
+    it printed is in ``printed.txt`` beside it."""
     monkeypatch.setenv("OTCFM_CACHE", str(digits_cache))
     out = tmp_path / "run"
     assert main([*TRAIN, "--out", str(out), "--no-progress", "--model-option", "base_channels=8"]) == 0
+    (tmp_path / "printed.txt").write_text(capsys.readouterr().out)
     return out
 
 
-def test_train_on_images_writes_a_grid_and_an_fd_table(unet_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_train_on_images_writes_a_grid_and_an_fd_table(unet_run: Path) -> None:
     table = json.loads((unet_run / "fd.json").read_text())
     assert table["metric"] == "fd" and set(table["fd"]) == {"1", "2", "4", "8", "100"}
     assert table["n"] == 40 and table["reference_rows"] == 360 and table["reference"].startswith("held-out rows")
     assert set(table["accuracy"]) == {"0", "1", "2"}  # a conditional run: accuracy by guidance weight
     assert (unet_run / "samples.png").stat().st_size > 0 and not (unet_run / "w2.json").exists()
-    printed = capsys.readouterr().out
+    printed = (unet_run.parent / "printed.txt").read_text()
     assert "40 samples against 360 held-out rows (the test split)" in printed
     assert "| Euler steps | FD | accuracy w=0 | accuracy w=1 | accuracy w=2 |" in printed
 
@@ -54,3 +58,14 @@ def test_class_and_guidance_errors_are_named(tmp_path: Path, capsys: pytest.Capt
     assert "--class: the run in" in capsys.readouterr().err
     assert main([*sample, "--guidance", "2"]) == 2
     assert "--guidance: needs --class" in capsys.readouterr().err
+
+
+def test_distill_a_conditional_unet_teacher_keeps_its_classes(unet_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "student"
+    argv = ["distill", "--teacher", str(unet_run), "--pairs", "16", "--solver-steps", "2", "--train-steps", "2"]
+    argv += ["--batch-size", "8", "--guidance", "1.5", "--eval-n", "20", "--no-progress", "--out", str(out)]
+    assert main(argv) == 0
+    meta = json.loads((out / "pairs" / "meta.json").read_text())
+    assert (meta["classes"], meta["guidance"]) == (10, 1.5)
+    table = json.loads((out / "fd.json").read_text())
+    assert set(table["accuracy"]) == {"0", "1", "2"} and (out / "samples.png").stat().st_size > 0
