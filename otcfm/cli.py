@@ -521,9 +521,10 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load(checkpoint: str, factory: str | None, argument: str) -> tuple[torch.nn.Module, TrainConfig, DataSource]:
-    """A checkpoint's model, config and source; a model built by a factory is rebuilt only from ``--model``, and a
-    ``--model`` given is always the one used (its weights must fit)."""
+def _load(checkpoint: str, factory: str | None, argument: str) -> tuple[torch.nn.Module, TrainConfig, DataSource, str]:
+    """A checkpoint's model, config, source and stage (``""`` for ``otcfm train``'s runs, ``"reflow"``,
+    ``"distill"``); a model built by a factory is rebuilt only from ``--model``, and a ``--model`` given is always
+    the one used (its weights must fit)."""
     path = Path(checkpoint)
     state = ckpt.load(path / CHECKPOINT_NAME if path.is_dir() else path, argument)
     saved = state.get("config") if isinstance(state, dict) else None
@@ -548,7 +549,8 @@ def _load(checkpoint: str, factory: str | None, argument: str) -> tuple[torch.nn
     if config is None:
         raise ValueError(f"{argument}: {checkpoint!r} records no training config (source and target unknown)")
     run = state.get("run") if isinstance(state.get("run"), dict) else {}
-    return model, config, _recorded_source(config, run, argument)
+    stage = run.get("stage", "") if run.get("stage") in ("reflow", "distill") else ""
+    return model, config, _recorded_source(config, run, argument), stage
 
 
 def _nameable(spec: str) -> bool:
@@ -580,7 +582,7 @@ def _sample(args: argparse.Namespace) -> int:
     for name, value in (("--out", out), ("--png", Path(args.png) if args.png else None)):
         if value is not None and (value.is_dir() or (value.parent.exists() and not value.parent.is_dir())):
             raise ValueError(f"{name}: cannot write a file at {str(value)!r}")
-    model, config, source = _load(args.checkpoint, args.model, "--checkpoint")
+    model, config, source, _ = _load(args.checkpoint, args.model, "--checkpoint")
     images = is_image_shape(source.shape)
     if args.png and not images and not _nameable(config.target):
         raise ValueError(
@@ -620,7 +622,7 @@ def _sample(args: argparse.Namespace) -> int:
 
 def _reflow(args: argparse.Namespace) -> int:
     """``otcfm reflow`` and ``otcfm distill``: pairs from the teacher, then the student's training."""
-    teacher, config, source = _load(args.teacher, args.model, "--teacher")
+    teacher, config, source, teacher_stage = _load(args.teacher, args.model, "--teacher")
     if not _nameable(config.target):  # the W2 table draws reference samples from the teacher's target
         raise ValueError(
             f"--teacher: its target, {config.target}, was given in Python, and otcfm {args.command} evaluates "
@@ -684,11 +686,19 @@ def _reflow(args: argparse.Namespace) -> int:
     )
     plot_steps = 1 if args.command == "distill" else 100  # a one-step model is drawn as what it is
     evaluation = report.evaluate(
-        student, config, args.eval_n, args.eval_draws, out, args.command, plot_steps, guidance=args.eval_guidance
+        student,
+        config,
+        args.eval_n,
+        args.eval_draws,
+        out,
+        args.command,
+        plot_steps,
+        guidance=args.eval_guidance,
+        teacher=teacher_stage,
     )
     evaluation["seconds"] = seconds
     (out / _table_name(evaluation)).write_text(json.dumps(evaluation, indent=2))
-    report.print_table(evaluation, config, args.command)
+    report.print_table(evaluation, config)
     print(f"figure: {evaluation['png']}")
     return 0
 
@@ -707,6 +717,7 @@ def main(argv: list[str] | None = None) -> int:
     launched = distributed.init_from_env()  # under torchrun: one process group for the whole command
     code = None
     earlier = _stamp(Path(args.out)) if args.command == "sample" else None  # a file --out held before, if any
+    fresh_out = args.command != "sample" and not os.path.lexists(args.out)  # a run folder this command would make
     try:
         code = commands[args.command](args)
         return code
@@ -729,6 +740,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"otcfm: interrupted before anything was saved in {args.out}; nothing to resume", file=sys.stderr)
         return 130
     except USER_ERRORS as error:
+        if fresh_out:
+            _remove_if_empty(Path(args.out))  # a failed start leaves no folder behind
         message = _in_flags(" ".join(str(error).split()) or type(error).__name__, args)
         print(f"otcfm: error: {message}", file=sys.stderr)
         return 2
@@ -767,6 +780,18 @@ def _in_flags(message: str, args: argparse.Namespace) -> str:
     if not all(word in flags or word == "and" for word in words) or words[0] == "and":
         return message
     return " ".join(flags.get(word, word) for word in words) + sep + rest
+
+
+def _remove_if_empty(folder: Path) -> None:
+    """Remove ``folder``, made by this command, if it holds nothing but the command's own released run lock."""
+    from otcfm.runlock import LOCK_NAME
+
+    try:
+        if {entry.name for entry in folder.iterdir()} <= {LOCK_NAME}:
+            (folder / LOCK_NAME).unlink(missing_ok=True)
+            folder.rmdir()  # refuses a folder that holds anything
+    except OSError:
+        pass
 
 
 def _stamp(path: Path) -> tuple[int, int, int] | None:

@@ -14,7 +14,6 @@ import math
 import numbers
 import warnings
 from collections.abc import Callable
-from functools import partial
 from typing import Any, NamedTuple
 
 import torch
@@ -244,7 +243,7 @@ class FlowMatcher:
             raise (ValueError if isinstance(v, Tensor) else TypeError)(
                 f"model: expected a floating-point output of shape {tuple(u_t.shape)}, got {got}"
             )
-        loss = _mse(v, u_t)
+        loss = F.mse_loss(v, u_t)
         message = "model: the loss is NaN or Inf with finite x0 and x1: the model returned NaN/Inf, or values overflow"
         if read_loss:
             if not math.isfinite(loss.item()):
@@ -282,14 +281,6 @@ def _dropout_labels(
             "null_label attribute (otcfm.models.UNet(num_classes=K) has null_label = K)"
         )
     return float(rate), torch.tensor(null, dtype=y1.dtype, device=y1.device)
-
-
-# _mse(v, u): mean((v - u) ** 2) of two tensors of the same shape, F.mse_loss(v, u), one kernel each way.
-# F.mse_loss's own Python (a size check, broadcast_tensors, the reduction's name) costs about 1% of a
-# training step of a 2-D MLP (benchmarks/step.py); its kernel is called directly where it exists, bound
-# without a Python frame of ours (reduction 1: the mean, as in F.mse_loss).
-_MSE_KERNEL = getattr(torch._C._nn, "mse_loss", None)
-_mse: Callable[[Tensor, Tensor], Tensor] = F.mse_loss if _MSE_KERNEL is None else partial(_MSE_KERNEL, reduction=1)
 
 
 def _warn_on_other_epsilon(coupler: Coupler, path: Path, epsilon: float) -> None:

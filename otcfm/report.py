@@ -48,12 +48,17 @@ def evaluate(
     stage: str = "",
     plot_steps: int = 100,
     guidance: float = 2.0,
+    teacher: str = "",
 ) -> dict[str, Any]:
-    """Measure ``model`` as described in the module docstring and write ``out/samples.png``; the table's dict."""
+    """Measure ``model`` as described in the module docstring and write ``out/samples.png``; the table's dict
+    (``stage`` and ``teacher``: see :func:`describe_stage`)."""
     source, target = data_of(config)
+    title = f"{config.source} -> {config.target}, {describe_stage(config, stage, teacher)}"
     if is_image(target):
-        return _evaluate_images(model, config, source, target, n, out, stage, guidance)
-    return _evaluate_w2(model, config, source, target, n, draws, out, stage, plot_steps)
+        result = _evaluate_images(model, config, source, target, n, out, title, guidance)
+    else:
+        result = _evaluate_w2(model, config, source, target, n, draws, out, title, plot_steps)
+    return {**result, "title": title}
 
 
 def _evaluate_w2(
@@ -64,7 +69,7 @@ def _evaluate_w2(
     n: int,
     draws: int,
     out: Path,
-    stage: str,
+    title: str,
     plot_steps: int,
 ) -> dict[str, Any]:
     """W2 vs Euler steps over ``draws`` held-out draws (mean and std), a reference floor, and the PNG.
@@ -82,7 +87,6 @@ def _evaluate_w2(
     trajectory = integrate(model, x0, plot_steps, "euler", return_trajectory=True)
     from otcfm.plotting import plot_flow
 
-    title = f"{config.source} -> {config.target}, {describe_stage(config, stage)}"
     png = plot_flow(trajectory, reference, out / "samples.png", title=title)
     return {
         "metric": "w2",
@@ -125,7 +129,7 @@ def _evaluate_images(
     target: DataSource,
     n: int,
     out: Path,
-    stage: str,
+    title: str,
     guidance: float,
 ) -> dict[str, Any]:
     features = metrics.image_features(config.target) if config.target in FEATURE_DATASETS else None
@@ -140,7 +144,6 @@ def _evaluate_images(
     from otcfm.plotting import plot_image_grid
 
     rows = {f"{k} step{'s' if k != 1 else ''}": x for k, x in scores.samples.items()}
-    title = f"{config.source} -> {config.target}, {describe_stage(config, stage)}"
     png = plot_image_grid(rows, out / "samples.png", title=title)
     return {
         "metric": "fd" if features is not None else "samples",
@@ -155,12 +158,15 @@ def _evaluate_images(
     }
 
 
-def describe_stage(config: TrainConfig, stage: str) -> str:
-    """``coupler=..., path=...`` of a run, or what a Reflow stage trained on."""
+def describe_stage(config: TrainConfig, stage: str, teacher: str = "") -> str:
+    """``coupler=..., path=...`` of a run, or what a Reflow stage trained on (``teacher``: the teacher's own stage,
+    ``"reflow"`` for a rectified flow, ``"distill"`` for a one-step model, ``""`` for a first-stage flow)."""
+    made = {"reflow": "rectified flow", "distill": "one-step model"}.get(teacher, "flow")
+    of = f"a {made} whose first stage had coupler={config.coupler}" if teacher else f"a coupler={config.coupler} flow"
     if stage == "reflow":
-        return f"2-rectified flow on the pairs of a coupler={config.coupler} teacher"
+        return f"rectified flow on the pairs of {of}"
     if stage == "distill":
-        return f"one-step generator distilled from a coupler={config.coupler} teacher"
+        return f"one-step generator distilled from {of}"
     return f"coupler={config.coupler}, path={config.path}"
 
 
@@ -174,16 +180,16 @@ def _mean_std(values: list[float]) -> dict[str, float]:
 _REFERENCE = {"training rows": "reference samples drawn from the training data", "held-out draws": "held-out samples"}
 
 
-def print_table(result: dict[str, Any], config: TrainConfig, stage: str = "") -> None:
+def print_table(result: dict[str, Any], config: TrainConfig) -> None:
     """Print the table of :func:`evaluate`'s result (markdown)."""
     if result.get("metric") in ("fd", "samples"):
-        _print_image_table(result, config, stage)
+        _print_image_table(result, config)
         return
     reference = _REFERENCE.get(result.get("reference"), "held-out samples")
     if result.get("reference_rows") is not None:
         reference = f"reference samples drawn with replacement from the {result['reference_rows']} training rows"
     print(
-        f"W2 vs Euler steps: {config.source} -> {config.target}, {describe_stage(config, stage)}, "
+        f"W2 vs Euler steps: {result['title']}, "
         f"n={result['n']} {reference}, mean +- std over {result['draws']} draw{'s' if result['draws'] != 1 else ''}"
     )
     print("| Euler steps | W2 |")
@@ -194,13 +200,13 @@ def print_table(result: dict[str, Any], config: TrainConfig, stage: str = "") ->
     print(f"(W2 between two independent target samples of the same size: {floor['mean']:.3f} +- {floor['std']:.3f})")
 
 
-def _print_image_table(result: dict[str, Any], config: TrainConfig, stage: str) -> None:
+def _print_image_table(result: dict[str, Any], config: TrainConfig) -> None:
     if result["fd"] is None:
         print(f"samples of {config.target}: no feature classifier for this data, so no FD (see the figure)")
         return
     accuracy = result["accuracy"]
     print(
-        f"FD vs Euler steps: {config.source} -> {config.target}, {describe_stage(config, stage)}; "
+        f"FD vs Euler steps: {result['title']}; "
         f"{result['n']} samples against {result['reference_rows']} {result['reference']}, in the features of a "
         f"classifier of {config.target} (test accuracy {result['classifier_accuracy']:.3f})"
         + ("; conditional samples at w = 1, accuracy at guidance weights w" if accuracy else "")

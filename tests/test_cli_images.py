@@ -69,3 +69,13 @@ def test_distill_a_conditional_unet_teacher_keeps_its_classes(unet_run: Path, tm
     assert (meta["classes"], meta["guidance"]) == (10, 1.5)
     table = json.loads((out / "fd.json").read_text())
     assert set(table["accuracy"]) == {"0", "1", "2"} and (out / "samples.png").stat().st_size > 0
+
+
+def test_a_failed_start_leaves_no_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "never"
+    assert main(["train", "--steps", "2", "--coupler-option", "nonsense=1", "--out", str(out), "--no-progress"]) == 2
+    assert "--coupler-option" in capsys.readouterr().err and not out.exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    assert main(["train", "--steps", "2", "--coupler-option", "nonsense=1", "--out", str(kept), "--no-progress"]) == 2
+    assert kept.is_dir()  # a folder the user made stays

@@ -99,7 +99,10 @@ def test_cli_on_a_file_resume_reflow_distill(npy: Path, tmp_path: Path, capsys: 
         assert checkpoint.load(out / "checkpoint.pt")["run"]["lr_schedule"] == schedule
         model, config = otcfm.load_model(out)
         assert model(torch.zeros(3, 5), torch.zeros(3)).shape == (3, 5) and config.target == str(npy)
-    assert "one-step generator distilled from a coupler=exact teacher" in capsys.readouterr().out
+    assert "one-step generator distilled from a coupler=exact flow" in capsys.readouterr().out
+    again = ["distill", "--teacher", str(tmp_path / "reflow"), *common[2:], "--out", str(tmp_path / "from-reflow")]
+    assert main(again) == 0  # the title names the teacher: a rectified flow, not the first stage
+    assert "distilled from a rectified flow whose first stage had coupler=exact" in capsys.readouterr().out
     assert main(["sample", "--checkpoint", str(tmp_path / "distill"), "--n", "8", "--out", str(tmp_path / "x.pt")]) == 0
     assert torch.load(tmp_path / "x.pt").shape == (8, 5)
 
