@@ -121,14 +121,32 @@ class _Parser(argparse.ArgumentParser):
     """An argument parser whose errors are one line (``otcfm train: error: ...``) and exit with code 2."""
 
     def error(self, message: str) -> NoReturn:
-        if message.startswith("unrecognized arguments") and "--steps" in message.split():
-            message += " (reflow and distill take --train-steps and --solver-steps)"
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _add_common(parser: argparse.ArgumentParser, steps_flag: str, steps_default: int) -> None:
-    """Options every training command shares (the engine's: optimisation, device, output, evaluation)."""
-    parser.add_argument(steps_flag, type=_positive_int, default=steps_default, help="training steps (total)")
+class _OldSpelling(argparse.Action):
+    """Stores the value; given under its old spelling (``--train-steps``), also says that the new one is ``--steps``."""
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option: str | None = None
+    ) -> None:
+        if option == "--train-steps":
+            print(f"{parser.prog}: note: --train-steps is now spelled --steps, as in otcfm train", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def _add_common(parser: argparse.ArgumentParser, steps_default: int, old_spelling: bool = False) -> None:
+    """Options every training command shares (the engine's: optimisation, device, output, evaluation);
+    ``old_spelling``: ``--steps`` is also accepted as ``--train-steps`` (reflow and distill)."""
+    flags = ("--steps", "--train-steps") if old_spelling else ("--steps",)
+    parser.add_argument(
+        *flags,
+        dest="steps",
+        type=_positive_int,
+        default=steps_default,
+        help="training steps (total)",
+        action=_OldSpelling,
+    )
     parser.add_argument("--batch-size", type=_positive_int, default=256, help="samples per batch and side")
     parser.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam learning rate (peak rate of cosine)")
     parser.add_argument(
@@ -279,7 +297,7 @@ def _parser(train_defaults: dict[str, Any] | None = None) -> argparse.ArgumentPa
         "pool-size / batch-size steps, each pair once (default: each batch coupled alone)",
     )
     tr.add_argument("--out", default="runs/train", help="output directory")
-    _add_common(tr, "--steps", defaults.steps)
+    _add_common(tr, defaults.steps)
     if train_defaults:
         tr.set_defaults(**train_defaults)  # after every add_argument: those with a default keep theirs otherwise
 
@@ -300,7 +318,7 @@ def _parser(train_defaults: dict[str, Any] | None = None) -> argparse.ArgumentPa
             help="a class-conditional teacher's guidance weight for the pairs (each pair of a uniformly drawn class; "
             "the student is conditional too)",
         )
-        _add_common(rf, "--train-steps", 2000)
+        _add_common(rf, 2000, old_spelling=True)
         if name == "reflow":
             rf.add_argument(
                 "--time-sampler", default="uniform", choices=sorted(TIME_SAMPLERS), help="distribution of t"
@@ -662,7 +680,7 @@ def _reflow(args: argparse.Namespace) -> int:
         record={"config": dataclasses.asdict(config)},
     )
     common = {
-        "steps": args.train_steps,
+        "steps": args.steps,
         "batch_size": args.batch_size,
         "lr": args.lr,
         "seed": args.seed,
@@ -681,8 +699,8 @@ def _reflow(args: argparse.Namespace) -> int:
     student = student.cpu()
     resumed = f" (resumed at step {start})" if start else ""
     print(
-        f"{args.command}: {args.pairs} pairs and {args.train_steps - start} steps{resumed} in {seconds:.1f} s "
-        f"({args.train_steps} in all); checkpoint: {checkpoint}"
+        f"{args.command}: {args.pairs} pairs and {args.steps - start} steps{resumed} in {seconds:.1f} s "
+        f"({args.steps} in all); checkpoint: {checkpoint}"
     )
     plot_steps = 1 if args.command == "distill" else 100  # a one-step model is drawn as what it is
     evaluation = report.evaluate(
@@ -760,8 +778,8 @@ _RENAMED = {
         "source_options": "--dim",
         "target_options": "--dim",
     },
-    "reflow": {"steps": "--train-steps", "n": "--pairs"},
-    "distill": {"steps": "--train-steps", "n": "--pairs"},
+    "reflow": {"n": "--pairs"},
+    "distill": {"n": "--pairs"},
 }
 #: Names that stay as they are: the network (``model: returned NaN``), not the ``--model`` option; the pair data
 #: (``pairs: x1 contains NaN``), not the ``--pairs`` count that argparse checks.

@@ -62,7 +62,7 @@ def test_class_and_guidance_errors_are_named(tmp_path: Path, capsys: pytest.Capt
 
 def test_distill_a_conditional_unet_teacher_keeps_its_classes(unet_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "student"
-    argv = ["distill", "--teacher", str(unet_run), "--pairs", "16", "--solver-steps", "2", "--train-steps", "2"]
+    argv = ["distill", "--teacher", str(unet_run), "--pairs", "16", "--solver-steps", "2", "--steps", "2"]
     argv += ["--batch-size", "8", "--guidance", "1.5", "--eval-n", "20", "--no-progress", "--out", str(out)]
     assert main(argv) == 0
     meta = json.loads((out / "pairs" / "meta.json").read_text())
