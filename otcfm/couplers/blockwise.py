@@ -24,9 +24,13 @@ from torch import Tensor
 from otcfm import _random
 from otcfm._args import check_anneal, check_count, check_flag, check_rate
 from otcfm._checks import check_pair
-from otcfm.couplers.sinkhorn import ANNEAL_BELOW
 
-__all__ = ["BlockwiseSinkhorn", "blockwise_sinkhorn", "draw_partners"]
+__all__ = ["ANNEAL_BELOW", "BlockwiseSinkhorn", "blockwise_sinkhorn", "draw_partners"]
+
+#: With ``anneal="auto"``, epsilon scaling is used below this fraction of the mean cost, where it saves
+#: iterations; above it plain scaling iterations converge in a few dozen steps and annealing costs kernels (also
+#: the dense solver's threshold, :mod:`otcfm.couplers.sinkhorn`).
+ANNEAL_BELOW = 0.005
 
 
 @dataclass(frozen=True)
@@ -158,7 +162,7 @@ def blockwise_sinkhorn(
         tol: tolerance on the L2 norm of the target marginal violation.
         max_iter: iteration limit (annealing stages included).
         anneal: epsilon scaling from the largest cost down: True, False or ``"auto"`` (below
-            :data:`~otcfm.couplers.sinkhorn.ANNEAL_BELOW` of the mean cost, or from warm potentials never).
+            :data:`ANNEAL_BELOW` of the mean cost, or from warm potentials never).
         potentials: ``(f, g)`` to start from, e.g. those of the previous pool: ``(n0,)`` and ``(n1,)``.
         memory_budget: bytes for the blocks of scores.
 

@@ -18,6 +18,7 @@ from otcfm._args import check_anneal, check_count, check_flag, check_rate
 from otcfm._checks import all_finite, check_pair
 from otcfm._memory import check_dense_fits
 from otcfm.couplers.base import Pairing
+from otcfm.couplers.blockwise import ANNEAL_BELOW, blockwise_sinkhorn, draw_partners
 from otcfm.couplers.cost import check_source_labels, condition_cost, squared_euclidean_cost
 from otcfm.couplers.plan import CostFn, OTCoupler, pairs_from_plan
 
@@ -68,10 +69,6 @@ class _Float32Problem:
 SINKHORN_BYTES_PER_ENTRY = 40
 #: Likewise for the float32 path: its two buffers (cost and kernel) and the temporaries of a log-domain step.
 _FLOAT32_BYTES_PER_ENTRY = 20
-
-#: With ``anneal="auto"``, epsilon scaling is used below this fraction of the mean cost, where it saves
-#: iterations; above it plain scaling iterations converge in a few dozen steps and annealing costs kernels.
-ANNEAL_BELOW = 0.005
 
 
 class ConvergenceWarning(UserWarning):
@@ -515,8 +512,6 @@ class SinkhornCoupler(OTCoupler):
         """Pairs from :func:`~otcfm.couplers.blockwise.blockwise_sinkhorn` on both clouds scaled by a power of two
         (exact; :func:`_unit`) where their squares would under- or overflow, as the dense path rescales its cost:
         the same pairs at any finite input scale."""
-        from otcfm.couplers.blockwise import blockwise_sinkhorn, draw_partners
-
         unit = _unit(x0, x1)
         epsilon = self.epsilon
         if unit != 0:  # x / 2^unit; an absolute epsilon in the units of the scaled cost
