@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from otcfm._checks import all_finite, check_finite
+from otcfm._ranks import fail_together, gather_batch, stream_seed, world
 from otcfm.couplers.semidiscrete import (
     SemidiscreteCoupler,
     _check_unit,
@@ -100,8 +101,6 @@ class SemidiscreteShard:
         coupler.check_dataset(data)
         if coupler.labels is not None:
             raise ValueError("coupler: potentials fitted with labels cannot be sharded (pair within classes unsharded)")
-        from otcfm.distributed import world  # here: otcfm.distributed imports otcfm.couplers
-
         rank, size = world(group)
         start, stop = _bounds(data.shape[0], rank, size)
         assert coupler.potentials is not None
@@ -123,8 +122,6 @@ class SemidiscreteShard:
             ``(j, x1)``: global partner indices ``(B,)`` (int64) and the partners ``(B, ...)``, row ``k`` of
             ``x1`` paired with row ``k`` of ``x0``; train on them with ``coupler="paired"``.
         """
-        from otcfm.distributed import fail_together, gather_batch, stream_seed, world
-
         error: Exception | None = None
         try:  # a bad batch raises on every rank, not as a hang of the others at the collectives below
             if not isinstance(x0, Tensor) or x0.shape[1:] != self.data.shape[1:] or x0.shape[0] == 0:
