@@ -16,6 +16,8 @@ import math
 import torch
 from torch import Tensor
 
+from otcfm._args import check_count
+
 __all__ = ["checkerboard", "circles", "eight_gaussians", "gaussian", "mixture", "moons", "scurve", "spirals"]
 
 Generator = torch.Generator | None
@@ -31,9 +33,7 @@ def _randn(n: int, g: Generator, *shape: int) -> Tensor:
 
 def gaussian(n: int, generator: Generator = None, dim: int = 2) -> Tensor:
     """Standard normal ``N(0, I_dim)``: ``(n, dim)``."""
-    if not isinstance(dim, int) or dim < 1:
-        raise ValueError(f"dim: expected a positive integer, got {dim!r}")
-    return _randn(n, generator, dim)
+    return _randn(n, generator, check_count(dim, "dim"))
 
 
 def mixture(n: int, generator: Generator = None, dim: int = 16, components: int = 8, radius: float = 5.0) -> Tensor:
@@ -42,8 +42,7 @@ def mixture(n: int, generator: Generator = None, dim: int = 16, components: int 
     The centres are fixed (drawn once from ``torch.Generator().manual_seed(0)``, independent of
     ``generator``), so every call samples the same distribution: ``(n, dim)``.
     """
-    if not isinstance(dim, int) or dim < 1:
-        raise ValueError(f"dim: expected a positive integer, got {dim!r}")
+    dim = check_count(dim, "dim")
     directions = torch.randn(components, dim, generator=torch.Generator().manual_seed(0))
     centres = radius * directions / directions.norm(dim=1, keepdim=True)
     k = torch.randint(components, (n,), generator=generator)

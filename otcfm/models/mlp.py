@@ -25,9 +25,7 @@ class TimeEmbedding(nn.Module):
 
     def __init__(self, dim: int = 33, max_frequency: float = 64.0) -> None:
         super().__init__()
-        if dim < 1:
-            raise ValueError(f"dim: expected >= 1, got {dim}")
-        self.dim = dim
+        self.dim = check_count(dim, "dim")
         self.register_buffer("freqs", torch.logspace(0, math.log10(max_frequency), (dim - 1) // 2))
 
     def forward(self, t: Tensor) -> Tensor:
