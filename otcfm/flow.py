@@ -129,6 +129,16 @@ class FlowMatcher:
         coupler = get_coupler("sinkhorn", epsilon=path.entropic_epsilon, relative=False, **sinkhorn_options)
         return cls(coupler=coupler, path=path, time_sampler=time_sampler)
 
+    def paired(self) -> FlowMatcher:
+        """This flow matcher's path and time sampler on pairs kept as given (``coupler="paired"``): for batches
+        that are coupled already (OT pools, a global coupling, Reflow's pairs)."""
+        kept = self.__dict__.get("_paired")
+        if kept is None:
+            kept = self.__dict__["_paired"] = FlowMatcher(
+                coupler="paired", path=self.path, time_sampler=self.time_sampler
+            )
+        return kept
+
     def batch(
         self,
         x0: Tensor,

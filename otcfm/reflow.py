@@ -35,6 +35,7 @@ from otcfm._args import check_count, check_flag, check_seed
 from otcfm._checks import all_finite, check_choice, check_dtype_fits, floating_dtype, host_reads_free
 from otcfm._describe import describe
 from otcfm._random import keeps_global_rng
+from otcfm.batches import FixedPairs
 from otcfm.data import Sampler
 from otcfm.data.sources import DataSource, as_source, check_class_labels, content_hash, same_file
 from otcfm.engine import LRSchedule, Precision, Schedule, fit, resolve_device
@@ -634,23 +635,21 @@ def _fit(
     }
     target_device = resolve_device(device)
 
-    check_draws = not isinstance(pairs, PairSet)
+    def check_drawn(drawn: Any) -> None:  # a callable's draws: shapes and dtypes, metadata, no synchronisation
+        if not (isinstance(drawn, (tuple, list)) and len(drawn) == 2):
+            raise TypeError(
+                f"pairs: expected f(n, generator) to return a tuple (x0, x1) of tensors, got {type(drawn).__name__}"
+            )
+        _check_pair_tensors(*drawn, "pairs: x0", "pairs: x1", rows=batch_size)
+        check_dtype_fits(drawn[0], model_dtype, "pairs", "pairs")
+
     labelled = isinstance(pairs, PairSet) and pairs.y is not None
+    checked = None if isinstance(pairs, PairSet) else check_drawn
+    batches = FixedPairs(pairs, batch_size, target_device, labels=labelled, check=checked)
 
     def step_loss(net: nn.Module, step: int, generator: torch.Generator) -> Tensor:
-        if labelled:
-            x0, x1, y = pairs.labeled(batch_size, generator)
-            return loss(net, x0.to(target_device), x1.to(target_device), generator, y.to(target_device))
-        drawn = pairs(batch_size, generator)
-        if check_draws:  # shapes and dtypes: metadata, no synchronisation
-            if not (isinstance(drawn, (tuple, list)) and len(drawn) == 2):
-                raise TypeError(
-                    f"pairs: expected f(n, generator) to return a tuple (x0, x1) of tensors, got {type(drawn).__name__}"
-                )
-            _check_pair_tensors(*drawn, "pairs: x0", "pairs: x1", rows=batch_size)
-            check_dtype_fits(drawn[0], model_dtype, "pairs", "pairs")
-        x0, x1 = drawn
-        return loss(net, x0.to(target_device), x1.to(target_device), generator, None)
+        batch = batches(step, generator)
+        return loss(net, batch.x0, batch.x1, generator, batch.y1)
 
     fitted = fit(
         model,

@@ -35,6 +35,7 @@ from otcfm._args import check_count, check_flag, check_options
 from otcfm._checks import all_finite, first_nonfinite, named_as_data
 from otcfm._describe import describe
 from otcfm._random import keeps_global_rng
+from otcfm.batches import BatchSource, Draws, GlobalCoupling, Pools, WholeDataset, coupled_loss
 from otcfm.couplers import COUPLERS, Coupler, SemidiscreteCoupler, get_coupler
 from otcfm.data import DATASETS
 from otcfm.data.sources import FILE_SUFFIXES, DataSource, as_source
@@ -529,9 +530,7 @@ def train(
         described["model"] = f"object:{type(model).__module__}.{type(model).__qualname__}"
     config = dataclasses.replace(config, source=source.spec, target=target.spec, **described)
     fm = _flow_matcher(config, objects, resuming)
-    _, world_size = distributed.world()
-    global_coupling = config.global_coupling and world_size > 1
-    paired = FlowMatcher(coupler="paired", path=fm.path, time_sampler=fm.time_sampler) if global_coupling else fm
+    global_coupling = config.global_coupling and distributed.world()[1] > 1
     classes = _classes(config, target) if conditional else None
     net_model = model if model is not None else build_model(config, target.features, target.shape, classes)
     device_ = resolve_device(device)
@@ -549,7 +548,7 @@ def train(
     probe_labels = torch.zeros(2, dtype=torch.int64, device=place) if conditional else None
     with torch.autocast(place.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):  # as the steps run it
         check_velocity(net_model, first, "model", y=probe_labels)  # before any work
-    semidiscrete = fm.coupler if isinstance(fm.coupler, SemidiscreteCoupler) else None
+    semidiscrete = fm.coupler if fm.coupler.pairs_with_dataset else None
     if semidiscrete is not None and config.pool_size is not None:
         raise ValueError("pool_size: the semidiscrete coupler pairs with the whole dataset; pools are for others")
     if config.pool_size is not None and conditional:
@@ -564,45 +563,27 @@ def train(
             dataset_labels = target.labels.to(device_) if target.labels is not None else None
             if dataset_labels is None:  # a Dataset's labels: read once, all of them
                 dataset_labels = torch.as_tensor(target._all_labels()).to(device_)
-        if semidiscrete is not None:
+        batches: BatchSource = Draws(source, target, config.batch_size, device_, labels=conditional)
+        if semidiscrete is not None:  # every rank pairs its batch with the whole dataset itself
             dataset = _fit_semidiscrete(
                 semidiscrete, config, source, target, out, resume, overwrite, device_, progress, dataset_labels
             )
-            global_coupling, paired = False, fm  # every rank pairs its batch with the whole dataset itself
-        pools = None
-        if config.pool_size is not None:
+            batches = WholeDataset(source, dataset, config.batch_size, dataset_labels)
+        elif config.pool_size is not None:
             from otcfm.loader import PoolStream
 
             rank_seed = distributed.stream_seed(config.seed, "pools", distributed.world()[0])
-            pools = PoolStream(source, target, fm.coupler, config.pool_size, config.batch_size, rank_seed)
-            paired = FlowMatcher(coupler="paired", path=fm.path, time_sampler=fm.time_sampler)
+            stream = PoolStream(source, target, fm.coupler, config.pool_size, config.batch_size, rank_seed)
+            batches = Pools(stream, device_)
+        elif global_coupling:
+            batches = GlobalCoupling(batches, fm.coupler, config.seed)
+        labelled: dict[str, Any] = {"label_dropout": config.label_dropout, "null_label": null} if conditional else {}
 
         def step_loss(net: nn.Module, step: int, generator: torch.Generator) -> torch.Tensor:
             try:
-                return coupled_loss(net, step, generator)
+                return coupled_loss(fm, net, batches(step, generator), generator, **labelled)
             except ValueError as error:  # the loss names its x0 / x1: the user passed source / target
                 raise named_as_data(error, f"a batch drawn at step {step}") from error
-
-        labelled: dict[str, Any] = {"label_dropout": config.label_dropout, "null_label": null} if conditional else {}
-
-        def coupled_loss(net: nn.Module, step: int, generator: torch.Generator) -> torch.Tensor:
-            if pools is not None:
-                x0, x1 = pools.batch(step)
-                return paired.loss(net, x0.to(device_), x1.to(device_), generator)
-            x0 = source(config.batch_size, generator).to(device_)
-            if dataset is not None:
-                return fm.loss(net, x0, dataset, generator, y1=dataset_labels, **labelled)
-            y1 = None
-            if conditional:
-                x1, y1 = target.labeled(config.batch_size, generator)
-                x1, y1 = x1.to(device_), y1.to(device_)
-            else:
-                x1 = target(config.batch_size, generator).to(device_)
-            if not global_coupling:
-                return fm.loss(net, x0, x1, generator, y1=y1, **labelled)
-            shared = torch.Generator().manual_seed(distributed.stream_seed(config.seed, "coupling", step))
-            x0, x1, _, y1 = distributed.global_pairs(fm.coupler, x0, x1, y1=y1, generator=shared)
-            return paired.loss(net, x0, x1, generator, y1=y1, **labelled)
 
         run = {
             "stage": "train",

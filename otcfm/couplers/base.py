@@ -50,6 +50,9 @@ class Coupler(ABC):
     sources_in_order: bool = False
     #: Whether ``j`` is always ``arange(B1)`` as well (the pairs as given), so the targets are not gathered either.
     targets_in_order: bool = False
+    #: Whether the coupler pairs each source sample with a point of a whole fitted dataset (given as ``x1``, all of
+    #: it, at every call), as the semidiscrete coupler does; ``otcfm.train`` then fits it and passes the dataset.
+    pairs_with_dataset: bool = False
 
     def finite_checked_later(self) -> bool:
         """Whether :meth:`pair` itself rejects NaN/Inf inputs, so ``__call__`` can skip scanning them."""

@@ -139,6 +139,7 @@ class SemidiscreteCoupler(Coupler):
 
     name = "semidiscrete"
     sources_in_order = True
+    pairs_with_dataset = True
 
     def __init__(
         self,
