@@ -1,11 +1,10 @@
 """Toy distributions for flow matching, drawn on the CPU from an explicit generator.
 
-Conventions follow TorchCFM / Tong et al. (2023) where they exist, so results
-are comparable: ``8gaussians`` has centres on a circle of radius 5 and
-per-coordinate std ``0.1 ** 0.25`` (TorchCFM passes ``sqrt(0.1) * I`` as a
-covariance); ``moons`` has noise 0.2 and is mapped by ``3 x - 1``. Unlike
-the deterministic ``linspace`` of scikit-learn's ``make_moons``, every
-sample here is an independent draw (angles uniform).
+``8gaussians`` follows TorchCFM / Tong et al. (2023): centres on a circle of radius 5 and per-coordinate std
+``0.1 ** 0.25`` (TorchCFM passes ``sqrt(0.1) * I`` as a covariance). ``moons`` is not TorchCFM's: both are mapped
+by ``3 x - 1``, but TorchCFM's (torchdyn's ``generate_moons(n, noise=0.2)``) puts the angles on a ``linspace`` and
+adds one uniform ``[0, 0.2)`` shift to both coordinates of a sample, where ours draws the angles uniformly and adds
+Gaussian noise of std 0.2 to each coordinate: a wider distribution (every sample an independent draw).
 Each function returns a float32 ``(n, d)`` tensor on the CPU.
 """
 
