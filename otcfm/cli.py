@@ -28,7 +28,7 @@ from otcfm.paths import PATHS
 from otcfm.plotting import is_image_shape
 from otcfm.solvers import METHODS, solve
 from otcfm.timesteps import TIME_SAMPLERS
-from otcfm.training import SEMIDISCRETE_FIT_NAME, TrainConfig, build_model, load_model, train
+from otcfm.training import OBJECTIVES, SEMIDISCRETE_FIT_NAME, TrainConfig, build_model, load_model, train
 
 __all__ = ["main", "run"]
 
@@ -270,6 +270,20 @@ def _parser(train_defaults: dict[str, Any] | None = None) -> argparse.ArgumentPa
         "--model factory",
     )
     tr.add_argument(
+        "--objective",
+        default=defaults.objective,
+        choices=list(OBJECTIVES),
+        help="meanflow: a flow map u(z, r, t) sampled in one step (otcfm sample --steps 1)",
+    )
+    tr.add_argument(
+        "--objective-option",
+        type=_key_value,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an objective option, repeatable: flow_map_fraction=0.25, adaptive_p=1",
+    )
+    tr.add_argument(
         "--conditional",
         default="auto",
         choices=["auto", "on", "off"],
@@ -426,6 +440,8 @@ def _config(args: argparse.Namespace) -> TrainConfig:
         global_coupling=args.global_coupling,
         pool_size=args.pool_size,
         warmup_steps=args.warmup_steps,
+        objective=args.objective,
+        objective_options=dict(args.objective_option),
         conditional={"auto": None, "on": True, "off": False}[args.conditional],
         label_dropout=args.label_dropout,
     )
@@ -448,6 +464,7 @@ _FIELD_OPTIONS = {
     "path_options": "path_option",
     "time_sampler_options": "time_sampler_option",
     "model_options": "model_option",
+    "objective_options": "objective_option",
 }
 #: Settings a resumed run never takes from its checkpoint: otcfm never imports code named in a file, so a model
 #: factory is given again (its options are taken with it, below). The data's options follow the data and ``--dim``.
@@ -775,6 +792,7 @@ _RENAMED = {
         "path_options": "--path-option",
         "time_sampler_options": "--time-sampler-option",
         "model_options": "--model-option",
+        "objective_options": "--objective-option",
         "source_options": "--dim",
         "target_options": "--dim",
     },

@@ -167,7 +167,8 @@ def describe_stage(config: TrainConfig, stage: str, teacher: str = "") -> str:
         return f"rectified flow on the pairs of {of}"
     if stage == "distill":
         return f"one-step generator distilled from {of}"
-    return f"coupler={config.coupler}, path={config.path}"
+    objective = ", objective=meanflow (a flow map)" if config.objective == "meanflow" else ""
+    return f"coupler={config.coupler}, path={config.path}{objective}"
 
 
 def _mean_std(values: list[float]) -> dict[str, float]:

@@ -18,7 +18,8 @@ from torch import Tensor, nn
 
 from otcfm._args import check_count, check_flag, check_rate
 from otcfm._checks import check_batch, check_choice, explain_time_first
-from otcfm.guidance import guided_field
+from otcfm.guidance import class_labels, guided_field
+from otcfm.meanflow import is_flow_map
 from otcfm.torchdyn_adapter import TorchdynField, load_neural_ode
 
 __all__ = ["FIXED_STEP_METHODS", "METHODS", "Solution", "check_output", "check_velocity", "integrate", "solve"]
@@ -116,6 +117,9 @@ def solve(
         null_label: the unconditional branch's label; default the model's ``null_label`` attribute, else the
             model is called without labels.
 
+    A flow map (a model with ``flow_map = True``, :mod:`otcfm.meanflow`) is stepped by its own map,
+    ``z <- z + (t_{k+1} - t_k) u(z, t_k, t_{k+1})``, with ``method="euler"``: ``steps=1`` is its one-step sample.
+
     Returns:
         a :class:`Solution` with the final state, output times, optional trajectory and NFE.
 
@@ -136,10 +140,21 @@ def solve(
     check_count(max_nfe, "max_nfe")
     check_flag(return_trajectory, "return_trajectory")
     check_flag(grad, "grad")
-    model = guided_field(model, y, guidance, null_label, x0.shape[0], x0.device)
+    flow_map = is_flow_map(model)
+    if flow_map and method != "euler":
+        raise ValueError(
+            f"method: a flow map is stepped by its own map, z <- z + (t - r) u(z, r, t); use 'euler', got {method!r}"
+        )
+    if flow_map and guidance != 1.0:
+        raise ValueError(f"guidance: {guidance!r}: guidance of a flow map is not supported; use guidance=1")
+    if not flow_map:
+        model = guided_field(model, y, guidance, null_label, x0.shape[0], x0.device)
     times = torch.linspace(float(t_span[0]), float(t_span[1]), steps + 1, dtype=x0.dtype, device=x0.device)
     with torch.set_grad_enabled(grad):
-        if method == "dopri5":
+        if flow_map:
+            labels = None if y is None else class_labels(y, x0.shape[0], x0.device)
+            solution = _solve_flow_map(model, x0, times, return_trajectory, labels)
+        elif method == "dopri5":
             solution = _solve_adaptive(model, x0, times, return_trajectory, atol, rtol, max_nfe)
         else:
             solution = _solve_fixed(model, x0, times, method, return_trajectory)
@@ -251,6 +266,24 @@ def _solve_fixed(
             states.append(x)
     trajectory = torch.stack(states) if keep else None
     return Solution(x, times, trajectory, evaluations * (len(times) - 1))
+
+
+def _solve_flow_map(
+    model: Callable[..., Tensor], x: Tensor, times: Tensor, keep: bool, labels: Tensor | None
+) -> Solution:
+    """``z <- z + (t_{k+1} - t_k) u(z, t_k, t_{k+1})`` for a flow map (:mod:`otcfm.meanflow`): one evaluation per
+    step, exact for a perfect map whatever the number of steps."""
+    batch = x.shape[0]
+    states = [x] if keep else []
+    for k in range(len(times) - 1):
+        r, t = times[k].expand(batch), times[k + 1].expand(batch)
+        u = model(x, r, t) if labels is None else model(x, r, t, labels)
+        if k == 0:
+            check_output(u, x)
+        x = x + (times[k + 1] - times[k]) * u
+        if keep:
+            states.append(x)
+    return Solution(x, times, torch.stack(states) if keep else None, len(times) - 1)
 
 
 def _solve_adaptive(

@@ -54,16 +54,19 @@ from otcfm.engine import (
 )
 from otcfm.flow import FlowMatcher
 from otcfm.guidance import null_label_of
+from otcfm.meanflow import MeanFlow, is_flow_map
 from otcfm.models import MLP, model_spec, rebuild_model, unet
 from otcfm.paths import PATHS
 from otcfm.paths import Path as ProbabilityPath
 from otcfm.runlock import run_lock
-from otcfm.solvers import check_velocity
+from otcfm.solvers import check_output, check_velocity, first_call
 from otcfm.timesteps import TIME_SAMPLERS
 
 __all__ = ["CHECKPOINT_NAME", "TrainConfig", "TrainResult", "build_model", "load_model", "train", "write_checkpoint"]
 
 _OBJECT_FIELDS = ("source", "target", "coupler", "path", "time_sampler")
+#: Training objectives by name (``TrainConfig.objective``).
+OBJECTIVES = ("flow_matching", "meanflow")
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,11 @@ class TrainConfig:
             ``null_label``); recorded as True or False.
         label_dropout: the fraction of pairs whose label the model sees as "no class", for classifier-free
             guidance (:mod:`otcfm.guidance`); None: 0.1 in a conditional run, 0 otherwise; recorded as a number.
+        objective: ``"flow_matching"`` (a velocity ``model(x, t)``), or ``"meanflow"``: a flow map
+            ``model(z, r, t)`` trained with :class:`otcfm.meanflow.MeanFlow` on the same couplers and paths (the
+            built-in MLP and UNet are built with ``flow_map=True``); ``otcfm.integrate(model, x0, steps=1)`` is then
+            its one-step sample.
+        objective_options: keyword options of the objective (``{"flow_map_fraction": 0.25, "adaptive_p": 1.0}``).
         pool_size: couple ``pool_size`` samples per side at once (an OT pool, a multiple of ``batch_size``) and
             train on it for ``pool_size / batch_size`` steps, each pair once (:class:`otcfm.loader.PoolStream`;
             pool ``k`` of rank ``r`` is seeded from ``seed``, ``r`` and ``k``, so a resumed run is bit-exact).
@@ -144,9 +152,13 @@ class TrainConfig:
     warmup_steps: int = 0
     conditional: bool | None = None
     label_dropout: float | None = None
+    objective: str = "flow_matching"
+    objective_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_schedule(self)
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective: unknown value {self.objective!r}; expected one of {', '.join(OBJECTIVES)}")
         if self.conditional is not None:
             object.__setattr__(self, "conditional", check_flag(self.conditional, "conditional"))
         if self.label_dropout is not None:
@@ -179,6 +191,7 @@ class TrainConfig:
             "path_options",
             "time_sampler_options",
             "model_options",
+            "objective_options",
         ):
             value = getattr(self, name)
             if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
@@ -251,7 +264,7 @@ def _unused(message: str, resuming: bool) -> None:
     warnings.warn(f"{message} (this run recorded it, unused, when it started; it resumes as it trained)", stacklevel=5)
 
 
-def _flow_matcher(config: TrainConfig, objects: dict[str, Any], resuming: bool = False) -> FlowMatcher:
+def _flow_matcher(config: TrainConfig, objects: dict[str, Any], resuming: bool = False) -> FlowMatcher | MeanFlow:
     for name in ("coupler", "path", "time_sampler"):
         options = getattr(config, f"{name}_options")
         if name in objects and options:  # they would be recorded, and not used
@@ -299,7 +312,15 @@ def _flow_matcher(config: TrainConfig, objects: dict[str, Any], resuming: bool =
             time_sampler = cls(**check_options(cls, config.time_sampler_options, "time_sampler"))
         except (TypeError, ValueError) as error:
             raise _option_error("time_sampler_options", config.time_sampler_options, error) from error
-    return FlowMatcher(coupler=coupler, path=path, sigma=sigma, time_sampler=time_sampler)
+    fm = FlowMatcher(coupler=coupler, path=path, sigma=sigma, time_sampler=time_sampler)
+    if config.objective == "flow_matching":
+        if config.objective_options:
+            raise ValueError(f"objective_options: {config.objective_options} are for objective='meanflow'")
+        return fm
+    try:
+        return MeanFlow(fm.coupler, fm.path, None, fm.time_sampler, **config.objective_options)
+    except (TypeError, ValueError) as error:
+        raise _option_error("objective_options", config.objective_options, error) from error
 
 
 def _recorded_source(config: TrainConfig, path: Path) -> TrainConfig:
@@ -375,12 +396,14 @@ def build_model(
         )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
+        flow_map = config.objective == "meanflow"
         if config.model == "mlp":
-            return MLP(features or config.data_dim(), hidden=config.hidden, depth=config.depth)
+            return MLP(features or config.data_dim(), hidden=config.hidden, depth=config.depth, flow_map=flow_map)
         if config.model == "unet":
             if shape is None:
                 shape = as_source(config.target, "target", config.target_options).shape
             options = {k: v for k, v in config.model_options.items() if k != "num_classes"}
+            options.setdefault("flow_map", flow_map)
             classes = num_classes if num_classes is not None else config.model_options.get("num_classes")
             try:
                 return unet(shape, num_classes=classes, **options)
@@ -546,8 +569,17 @@ def train(
     if not all_finite(first):  # blamed on the data, not on the model that it makes return NaN
         raise ValueError("source: a draw of 2 samples contains NaN or Inf")
     probe_labels = torch.zeros(2, dtype=torch.int64, device=place) if conditional else None
+    if (config.objective == "meanflow") != is_flow_map(net_model):
+        wanted = "a flow map model(z, r, t) with flow_map = True" if config.objective == "meanflow" else "a velocity"
+        raise ValueError(f"model: objective={config.objective!r} trains {wanted}; the model given is not one")
     with torch.autocast(place.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):  # as the steps run it
-        check_velocity(net_model, first, "model", y=probe_labels)  # before any work
+        if config.objective == "meanflow":  # z at r = 0 towards t = 0: the call a step makes, on two samples
+            zero = torch.zeros(2, dtype=first.dtype, device=place)
+            check_output(
+                first_call(lambda x, t, *y: net_model(x, t, zero, *y), first, zero, "model", probe_labels), first
+            )
+        else:
+            check_velocity(net_model, first, "model", y=probe_labels)  # before any work
     semidiscrete = fm.coupler if fm.coupler.pairs_with_dataset else None
     if semidiscrete is not None and config.pool_size is not None:
         raise ValueError("pool_size: the semidiscrete coupler pairs with the whole dataset; pools are for others")

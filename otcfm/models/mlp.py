@@ -50,6 +50,8 @@ class MLP(nn.Module):
         depth: number of hidden layers, ``>= 1``.
         time_dim: size of the time embedding.
         activation: activation module class.
+        flow_map: a flow map ``u(z, r, t)`` (:mod:`otcfm.meanflow`), called ``model(z, r, t)``: the embeddings of
+            ``t`` and of ``t - r`` are concatenated to the input.
     """
 
     def __init__(
@@ -59,8 +61,12 @@ class MLP(nn.Module):
         depth: int = 3,
         time_dim: int = 33,
         activation: type[nn.Module] = nn.SiLU,
+        flow_map: bool = False,
     ) -> None:
         super().__init__()
+        if not isinstance(flow_map, bool):
+            raise TypeError(f"flow_map: expected True or False, got {flow_map!r}")
+        self.flow_map = flow_map
         for name, value in (("dim", dim), ("hidden", hidden), ("depth", depth), ("time_dim", time_dim)):
             check_count(value, name)
         self.dim = dim
@@ -71,24 +77,31 @@ class MLP(nn.Module):
             "depth": depth,
             "time_dim": time_dim,
             "activation": activation.__name__,
+            **({"flow_map": True} if flow_map else {}),
         }
         self.time_embedding = TimeEmbedding(time_dim)
         layers: list[nn.Module] = []
-        width = dim + time_dim
+        width = dim + time_dim * (2 if flow_map else 1)
         for _ in range(depth):
             layers += [nn.Linear(width, hidden), activation()]
             width = hidden
         layers.append(nn.Linear(width, dim))
         self.net = nn.Sequential(*layers)
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        """Velocity at ``x: (B, ...)``, ``t: (B,)`` (a 0-d ``t`` is broadcast) -> ``(B, ...)``."""
+    def forward(self, x: Tensor, t: Tensor, t_end: Tensor | None = None) -> Tensor:
+        """Velocity at ``x: (B, ...)``, ``t: (B,)`` (a 0-d ``t`` is broadcast) -> ``(B, ...)``; a flow map is called
+        ``model(z, r, t)`` (``t`` here is ``r``, ``t_end`` is ``t``) and gives the average velocity over ``[r, t]``."""
         flat = x.reshape(x.shape[0], -1)
         if flat.shape[1] != self.dim:
             raise ValueError(f"x: expected {self.dim} features per sample, got shape {tuple(x.shape)}")
-        if t.ndim == 0:
-            t = t.expand(x.shape[0])
-        if t.shape != (x.shape[0],):
-            raise ValueError(f"t: expected shape ({x.shape[0]},), got {tuple(t.shape)}")
-        h = torch.cat([flat, self.time_embedding(t.to(flat.dtype))], dim=1)
-        return self.net(h).reshape(x.shape)
+        if (t_end is None) == self.flow_map:
+            expected = "model(z, r, t)" if self.flow_map else "model(x, t)"
+            raise TypeError(f"t: this MLP is called as {expected}")
+        times = [t] if t_end is None else [t_end, t_end - t]
+        features = [flat]
+        for time in times:
+            time = time.expand(x.shape[0]) if time.ndim == 0 else time
+            if time.shape != (x.shape[0],):
+                raise ValueError(f"t: expected shape ({x.shape[0]},), got {tuple(time.shape)}")
+            features.append(self.time_embedding(time.to(flat.dtype)))
+        return self.net(torch.cat(features, dim=1)).reshape(x.shape)

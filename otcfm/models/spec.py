@@ -83,9 +83,9 @@ def _check_weights(
         raise ValueError(f"model: the weights do not match the {noun} spec {spec} (first mismatch: {wrong[0]})")
 
 
-def _mlp_shapes(dim: int, hidden: int, depth: int, time_dim: int) -> dict[str, tuple[int, ...]]:
+def _mlp_shapes(dim: int, hidden: int, depth: int, time_dim: int, times: int = 1) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {"time_embedding.freqs": ((time_dim - 1) // 2,)}
-    width = dim + time_dim
+    width = dim + times * time_dim
     for k in range(depth + 1):
         out = hidden if k < depth else dim
         shapes[f"net.{2 * k}.weight"], shapes[f"net.{2 * k}.bias"] = (out, width), (out,)
@@ -95,18 +95,20 @@ def _mlp_shapes(dim: int, hidden: int, depth: int, time_dim: int) -> dict[str, t
 
 def _rebuild_mlp(spec: dict[str, object], weights: dict[str, object] | None) -> MLP:
     dim, hidden, depth, time_dim = (spec.get(k) for k in ("dim", "hidden", "depth", "time_dim"))
-    if not all(isinstance(v, int) and v >= 1 for v in (dim, hidden, depth, time_dim)):
+    flow_map = spec.get("flow_map", False)
+    if not all(isinstance(v, int) and v >= 1 for v in (dim, hidden, depth, time_dim)) or not isinstance(flow_map, bool):
         raise ValueError(f"model: invalid MLP spec {spec}")
-    size = (dim + time_dim) * hidden + (depth - 1) * hidden * hidden + hidden * dim  # type: ignore[operator]
+    times = 2 if flow_map else 1
+    size = (dim + times * time_dim) * hidden + (depth - 1) * hidden * hidden + hidden * dim  # type: ignore[operator]
     if size > MAX_PARAMETERS:
         raise ValueError(f"model: the MLP spec {spec} asks for {size:,} parameters, more than {MAX_PARAMETERS:,}")
     if weights is not None:
         count = 2 * (depth + 1) + 1  # type: ignore[operator]
-        _check_weights(weights, count, lambda: _mlp_shapes(dim, hidden, depth, time_dim), spec, "MLP")  # type: ignore[arg-type]
+        _check_weights(weights, count, lambda: _mlp_shapes(dim, hidden, depth, time_dim, times), spec, "MLP")  # type: ignore[arg-type]
     activation = getattr(nn, str(spec.get("activation", "SiLU")), None)
     if not (isinstance(activation, type) and issubclass(activation, nn.Module)):
         raise ValueError(f"model: unknown activation {spec.get('activation')!r} in the MLP spec")
-    return MLP(dim, hidden=hidden, depth=depth, time_dim=time_dim, activation=activation)  # type: ignore[arg-type]
+    return MLP(dim, hidden=hidden, depth=depth, time_dim=time_dim, activation=activation, flow_map=flow_map)  # type: ignore[arg-type]
 
 
 def _rebuild_unet(spec: dict[str, object], weights: dict[str, object] | None) -> UNet:

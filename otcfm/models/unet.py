@@ -46,6 +46,7 @@ _DEFAULTS: dict[str, Any] = {
     "dropout": 0.0,
     "num_classes": None,
     "num_heads": 4,
+    "flow_map": False,
 }
 
 
@@ -89,6 +90,9 @@ def check_unet_options(options: Mapping[str, Any]) -> dict[str, Any]:
         "attention_resolutions": _count_tuple(o["attention_resolutions"], "attention_resolutions", allow_empty=True),
         "num_heads": check_count(o["num_heads"], "num_heads"),
     }
+    if not isinstance(o["flow_map"], bool):
+        raise TypeError(f"flow_map: expected True or False, got {o['flow_map']!r}")
+    checked["flow_map"] = o["flow_map"]
     dropout = o["dropout"]
     if not isinstance(dropout, numbers.Real) or isinstance(dropout, bool) or not 0 <= dropout < 1:
         raise ValueError(f"dropout: expected a number in [0, 1), got {dropout!r}")
@@ -293,10 +297,12 @@ class UNet(nn.Module):
         dropout: float = 0.0,
         num_classes: int | None = None,
         num_heads: int = 4,
+        flow_map: bool = False,
     ) -> None:
         super().__init__()
         o = check_unet_options(
             {
+                "flow_map": flow_map,
                 "channels": channels,
                 "image_size": image_size,
                 "base_channels": base_channels,
@@ -323,6 +329,11 @@ class UNet(nn.Module):
         self.base_channels = base
 
         self.time_mlp = nn.Sequential(nn.Linear(base, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        #: a flow map u(z, r, t) (otcfm.meanflow): the interval's length t - r gets an embedding of its own
+        self.flow_map: bool = o["flow_map"]
+        self.gap_mlp = (
+            nn.Sequential(nn.Linear(base, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)) if self.flow_map else None
+        )
         self.class_embedding = None if o["num_classes"] is None else nn.Embedding(o["num_classes"] + 1, emb_dim)
 
         def block(c_in: int, c_out: int, level: int) -> _Block:
@@ -361,15 +372,26 @@ class UNet(nn.Module):
         self.out_norm = _norm(ch)
         self.out_conv = _zeroed(nn.Conv2d(ch, o["channels"], 3, padding=1))
 
-    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, *times_and_labels: Tensor | None, y: Tensor | None = None) -> Tensor:
         """Velocity at ``x: (N, C, H, W)``, ``t: (N,)`` (a 0-d ``t`` is broadcast), labels ``y: (N,)`` or ``(N, 1)``
-        (None on a conditional model: :attr:`null_label` for every row) -> ``(N, C, H, W)``.
+        (None on a conditional model: :attr:`null_label` for every row) -> ``(N, C, H, W)``: called
+        ``model(x, t)`` or ``model(x, t, y)``; a flow map (``flow_map=True``) is called ``model(z, r, t)`` or
+        ``model(z, r, t, y)`` and gives the average velocity over ``[r, t]``.
 
         Raises:
             ValueError: ``x`` not of shape ``(N, C, H, W)``, ``t`` not of shape ``(N,)``, ``y`` given to an
                 unconditional model, of another shape, or (on the CPU) with labels outside ``[0, K]``.
             TypeError: ``y`` not an integer tensor.
         """
+        r = None
+        rest = list(times_and_labels)
+        if self.flow_map:
+            if not rest:
+                raise ValueError("t: a flow map is called as model(z, r, t) (r, then t); got one time")
+            r, t = t, rest.pop(0)
+        if len(rest) > 1 or (rest and y is not None):
+            raise TypeError(f"y: expected at most one label tensor, got {len(rest) + (y is not None)}")
+        y = rest[0] if rest else y
         if x.ndim != 4 or tuple(x.shape[1:]) != self.sample_shape:
             raise ValueError(f"x: expected shape (N, {', '.join(map(str, self.sample_shape))}), got {tuple(x.shape)}")
         n = x.shape[0]
@@ -380,6 +402,11 @@ class UNet(nn.Module):
         if y is not None and self.class_embedding is None:
             raise ValueError("y: this UNet was built without num_classes")
         emb = self.time_mlp(timestep_features(t, self.base_channels).to(self.time_mlp[0].weight.dtype))
+        if self.gap_mlp is not None and r is not None:
+            r = r.expand(n) if r.ndim == 0 else r
+            if r.shape != (n,):
+                raise ValueError(f"r: expected shape ({n},), got {tuple(r.shape)}")
+            emb = emb + self.gap_mlp(timestep_features(t - r, self.base_channels).to(emb.dtype))
         if self.class_embedding is not None:
             emb = emb + self.class_embedding(self._labels(y, n, x.device))
         emb = F.silu(emb)
