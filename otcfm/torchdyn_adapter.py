@@ -18,7 +18,7 @@ __all__ = ["TorchdynField", "load_neural_ode"]
 INSTALL_HINT = (
     "method='dopri5' needs the optional torchdyn integration: pip install 'otcfm[torchdyn]'. "
     "With a CPU-only torch whose matching torchvision is unavailable, install it without "
-    "torchvision: pip install --no-deps torchdyn==1.0.6 && pip install attrs torchcde pytorch-lightning"
+    "torchvision: pip install attrs torchcde pytorch-lightning && pip install --no-deps torchdyn==1.0.6"
 )
 
 
