@@ -79,10 +79,10 @@ def multinomial(weights: Tensor, generator: torch.Generator | None, device: torc
 
     Row ``r`` gives ``k`` with probability ``w_rk / sum_k w_rk``, by inversion in two levels: one uniform per
     row is searched in the running sums of blocks of :data:`_BLOCK` columns, then within the chosen block.
-    Block sums are taken in the weights' dtype, at least float32 (a float64 sum of float32 weights runs 20x
-    slower, for no accuracy the float32 weights have), running sums in float64. One pass over ``weights`` that
-    vectorises: for a 4096 x 4096 float64 plan on one CPU thread (with other work running) 14 ms, against 120 ms
-    for a full running sum and 590 ms for ``torch.multinomial``.
+    Block sums are taken in the weights' dtype, at least float32 (a float64 sum of float32 weights is slower, for
+    no accuracy the float32 weights have), running sums in float64. One pass over ``weights`` that
+    vectorises, much faster than a full running sum or ``torch.multinomial`` on large plans
+    (docs/benchmarks.md, couplers).
     """
     source = weights.device if generator is None else generator.device
     w = weights.to(device=source)

@@ -80,8 +80,8 @@ def exit_worker() -> None:
     """End a spawned worker process (``torch.multiprocessing.spawn``) whose results are saved, after :func:`shutdown`.
 
     Skips the interpreter's finalisation, where gloo's worker threads can still release work objects holding
-    tensors and abort the process ("terminate called without an active exception", pytorch/pytorch#179291; the
-    likely cause of a rank's SIGABRT in two CI runs on 2026-11-24). What the skipped exit would do for this
+    tensors and abort the process ("terminate called without an active exception", pytorch/pytorch#179291).
+    What the skipped exit would do for this
     process's semaphores (tqdm's lock) and output streams is done first. Exit status 0.
     """
     import multiprocessing.util

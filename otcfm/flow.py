@@ -188,7 +188,7 @@ class FlowMatcher:
         t = self.time_sampler(shape[0], generator, device, dtype)
         noise = _random.randn(tuple(shape), generator, device, dtype) if self._needs_noise else None
         shaped = t if t.dtype == dtype else t.to(dtype)
-        # (B, 1, ..., 1); view(-1, 1) is the common case, spelled out: a tuple argument costs ~3 us cold
+        # (B, 1, ..., 1); view(-1, 1), the common case, spelled out (cheaper than a tuple argument)
         shaped = shaped.view(-1, 1) if len(shape) == 2 else shaped.reshape((-1,) + (1,) * (len(shape) - 1))
         x_t, u_t = self.path.interpolate(x0, x1, shaped, noise)
         return t, x_t, u_t, i, j

@@ -122,8 +122,8 @@ class Coupler(ABC):
     def _arange(self, n: int, device: torch.device) -> Tensor:
         """``torch.arange(n, device=device)``, the same tensor from call to call until someone modifies it in place.
 
-        In a training step the model has just evicted the caches, and any tensor op then costs tens of
-        microseconds (about 25 us for this one, 0.6% of a 2-D MLP step; ``benchmarks/step.py``). The reuse is
+        In a training step the model has just evicted the caches, and any tensor op then costs a measurable part of
+        a small model's step (``benchmarks/step.py``). The reuse is
         guarded by the tensor's version counter: a caller that changes ``i`` in place gets a fresh one next time.
         A tensor made under ``torch.inference_mode()`` has no version counter and is not kept.
         """

@@ -618,7 +618,7 @@ class _Workspace:
     """Two reusable ``(n0, n1)`` float32 buffers (cost and kernel) for the float32 path of a coupler.
 
     A pool stream couples many problems of one shape; fresh 64 MiB buffers for each would cost a page fault per
-    4 KiB (about 18 ms each at 4096 x 4096 on a 2-core VM, a quarter of the solve). The buffers are kept up to
+    4 KiB, a sizeable part of the solve at 4096 x 4096. The buffers are kept up to
     :data:`_KEPT_ENTRIES` entries each (two of 256 MiB); larger ones are allocated per call. A call that finds the
     buffers leased (another thread is pairing with the same coupler) gets fresh ones instead of waiting.
     """

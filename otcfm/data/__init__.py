@@ -103,7 +103,9 @@ def sample(
         raise ValueError(f"device: {str(device)!r} holds shapes without values; expected 'cpu', 'cuda' or another")
     try:
         drawn = DATASETS[name](n, generator, **options)
-    except TypeError:  # an unknown option is named (looked up only now: a signature costs ~10 us per call)
+    except (
+        TypeError
+    ):  # an unknown option is named (looked up only on failure: inspecting a signature per draw would slow every draw)
         check_options(DATASETS[name], options, f"options of {name!r}", fixed=("n", "generator"))
         raise
     return drawn.to(device=device, dtype=dtype)
