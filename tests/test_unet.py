@@ -207,3 +207,23 @@ def test_unet_learns_flow_matching() -> None:
         opt.step()
         losses.append(loss.item())
     assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
+
+
+def test_the_output_depends_on_the_time_and_the_class() -> None:
+    """Every zero-initialised convolution given weights, the output must change with t and with y: an embedding
+    added before a normalisation with one channel per group would be erased (it was, with GroupNorm(16, 16))."""
+    torch.manual_seed(0)
+    model = otcfm.models.unet((1, 28, 28), preset="mnist", num_classes=10)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Conv2d) and not module.weight.any():
+                module.weight.normal_(0, 0.05)
+    x = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        early, late = model(x, torch.full((4,), 0.1)), model(x, torch.full((4,), 0.9))
+        zero, seven = (
+            model(x, torch.full((4,), 0.5), torch.zeros(4, dtype=torch.long)),
+            model(x, torch.full((4,), 0.5), torch.full((4,), 7)),
+        )
+    assert (early - late).abs().mean() > 1e-3 * early.abs().mean()
+    assert (zero - seven).abs().mean() > 1e-3 * zero.abs().mean()

@@ -132,8 +132,9 @@ def check_unet_options(options: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _groups(channels: int) -> int:
-    """The largest of 32, 16, 8, 4, 2, 1 that divides ``channels``."""
-    return next(g for g in (32, 16, 8, 4, 2, 1) if channels % g == 0)
+    """The largest of 32, 16, 8, 4, 2, 1 that divides ``channels`` into groups of at least 4 channels (1 group
+    below 8 channels): a group of one channel would be instance normalisation, which erases each channel's mean."""
+    return next((g for g in (32, 16, 8, 4, 2) if channels % g == 0 and channels // g >= 4), 1)
 
 
 def _norm(channels: int) -> nn.GroupNorm:
@@ -166,7 +167,9 @@ def timestep_features(t: Tensor, dim: int, max_period: float = 10_000.0) -> Tens
 
 
 class ResBlock(nn.Module):
-    r"""``h = conv(SiLU(GN(x))) + W e``, ``out = skip(x) + conv_0(drop(SiLU(GN(h))))``; ``conv_0`` starts at zero.
+    r"""``h = conv(SiLU(GN(x)))``, ``out = skip(x) + conv_0(drop(SiLU(GN(h) (1 + s) + b)))`` with ``(s, b) = W e``
+    (ADM's scale-shift norm: the embedding acts after the normalisation, which would remove a shift added before
+    it); ``conv_0`` starts at zero.
 
     Args:
         in_channels: channels of ``x``.
@@ -179,7 +182,7 @@ class ResBlock(nn.Module):
         super().__init__()
         self.norm1 = _norm(in_channels)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.emb = nn.Linear(emb_dim, out_channels)
+        self.emb = nn.Linear(emb_dim, 2 * out_channels)
         self.norm2 = _norm(out_channels)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = _zeroed(nn.Conv2d(out_channels, out_channels, 3, padding=1))
@@ -188,8 +191,8 @@ class ResBlock(nn.Module):
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         """``x: (N, in_channels, H, W)``, ``emb: (N, emb_dim)`` -> ``(N, out_channels, H, W)``."""
         h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.emb(emb)[:, :, None, None]
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        scale, shift = self.emb(emb)[:, :, None, None].chunk(2, dim=1)
+        h = self.conv2(self.dropout(F.silu(self.norm2(h) * (1 + scale) + shift)))
         return self.skip(x) + h
 
 
