@@ -543,7 +543,6 @@ def test_dense_sinkhorn_estimates_its_memory(monkeypatch: pytest.MonkeyPatch, pa
     """With 64 MiB available, a 2048 x 2048 dense Sinkhorn (20 bytes per entry in float32, 40 in float64) raises
     MemoryError naming the solve before it allocates; the blockwise path keeps to its budget (not run here)."""
     import otcfm._memory
-    import otcfm.couplers.blockwise as blockwise
     import otcfm.couplers.sinkhorn as sinkhorn
 
     budget, float32 = SINKHORN_PATHS[path]
@@ -556,7 +555,7 @@ def test_dense_sinkhorn_estimates_its_memory(monkeypatch: pytest.MonkeyPatch, pa
         def stop(*args: object, **kwargs: object) -> None:
             raise RuntimeError("blockwise")
 
-        monkeypatch.setattr(blockwise, "blockwise_sinkhorn", stop)  # reached without a memory check
+        monkeypatch.setattr(sinkhorn, "blockwise_sinkhorn", stop)  # reached without a memory check
         with pytest.raises(RuntimeError, match="blockwise"):
             coupler(x0, x1, generator=torch.Generator().manual_seed(0))
         return
