@@ -277,7 +277,7 @@ def cli_flag_cases(directory: Path) -> list[Case]:
     quick = ["--no-progress", "--overwrite", "--out", str(directory / "cli-flags"), "--steps", "1"]
     quick += ["--batch-size", "8", "--hidden", "8", "--depth", "1", "--eval-n", "16", "--eval-draws", "1"]
     rf = ["--teacher", str(run), "--out", str(directory / "cli-flags-rf"), "--pairs", "8", "--solver-steps", "1"]
-    rf += ["--train-steps", "1", "--batch-size", "4", "--no-progress", "--overwrite"]
+    rf += ["--steps", "1", "--batch-size", "4", "--no-progress", "--overwrite"]
     bad: list[tuple[list[str], str]] = [
         (["train", "--ema-decay", "1.5", *quick], "--ema-decay"),
         (["train", "--ema-decay", "-0.1", *quick], "--ema-decay"),
@@ -329,7 +329,7 @@ def tensor_run_cases(directory: Path) -> list[Case]:
 
         return call
 
-    rf = ["--out", str(directory / "tensor-out"), "--pairs", "8", "--solver-steps", "1", "--train-steps", "1"]
+    rf = ["--out", str(directory / "tensor-out"), "--pairs", "8", "--solver-steps", "1", "--steps", "1"]
     rf += ["--batch-size", "4", "--no-progress", "--eval-n", "16", "--eval-draws", "1"]
     argvs = [
         ["sample", "--checkpoint", str(run), "--out", str(directory / "tensor-out" / "s.pt")],
