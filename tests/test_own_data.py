@@ -112,10 +112,15 @@ def test_cli_on_a_file_resume_reflow_distill(npy: Path, tmp_path: Path, capsys: 
     [("mixture", ["--dim", "32"], (32,)), ("digits", [], (1, 8, 8))],
 )
 def test_cli_high_dimensional_targets_train_and_sample(
-    tmp_path: Path, target: str, extra: list[str], shape: tuple[int, ...]
+    tmp_path: Path,
+    target: str,
+    extra: list[str],
+    shape: tuple[int, ...],
+    request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    if target == "digits":
-        pytest.importorskip("sklearn")
+    if target == "digits":  # image data: the FD table, in the features of the session's digits classifier
+        monkeypatch.setenv("OTCFM_CACHE", str(request.getfixturevalue("digits_cache")))
     out = tmp_path / target
     args = ["train", "--target", target, *extra, "--steps", "3", "--batch-size", "16", "--hidden", "16"]
     assert main([*args, "--eval-n", "50", "--eval-draws", "1", "--no-progress", "--out", str(out)]) == 0
