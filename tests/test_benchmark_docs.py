@@ -4,13 +4,11 @@ figures laid out so that titles and tick labels stay inside the image."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
+from benchmark_module import load_benchmark
 
 from otcfm.plotting import plot_flow
 
@@ -18,14 +16,6 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ROOT / "benchmarks"
 # tiny, but not --quick: the settings that used to write docs/benchmarks.md and docs/figures/ by default
 CROSSING = ["--couplers", "independent", "exact", "--batch-sizes", "16", "--train-steps", "5", "--eval-n", "64"]
-
-
-def _load(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def _docs_snapshot() -> dict[str, tuple[int, bytes]]:
@@ -50,7 +40,7 @@ def test_benchmarks_leave_the_docs_alone_without_docs(
     monkeypatch.chdir(tmp_path)  # default output directories (runs/...) land here
     before = _docs_snapshot()
     assert before, "docs/ holds files to compare"
-    assert _load(script).main([*argv, "--out", str(tmp_path / "out")] if script == "crossing" else argv) == 0
+    assert load_benchmark(script).main([*argv, "--out", str(tmp_path / "out")] if script == "crossing" else argv) == 0
     assert _docs_snapshot() == before
     assert "written to" not in capsys.readouterr().out
 
@@ -61,7 +51,7 @@ def test_docs_writes_the_section_and_its_figure_beside_path(tmp_path: Path, caps
     docs.parent.mkdir()
     docs.write_text("# Benchmarks\n\nkept\n")
     argv = [*CROSSING, "--out", str(tmp_path / "out"), "--docs", str(docs)]
-    assert _load("crossing").main(argv) == 0
+    assert load_benchmark("crossing").main(argv) == 0
     assert f"written to {docs}" in capsys.readouterr().out
     text = docs.read_text()
     assert "kept" in text and "<!-- crossing:start -->" in text and "<!-- crossing:end -->" in text
@@ -74,7 +64,7 @@ def test_docs_writes_the_section_and_its_figure_beside_path(tmp_path: Path, caps
 
 
 def test_docs_options() -> None:
-    common = _load("_common")
+    common = load_benchmark("_common")
     parser = argparse.ArgumentParser()
     common.add_docs_options(parser)
     assert parser.parse_args([]).docs is None
@@ -89,7 +79,7 @@ def test_docs_options() -> None:
 
 def test_save_figure_crops_to_everything_drawn(tmp_path: Path) -> None:
     """Text below the canvas (as bottom tick labels pushed out by a suptitle) ends up in the image, not cut off."""
-    common = _load("_common")
+    common = load_benchmark("_common")
     plt = common.pyplot()
     fig, ax = plt.subplots(figsize=(4, 3))
     fig.suptitle("a title")

@@ -3,32 +3,20 @@ a synchronising phase and goes on (checked here with a stand-in for CUDA's debug
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
+from benchmark_module import load_benchmark
 
 import otcfm
-
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-
-
-def _load(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_gpu_benchmark_quick_on_the_cpu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "gpu.json"
     threads = torch.get_num_threads()
-    assert _load("gpu").main(["--device", "cpu", "--quick", "--json", str(out)]) == 0
+    assert load_benchmark("gpu").main(["--device", "cpu", "--quick", "--json", str(out)]) == 0
     assert torch.get_num_threads() == threads  # given back
     assert "throughput: independent:" in capsys.readouterr().out
     record = json.loads(out.read_text())
@@ -52,7 +40,7 @@ def test_gpu_benchmark_quick_on_the_cpu(tmp_path: Path, capsys: pytest.CaptureFi
 
 def test_sync_check_records_the_phase_that_synchronises(monkeypatch: pytest.MonkeyPatch) -> None:
     """A phase that raises under the debug mode is recorded; the step still finishes and the mode is set back."""
-    gpu = _load("gpu")
+    gpu = load_benchmark("gpu")
     modes: list[object] = []
     monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
     loss = otcfm.FlowMatcher.loss
@@ -75,7 +63,7 @@ def test_sync_check_records_the_phase_that_synchronises(monkeypatch: pytest.Monk
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_gpu_benchmark_without_cuda_says_how_to_run_on_the_cpu(tmp_path: Path) -> None:
-    gpu = _load("gpu")
+    gpu = load_benchmark("gpu")
     for argv in (["--device", "cuda"], []):
         with pytest.raises(SystemExit, match="--device cpu --quick"):
             gpu.main([*argv, "--json", str(tmp_path / "gpu.json")])

@@ -3,30 +3,18 @@ loader's throughput) and the JSON and grid it writes hold every method; a second
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
-
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-
-
-def _load(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from benchmark_module import load_benchmark
 
 
 def test_images_benchmark_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     if not os.environ.get("CI"):  # CI installs the 'images' extra with the tests and must not skip
         pytest.importorskip("mlxtend")
-    bench = _load("images")
+    bench = load_benchmark("images")
     argv = ["--quick", "--out", str(tmp_path), "--json", str(tmp_path / "images.json")]
     assert bench.main(argv) == 0
     printed = capsys.readouterr().out

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from benchmark_module import load_benchmark
 
 import otcfm
 from otcfm.couplers import ExactCoupler
@@ -62,18 +62,10 @@ def test_loader_errors() -> None:
         otcfm.get_coupler("paired")(torch.zeros(3, 2), torch.zeros(4, 2))
 
 
-def _load(name: str):  # noqa: ANN202
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_couplers_benchmark_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     docs = tmp_path / "benchmarks.md"
     docs.write_text("# Benchmarks\n\nkept\n")
-    assert _load("couplers").main(["--quick", "--docs", str(docs)]) == 0
+    assert load_benchmark("couplers").main(["--quick", "--docs", str(docs)]) == 0
     printed = capsys.readouterr().out
     assert "otcfm exact (auto)" in printed and "steps/s" in printed
     text = docs.read_text()
@@ -82,7 +74,7 @@ def test_couplers_benchmark_quick(tmp_path: Path, capsys: pytest.CaptureFixture[
 
 def test_exact2d_benchmark_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     docs = tmp_path / "benchmarks.md"
-    assert _load("exact2d").main(["--quick", "--docs", str(docs)]) == 0
+    assert load_benchmark("exact2d").main(["--quick", "--docs", str(docs)]) == 0
     rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if "| 64 |" in line]
     assert len(rows) == 14 and any("sparse column generation" in row[3] for row in rows)
     assert all(row[6].strip() == "0.00%" for row in rows)  # every method, the sparse one included, is exact
@@ -90,7 +82,7 @@ def test_exact2d_benchmark_quick(tmp_path: Path, capsys: pytest.CaptureFixture[s
 
 
 def test_variance_benchmark_quick_and_resume(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    module = _load("variance")
+    module = load_benchmark("variance")
     assert module.main(["--quick", "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     assert "| 8gaussians->moons | exact | 32 |" in printed
@@ -101,14 +93,14 @@ def test_variance_benchmark_quick_and_resume(tmp_path: Path, capsys: pytest.Capt
 
 
 def test_crossing_benchmark_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert _load("crossing").main(["--quick", "--out", str(tmp_path)]) == 0
+    assert load_benchmark("crossing").main(["--quick", "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     assert "swap fraction" in printed and "W2 @100" in printed
     assert (tmp_path / "segments.png").stat().st_size > 0
 
 
 def test_reflow_benchmark_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert _load("reflow").main(["--quick", "--out", str(tmp_path)]) == 0
+    assert load_benchmark("reflow").main(["--quick", "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     assert "distilled one-step" in printed and "2-rectified" in printed
     assert (tmp_path / "reflow.json").is_file() and (tmp_path / "reflow.png").stat().st_size > 0
@@ -140,14 +132,14 @@ def test_table2d_benchmark_quick(tmp_path: Path) -> None:
 
 
 def test_checkerboard_benchmark_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert _load("checkerboard").main(["--quick", "--out", str(tmp_path)]) == 0
+    assert load_benchmark("checkerboard").main(["--quick", "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     assert "diffusion path" in printed and "NLL" in printed
     assert (tmp_path / "quick" / "checkerboard.png").stat().st_size > 0
 
 
 def test_digits_benchmark_quick(tmp_path: Path, digits_cache: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert _load("digits").main(["--quick", "--out", str(tmp_path), "--cache", str(digits_cache)]) == 0
+    assert load_benchmark("digits").main(["--quick", "--out", str(tmp_path), "--cache", str(digits_cache)]) == 0
     printed = capsys.readouterr().out
     assert "feature classifier: test accuracy" in printed and "| distilled |" in printed
     assert (tmp_path / "quick" / "digits.png").stat().st_size > 0
@@ -161,20 +153,20 @@ def test_scale_benchmark_large_coupling_parts_quick(tmp_path: Path, part: str) -
     docs = tmp_path / "benchmarks.md"
     docs.write_text("# Benchmarks\n")
     args = ["--quick", "--part", part, "--out", str(tmp_path), "--docs", str(docs)]
-    assert _load("scale").main(args) == 0
+    assert load_benchmark("scale").main(args) == 0
     results = tmp_path / ("quick-tuned" if part == "pools" else "quick") / f"{part}.jsonl"  # a directory per recipe
     rows = [json.loads(line) for line in results.read_text().splitlines()]
     text = docs.read_text()
     assert f"<!-- scale-{part}:start -->" in text and f"--part {part}" in text
     if part == "pools":
         measured = {r["coupler"]: r for r in rows if "cost_ratio" in r}
-        assert set(measured) == set(_load("_pools").QUICK)
+        assert set(measured) == set(load_benchmark("_pools").QUICK)
         assert measured["exact B=256"]["entropy"] == 0.0 and 0 < measured["sinkhorn 0.05 P=16384"]["entropy"] < 1
         assert set(measured["exact P=1024"]["quality"]) == {"1", "2", "4", "100"}
     else:
         ours = [r for r in rows if r["coupler"] == "otcfm"]
         assert len(ours) == 2 and ours[0]["error"] <= 1e-3 and ours[1]["iterations"] == 2
-    assert _load("scale").main(args) == 0  # resumes: nothing appended
+    assert load_benchmark("scale").main(args) == 0  # resumes: nothing appended
     assert len(results.read_text().splitlines()) == len(rows)
 
 

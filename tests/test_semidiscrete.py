@@ -355,11 +355,9 @@ def test_cli_trains_with_the_semidiscrete_coupler(tmp_path: Path) -> None:
 
 
 def test_scale_benchmark_quick(tmp_path: Path) -> None:
-    import importlib.util
+    from benchmark_module import load_benchmark
 
-    spec = importlib.util.spec_from_file_location("scale", Path(__file__).parent.parent / "benchmarks" / "scale.py")
-    scale = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(scale)
+    scale = load_benchmark("scale")
     assert scale.main(["--quick", "--tasks", "mixture", "--out", str(tmp_path)]) == 0
     results = tmp_path / "quick-tuned" / "results.jsonl"  # one directory per training recipe
     rows = [json.loads(line) for line in results.read_text().splitlines()]

@@ -3,8 +3,6 @@ and the training-step benchmark in its quick mode."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -12,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from benchmark_module import load_benchmark
 
 import otcfm
 import otcfm._checks as checks
@@ -24,8 +23,6 @@ from otcfm.couplers import COUPLERS, ExactCoupler, SinkhornCoupler
 from otcfm.flow import BridgeEpsilonWarning
 from otcfm.paths import PATHS, BridgePath
 from otcfm.timesteps import CheckedSampler, Uniform, get_time_sampler
-
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
 def _data(n: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -289,16 +286,8 @@ def test_bridge_is_quiet_where_nothing_disagrees() -> None:
 # -- The benchmark ------------------------------------------------------------------------------------------
 
 
-def _load(name: str):  # noqa: ANN202
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_step_benchmark_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    module = _load("step")
+    module = load_benchmark("step")
     assert module.main(["--quick"]) == 0
     printed = capsys.readouterr().out
     for task in ("2-D", "d=64", "d=784"):
