@@ -175,8 +175,24 @@ class FlowMatcher:
         finite: bool,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """``(t, x_t, u_t, i, j)``; ``finite``: whether the coupler scans ``x0`` and ``x1`` for NaN/Inf."""
+        x0, x1, i, j = self._couple(x0, x1, generator, y0, y1, finite)
+        t = self.time_sampler(x0.shape[0], generator, x0.device, x0.dtype)
+        x_t, u_t = self._interpolate(x0, x1, t, generator)
+        return t, x_t, u_t, i, j
+
+    def _couple(
+        self,
+        x0: Tensor,
+        x1: Tensor,
+        generator: torch.Generator | None,
+        y0: Tensor | None,
+        y1: Tensor | None,
+        finite: bool,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(x0[i], x1[j], i, j)``: the pairs of the coupler (whose call is the one check of the inputs); a path
+        that assumes a standard normal source looks at the first batch."""
         coupler = self.coupler
-        i, j = coupler(x0, x1, y0=y0, y1=y1, generator=generator, finite=finite)  # the one check of the inputs
+        i, j = coupler(x0, x1, y0=y0, y1=y1, generator=generator, finite=finite)
         if self._check_source:
             self._check_source = False
             self.path.check_source(x0)
@@ -184,14 +200,18 @@ class FlowMatcher:
             x0 = x0.index_select(0, i)
         if not coupler.targets_in_order:
             x1 = x1.index_select(0, j)
+        return x0, x1, i, j
+
+    def _interpolate(
+        self, x0: Tensor, x1: Tensor, t: Tensor, generator: torch.Generator | None
+    ) -> tuple[Tensor, Tensor]:
+        """``(x_t, u_t)`` of the paired ``x0``, ``x1: (B, ...)`` at ``t: (B,)`` (the path's noise drawn here)."""
         shape, device, dtype = x0.shape, x0.device, x0.dtype
-        t = self.time_sampler(shape[0], generator, device, dtype)
         noise = _random.randn(tuple(shape), generator, device, dtype) if self._needs_noise else None
         shaped = t if t.dtype == dtype else t.to(dtype)
         # (B, 1, ..., 1); view(-1, 1), the common case, spelled out (cheaper than a tuple argument)
         shaped = shaped.view(-1, 1) if len(shape) == 2 else shaped.reshape((-1,) + (1,) * (len(shape) - 1))
-        x_t, u_t = self.path.interpolate(x0, x1, shaped, noise)
-        return t, x_t, u_t, i, j
+        return self.path.interpolate(x0, x1, shaped, noise)
 
     def loss(
         self,
@@ -236,10 +256,7 @@ class FlowMatcher:
         y0, y1 = _flat_labels(y0), _flat_labels(y1)
         dropped = _dropout_labels(model, y1, label_dropout, null_label)
         t, x_t, u_t, _, j = self._batch(x0, x1, generator, y0, y1, not read_loss)
-        y = None if y1 is None else y1[j]
-        if dropped is not None and y is not None:
-            keep = _random.rand((y.shape[0],), generator, y.device, torch.float32) >= dropped[0]
-            y = torch.where(keep, y, dropped[1])
+        y = _labels_seen(y1, j, dropped, generator)
         try:
             v = model(x_t, t) if y is None else model(x_t, t, y)
         except Exception:  # nothing to pay on the good path; named only where the dtypes or the signature differ
@@ -271,6 +288,18 @@ def _flat_labels(y: Tensor | None) -> Tensor | None:
     """Integer labels ``(B, 1)`` as ``(B,)``; anything else as given (the coupler checks it)."""
     if isinstance(y, Tensor) and y.ndim == 2 and y.shape[1] == 1 and not y.is_floating_point():
         return y.reshape(-1)
+    return y
+
+
+def _labels_seen(
+    y1: Tensor | None, j: Tensor, dropped: tuple[float, Tensor] | None, generator: torch.Generator | None
+) -> Tensor | None:
+    """The labels the model sees: the pairs' ``y1[j]``, each replaced by the null label with probability
+    ``dropped[0]`` (drawn from ``generator``; :func:`_dropout_labels`)."""
+    y = None if y1 is None else y1[j]
+    if dropped is not None and y is not None:
+        keep = _random.rand((y.shape[0],), generator, y.device, torch.float32) >= dropped[0]
+        y = torch.where(keep, y, dropped[1])
     return y
 
 

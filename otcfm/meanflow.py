@@ -36,7 +36,7 @@ from torch import Tensor
 
 from otcfm import _random
 from otcfm.couplers import Coupler
-from otcfm.flow import FlowMatcher, _dropout_labels, _flat_labels
+from otcfm.flow import FlowMatcher, _dropout_labels, _flat_labels, _labels_seen
 from otcfm.paths import Path
 from otcfm.timesteps import TimeSampler
 
@@ -145,18 +145,11 @@ class MeanFlow:
         y0, y1 = _flat_labels(y0), _flat_labels(y1)
         dropped = _dropout_labels(model, y1, label_dropout, null_label)
         fm = self.flow_matcher
-        i, j = fm.coupler(x0, x1, y0=y0, y1=y1, generator=generator)
-        x0 = x0 if fm.coupler.sources_in_order else x0.index_select(0, i)
-        x1 = x1 if fm.coupler.targets_in_order else x1.index_select(0, j)
-        shape, device, dtype = x0.shape, x0.device, x0.dtype
-        r, t = self.times(shape[0], generator, device, dtype)
-        noise = _random.randn(tuple(shape), generator, device, dtype) if fm.path.needs_noise else None
-        z, v = fm.path.interpolate(x0, x1, r.reshape((-1,) + (1,) * (len(shape) - 1)), noise)
-        y = None if y1 is None else y1[j]
-        if dropped is not None and y is not None:
-            keep = _random.rand((y.shape[0],), generator, y.device, torch.float32) >= dropped[0]
-            y = torch.where(keep, y, dropped[1])
-
+        x0, x1, _, j = fm._couple(x0, x1, generator, y0, y1, True)
+        shape = x0.shape
+        r, t = self.times(shape[0], generator, x0.device, x0.dtype)
+        z, v = fm._interpolate(x0, x1, r, generator)
+        y = _labels_seen(y1, j, dropped, generator)
         u, target = self.regression(model, z, r, t, v, y)
         error = (u - target).pow(2).reshape(shape[0], -1).sum(1)
         if self.adaptive_p > 0:
