@@ -22,6 +22,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from otcfm.models.adapters import wrapped_attribute
+
 __all__ = ["class_labels", "guided_field", "null_label_of"]
 
 
@@ -54,19 +56,15 @@ def class_labels(y: Tensor | int, batch: int, device: torch.device, name: str = 
 
 def null_label_of(model: object, null_label: int | None) -> int | None:
     """The "no class" label of the unconditional branch: ``null_label`` if given, else ``model.null_label``
-    (looked up through wrappers that keep the model as ``.module`` or ``.model``), else None."""
+    (looked up through wrappers: :func:`otcfm.models.adapters.wrapped_attribute`), else None."""
     if null_label is not None:
         if not isinstance(null_label, numbers.Integral) or isinstance(null_label, bool) or null_label < 0:
             raise ValueError(f"null_label: expected a class index >= 0 or None, got {null_label!r}")
         return int(null_label)
-    seen = 0
-    while model is not None and seen < 8:  # DDP (.module), otcfm.models.time_first (.model), ...
-        found = getattr(model, "null_label", None)
-        if isinstance(found, numbers.Integral) and not isinstance(found, bool):
-            return int(found)
-        model = getattr(model, "module", None) or getattr(model, "model", None)
-        seen += 1
-    return None
+    found = wrapped_attribute(
+        model, "null_label", lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool)
+    )
+    return None if found is None else int(found)
 
 
 def guided_field(

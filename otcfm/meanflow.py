@@ -37,6 +37,7 @@ from torch import Tensor
 from otcfm import _random
 from otcfm.couplers import Coupler
 from otcfm.flow import FlowMatcher, _dropout_labels, _flat_labels, _labels_seen
+from otcfm.models.adapters import wrapped_attribute
 from otcfm.paths import Path
 from otcfm.timesteps import TimeSampler
 
@@ -45,15 +46,8 @@ __all__ = ["MeanFlow", "is_flow_map"]
 
 def is_flow_map(model: object) -> bool:
     """Whether ``model`` is a flow map ``u(z, r, t)`` (its ``flow_map`` attribute, looked up through wrappers that
-    hold the model as ``.module``, ``.model`` or ``.net``)."""
-    for _ in range(8):
-        if model is None:
-            return False
-        flag = getattr(model, "flow_map", None)
-        if isinstance(flag, bool):
-            return flag
-        model = getattr(model, "module", None) or getattr(model, "model", None) or getattr(model, "net", None)
-    return False
+    hold the model: :func:`otcfm.models.adapters.wrapped_attribute`)."""
+    return wrapped_attribute(model, "flow_map", lambda v: isinstance(v, bool)) is True
 
 
 class MeanFlow:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from torch import nn
 
-__all__ = ["TimeFirst", "time_first"]
+__all__ = ["TimeFirst", "time_first", "wrapped_attribute"]
 
 
 class TimeFirst(nn.Module):
@@ -39,3 +40,21 @@ def time_first(model: nn.Module) -> nn.Module:
         TypeError: ``model`` is not an ``nn.Module``.
     """
     return TimeFirst(model)
+
+
+#: Where wrappers keep the model they wrap: DDP (``.module``), :class:`TimeFirst` (``.model``), the engine's
+#: autocast wrapper (``.net``).
+_WRAPPED = ("module", "model", "net")
+
+
+def wrapped_attribute(model: object, name: str, accept: Callable[[object], bool]) -> Any:
+    """``model.name`` where ``accept`` takes it, else the same attribute of the model a wrapper holds (up to 8
+    wrappers deep); None when no model on the way has an accepted one."""
+    for _ in range(8):
+        if model is None:
+            return None
+        found = getattr(model, name, None)
+        if accept(found):
+            return found
+        model = next((inner for inner in (getattr(model, k, None) for k in _WRAPPED) if inner is not None), None)
+    return None
