@@ -592,9 +592,7 @@ def train(
     with lock:  # held from before a semidiscrete fit (which writes in out) to the end of the run
         dataset = dataset_labels = None
         if conditional and semidiscrete is not None:
-            dataset_labels = target.labels.to(device_) if target.labels is not None else None
-            if dataset_labels is None:  # a Dataset's labels: read once, all of them
-                dataset_labels = torch.as_tensor(target._all_labels()).to(device_)
+            dataset_labels = target.all_labels().to(device_)
         batches: BatchSource = Draws(source, target, config.batch_size, device_, labels=conditional)
         if semidiscrete is not None:  # every rank pairs its batch with the whole dataset itself
             dataset = _fit_semidiscrete(

@@ -87,27 +87,35 @@ class DataSource:
 
             draw_labeled = draw_rows_labeled
         self._draw_labeled = draw_labeled
-        self._all_labels = (lambda: labels) if labels is not None else all_labels
-        self._classes: int | None = None
+        self._read_labels = (lambda: labels) if labels is not None else all_labels
+        self._all: Tensor | None = None
 
     @property
     def has_labels(self) -> bool:
         """Whether the data carry class labels (:meth:`labeled` can draw them)."""
         return self._draw_labeled is not None
 
+    def all_labels(self) -> Tensor:
+        """Every row's label, ``(N,)`` int64 (a ``Dataset``'s are read once, on the first call).
+
+        Raises:
+            ValueError: the data carry no class labels.
+        """
+        if self._read_labels is None:
+            raise ValueError(f"{self.spec}: the data carry no class labels")
+        if self._all is None:
+            self._all = self._read_labels()
+        return self._all
+
     @property
     def num_classes(self) -> int:
         """``1 + `` the largest label (classes are ``0 .. num_classes - 1``)."""
-        if self._all_labels is None:
-            raise ValueError(f"{self.spec}: the data carry no class labels")
-        if self._classes is None:
-            self._classes = int(self._all_labels().max()) + 1
-        return self._classes
+        return int(self.all_labels().max()) + 1
 
     @property
     def labels_fingerprint(self) -> str | None:
         """SHA-256 of all the labels (first 16 hex digits), None without labels."""
-        return None if self._all_labels is None else content_hash(self._all_labels())
+        return None if self._read_labels is None else content_hash(self.all_labels())
 
     def labeled(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """``n`` samples ``(n, *shape)`` and their labels ``(n,)`` int64, drawn as :meth:`__call__` draws samples."""
