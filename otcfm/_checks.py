@@ -214,9 +214,10 @@ def explain_dtype(model: object, x: Tensor, name: str) -> None:
     check_dtype_fits(x, floating_dtype(model), name)
 
 
-def explain_time_first(model: object, x: Tensor, t: Tensor, y: Tensor | None = None) -> None:
-    """After ``model(x, t)`` failed or returned another shape: raise a ``ValueError`` saying so if ``model(t, x)``
-    works (the time-first convention of TorchCFM's UNet and torchdyn's fields), with the one-line adapter."""
+def explain_time_first(model: object, x: Tensor, t: Tensor, y: Tensor | None = None, name: str = "model") -> None:
+    """After ``model(x, t)`` failed or returned another shape: raise a ``ValueError`` naming ``name`` if
+    ``model(t, x)`` works (the time-first convention of TorchCFM's UNet and torchdyn's fields), with the one-line
+    adapter."""
     if not callable(model):
         return
     try:
@@ -226,8 +227,8 @@ def explain_time_first(model: object, x: Tensor, t: Tensor, y: Tensor | None = N
         return
     if isinstance(v, Tensor) and v.shape == x.shape:
         raise ValueError(
-            "model: it takes the time first, model(t, x), as TorchCFM's UNet and torchdyn's vector fields do; otcfm "
-            "calls model(x, t): wrap it, model = otcfm.models.time_first(model)"
+            f"{name}: it takes the time first, model(t, x), as TorchCFM's UNet and torchdyn's vector fields do; "
+            "otcfm calls model(x, t): wrap it, model = otcfm.models.time_first(model)"
         )
 
 

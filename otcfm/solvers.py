@@ -212,10 +212,7 @@ def first_call(
     try:
         v = model(x, t) if y is None else model(x, t, y)
     except Exception as error:
-        try:
-            explain_time_first(model, x, t, y)
-        except ValueError as time_first:
-            raise ValueError(str(time_first).replace("model:", f"{argument}:", 1)) from error
+        explain_time_first(model, x, t, y, argument)
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         call = f"{argument}(x, t)" if y is None else f"{argument}(x, t, y)"
         raise ValueError(
@@ -223,10 +220,7 @@ def first_call(
             f"does it take samples of this shape and dtype ({x.dtype})?"
         ) from error
     if isinstance(v, Tensor) and v.shape != x.shape:
-        try:
-            explain_time_first(model, x, t, y)
-        except ValueError as time_first:
-            raise ValueError(str(time_first).replace("model:", f"{argument}:", 1)) from None
+        explain_time_first(model, x, t, y, argument)
     return v
 
 
