@@ -28,7 +28,15 @@ from otcfm.paths import PATHS
 from otcfm.plotting import is_image_shape
 from otcfm.solvers import METHODS, solve
 from otcfm.timesteps import TIME_SAMPLERS
-from otcfm.training import OBJECTIVES, SEMIDISCRETE_FIT_NAME, TrainConfig, build_model, load_model, train
+from otcfm.training import (
+    OBJECTIVES,
+    SEMIDISCRETE_FIT_NAME,
+    TrainConfig,
+    build_model,
+    builds_a_module,
+    load_model,
+    train,
+)
 
 __all__ = ["main", "run"]
 
@@ -192,8 +200,8 @@ def _add_common(parser: argparse.ArgumentParser, steps_default: int, old_spellin
         "--model",
         default=None,
         help="mlp, unet (the built-in UNet, for images (C, H, W)), or 'package.module:factory' building the model "
-        "(default: mlp); reflow and distill need a factory again for a teacher made by one, since otcfm never "
-        "imports code named in a file",
+        "(default: mlp); resume, reflow and distill reuse the checkpoint's factory when it is an nn.Module class "
+        "or a function annotated to return one",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -355,7 +363,8 @@ def _parser(train_defaults: dict[str, Any] | None = None) -> argparse.ArgumentPa
     sa.add_argument(
         "--model",
         default=None,
-        help="'package.module:factory' for a checkpoint of such a model (default: the checkpoint's own MLP)",
+        help="'package.module:factory' building the checkpoint's model (default: the checkpoint's own: mlp, unet, or "
+        "a recorded factory that is an nn.Module class or annotated to return one)",
     )
     sa.add_argument(
         "--out",
@@ -466,15 +475,16 @@ _FIELD_OPTIONS = {
     "model_options": "model_option",
     "objective_options": "objective_option",
 }
-#: Settings a resumed run never takes from its checkpoint: otcfm never imports code named in a file, so a model
-#: factory is given again (its options are taken with it, below). The data's options follow the data and ``--dim``.
+#: Settings a resumed run takes from its checkpoint by their own rules, below: the model (a recorded factory only
+#: through :func:`_recorded_factory`) with its options, and the data's options, which follow the data and ``--dim``.
 _NOT_FROM_CHECKPOINT = ("model", "model_options", "source_options", "target_options")
 
 
 def _with_run_settings(config: TrainConfig, out: Path, given: set[str], dim: int | None) -> TrainConfig:
     """On ``--resume``: every setting the command line does not give takes the value the run in ``out``
     recorded, so ``otcfm train --out DIR --resume`` continues DIR as it was started (``--steps`` extends it);
-    a model factory is given again with ``--model`` (its ``--model-option`` values are the run's unless given).
+    a recorded model factory is reused when :func:`_recorded_factory` accepts it (its ``--model-option`` values
+    are the run's unless given).
     The options of the source and target are ``--dim`` where it is given (for the gaussian / mixture data among
     them), else the recorded ones of the recorded data. Without a run in ``out`` yet, the options given start one
     (a job that is restarted with the same command line), and a notice says so."""
@@ -497,10 +507,7 @@ def _with_run_settings(config: TrainConfig, out: Path, given: set[str], dim: int
             "there: otcfm.train(model=..., out=..., resume=True)"
         )
     if "model" not in given and recorded_model not in BUILT_IN_MODELS:
-        raise ValueError(
-            f"--model: the run in {out} was made with --model {recorded_model}; give it again "
-            "(otcfm never imports code named in a file)"
-        )
+        config = dataclasses.replace(config, model=_recorded_factory(recorded_model, f"the run in {out}", "--resume"))
     taken = {
         field.name: saved[field.name]
         for field in dataclasses.fields(TrainConfig)
@@ -556,19 +563,43 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _recorded_factory(spec: str, where: str, argument: str) -> str:
+    """The model factory ``spec`` recorded by ``where``, to be reused without ``--model``: only one that declares it
+    builds a model (an ``nn.Module`` subclass, or a function annotated to return one;
+    :func:`otcfm.training.builds_a_module`), so that a file never makes otcfm call an arbitrary function. A notice on
+    stderr names it."""
+    try:
+        declared = builds_a_module(spec)
+    except (ValueError, TypeError) as error:
+        raise ValueError(
+            f"{argument}: {where} was made with --model {spec}, which cannot be used here ({error}); pass --model"
+        ) from error
+    if not declared:
+        raise ValueError(
+            f"{argument}: {where} was made with --model {spec}, which is neither an nn.Module class nor a function "
+            "annotated to return one (-> nn.Module); otcfm calls a factory named in a file only then: pass --model "
+            "again, or annotate the factory"
+        )
+    if distributed.world()[0] == 0:
+        print(f"otcfm: using --model {spec}, recorded by {where}", file=sys.stderr)
+    return spec
+
+
 def _load(checkpoint: str, factory: str | None, argument: str) -> tuple[torch.nn.Module, TrainConfig, DataSource, str]:
     """A checkpoint's model, config, source and stage (``""`` for ``otcfm train``'s runs, ``"reflow"``,
-    ``"distill"``); a model built by a factory is rebuilt only from ``--model``, and a ``--model`` given is always
-    the one used (its weights must fit)."""
+    ``"distill"``); a model built by a factory is rebuilt by the recorded factory (:func:`_recorded_factory`)
+    unless ``--model`` is given, which is then the one used (its weights must fit)."""
     path = Path(checkpoint)
     state = ckpt.load(path / CHECKPOINT_NAME if path.is_dir() else path, argument)
     saved = state.get("config") if isinstance(state, dict) else None
     model = None
-    if isinstance(saved, dict) and saved.get("model", "mlp") not in BUILT_IN_MODELS and factory is None:
+    if isinstance(saved, dict) and str(saved.get("model", "mlp")).startswith("object:") and factory is None:
         raise ValueError(
-            f"{argument}: the model of {checkpoint!r} was built by {saved['model']!r}; pass --model with the factory "
-            "that builds it (otcfm never imports code named in a file)"
+            f"{argument}: the model of {checkpoint!r} was a model object made in Python ({saved['model'][7:]}); "
+            "pass --model with a 'package.module:factory' that builds it"
         )
+    if isinstance(saved, dict) and saved.get("model", "mlp") not in BUILT_IN_MODELS and factory is None:
+        factory = _recorded_factory(saved["model"], repr(checkpoint), argument)
     if isinstance(saved, dict) and factory is not None and factory not in BUILT_IN_MODELS:
         options = saved.get("model_options", {}) if saved.get("model") == factory else {}
         try:

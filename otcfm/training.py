@@ -24,7 +24,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 import torch
 from torch import nn
@@ -371,6 +371,26 @@ def _import_factory(spec: str) -> Callable[..., nn.Module]:
     if not callable(factory):
         raise TypeError(f"model: {spec!r} is not callable")
     return factory
+
+
+def builds_a_module(spec: str) -> bool:
+    """Whether the factory ``spec`` (``"package.module:factory"``) says it builds a model: an ``nn.Module``
+    subclass, or a function whose return annotation is one.
+
+    The CLI reuses a factory recorded in a checkpoint only when this holds, so a file cannot make otcfm call an
+    arbitrary function (``subprocess:run`` with recorded options); naming the module imports it.
+
+    Raises:
+        ValueError: ``spec`` cannot be imported (as :func:`build_model`).
+    """
+    factory = _import_factory(spec)
+    if isinstance(factory, type):
+        return issubclass(factory, nn.Module)
+    try:
+        returned = get_type_hints(factory).get("return")
+    except Exception:  # unresolvable annotations: not declared
+        return False
+    return isinstance(returned, type) and issubclass(returned, nn.Module)
 
 
 def build_model(

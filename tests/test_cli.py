@@ -232,12 +232,35 @@ def test_resume_of_a_factory_run_takes_its_model_options(
     assert main(first + SMALL_FOR_FACTORY) == 0
     assert main(["train", "--out", out, "--resume", "--steps", "32", *evaluation]) == 2
     said = capsys.readouterr().err
-    assert "--model: the run in" in said and "walk_factory:make; give it again" in said
+    assert "--resume: the run in" in said and "walk_factory:make, which is neither an nn.Module class" in said
     assert main(["train", "--out", out, "--resume", "--model", "walk_factory:make", "--steps", "32", *evaluation]) == 0
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["config"]["model_options"] == {"width": 4}
     assert main(["train", "--model", "walk_factory:make", "--hidden", "64", "--out", str(tmp_path / "h")]) == 2
     assert "--hidden: sets the built-in MLP; --model walk_factory:make builds the model" in capsys.readouterr().err
     assert main(["train", "--model", "mlp", "--out", str(tmp_path / "m"), *SMALL]) == 0  # --hidden: the MLP's
+
+
+def test_a_recorded_factory_that_declares_a_model_is_reused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A factory annotated to return an nn.Module (or an nn.Module class) is rebuilt from the checkpoint's record
+    by --resume, sample, reflow and distill without --model; each says which factory it used."""
+    (tmp_path / "declared_factory.py").write_text(
+        "import torch\nimport otcfm\n\n\ndef make(width: int = 8) -> torch.nn.Module:\n"
+        "    return otcfm.models.MLP(2, hidden=width, depth=1)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out, quiet = tmp_path / "run", ["--eval-n", "200", "--eval-draws", "2", "--no-progress"]
+    start = ["train", "--model", "declared_factory:make", "--model-option", "width=4", "--out", str(out)]
+    assert main(start + SMALL_FOR_FACTORY) == 0
+    assert main(["train", "--out", str(out), "--resume", "--steps", "32", *quiet]) == 0
+    assert "using --model declared_factory:make, recorded by the run in" in capsys.readouterr().err
+    assert main(["sample", "--checkpoint", str(out), "--n", "5", "--out", str(tmp_path / "s.pt")]) == 0
+    assert torch.load(tmp_path / "s.pt", weights_only=True).shape == (5, 2)
+    small = ["--pairs", "64", "--steps", "2", "--batch-size", "16", "--eval-n", "100", "--no-progress"]
+    assert main(["reflow", "--teacher", str(out), "--out", str(tmp_path / "r"), *small]) == 0
+    assert main(["distill", "--teacher", str(tmp_path / "r"), "--out", str(tmp_path / "d"), *small]) == 0
+    assert "using --model declared_factory:make, recorded by" in capsys.readouterr().err
 
 
 def test_cli_resume_of_a_run_made_with_a_model_object(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
