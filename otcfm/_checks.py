@@ -24,12 +24,13 @@ on a GPU, a stall of the pipeline per check. The policy, by device:
   sample the step used is, and only then are ``x0`` and ``x1`` scanned, to
   name the culprit. A non-finite loss from the model itself is returned as
   it is.
-- CUDA (:func:`value_checks_queued`): the check is queued with
-  ``torch._assert_async``; the host does not wait, and a failing check stops
-  the run at the next synchronisation with a device-side assertion carrying
-  the same message (CUDA then needs a new process; rerun the step on the CPU
-  for the ``ValueError``). ``torch.cuda.set_sync_debug_mode("error")`` shows
-  it: a FlowMatcher step with the independent or paired coupler synchronises
+- CUDA (:func:`value_checks_queued`): no value is read on the host in a
+  step. A NaN/Inf in the data reaches the loss, and a time outside ``[0, 1]``
+  is made NaN (:func:`mark_invalid`) so that it does too; the engine reads
+  the losses back in batches and stops at the first non-finite one, naming
+  its step (rerun that step on the CPU for the ``ValueError`` that names the
+  argument). ``torch.cuda.set_sync_debug_mode("error")`` shows it: a
+  FlowMatcher step with the independent or paired coupler synchronises
   nowhere (an OT coupler reads its cost matrix on the host, where its solver
   runs or where Sinkhorn tests convergence, and checks it with
   :func:`all_finite`; a Gaussian-source path reads the first batch's mean and
@@ -57,6 +58,7 @@ __all__ = [
     "first_nonfinite",
     "floating_dtype",
     "host_reads_free",
+    "mark_invalid",
     "named_as_data",
     "total_of",
     "value_checks_queued",
@@ -67,8 +69,14 @@ _HALF = (torch.float16, torch.bfloat16)
 
 
 def value_checks_queued(x: Tensor) -> bool:
-    """Whether value checks of ``x`` are queued on its device (CUDA) instead of read on the host."""
+    """Whether value faults of ``x`` are left to reach the loss as NaN (on CUDA) instead of read on the host."""
     return x.device.type == "cuda"
+
+
+def mark_invalid(x: Tensor, valid: Tensor) -> Tensor:
+    """``x`` with NaN where ``valid`` (broadcastable to ``x``) is False: a fault found on the device, without a host
+    read, that the loss and the engine's check of it then carry."""
+    return torch.where(valid, x, torch.full((), float("nan"), dtype=x.dtype, device=x.device))
 
 
 def host_reads_free(x: Tensor) -> bool:
@@ -101,10 +109,9 @@ def first_nonfinite(tensors: Mapping[str, object]) -> str | None:
 
 
 def check_finite(x: Tensor, name: str) -> Tensor:
-    """Raise ``ValueError("<name>: contains NaN or Inf")`` if ``x`` has a NaN or Inf (queued on CUDA, see above)."""
-    if value_checks_queued(x):
-        torch._assert_async(torch.isfinite(x).all(), f"{name}: contains NaN or Inf")
-    elif not all_finite(x):
+    """Raise ``ValueError("<name>: contains NaN or Inf")`` if ``x`` has a NaN or Inf (on CUDA it reaches the loss
+    instead, see above)."""
+    if not value_checks_queued(x) and not all_finite(x):
         raise ValueError(f"{name}: contains NaN or Inf")
     return x
 
@@ -181,14 +188,14 @@ def _explain_pair(x0: object, x1: object, same_batch: bool) -> None:
 
 
 def check_time(t: object, batch: int, name: str = "t") -> Tensor:
-    """Check that ``t`` is a tensor of shape ``(batch,)`` with values in ``[0, 1]`` (queued on CUDA)."""
+    """Check that ``t`` is a tensor of shape ``(batch,)`` with values in ``[0, 1]`` (on CUDA, values outside are
+    made NaN, see above); returns ``t``."""
     if not isinstance(t, Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor of shape ({batch},), got {type(t).__name__}")
     if t.shape != (batch,):
         raise ValueError(f"{name}: expected shape ({batch},), got {tuple(t.shape)}")
     if value_checks_queued(t):
-        torch._assert_async(((t >= 0) & (t <= 1)).all(), f"{name}: expected values in [0, 1]")
-        return t
+        return mark_invalid(t, (t >= 0) & (t <= 1))
     if batch:
         low, high = (float(v) for v in t.aminmax())
         if not (low >= 0 and high <= 1):  # NaN fails too

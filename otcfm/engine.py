@@ -23,7 +23,6 @@ import contextlib
 import copy
 import math
 import numbers
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +36,6 @@ from otcfm import checkpoint as ckpt
 from otcfm import distributed
 from otcfm._args import check_count, check_flag, check_rate, check_seed
 from otcfm._checks import first_nonfinite
-from otcfm.data.sources import same_record
 from otcfm.models import model_spec
 from otcfm.runlock import run_lock
 
@@ -315,13 +313,6 @@ def _run(
             bad = first_nonfinite(state.get(key) or {})
             if bad is not None:
                 raise ValueError(f"resume: {path} holds NaN/Inf weights ({key} entry {bad!r}); it cannot be continued")
-        if state.get("global_rng") is not None and any(isinstance(m, _DROPOUT) for m in model.modules()):
-            warnings.warn(
-                f"resume: {path} was written by an older otcfm, which carried torch's global random state from step "
-                "to step; Dropout masks now come from a stream per step, so this run goes on correctly but will not "
-                "equal an uninterrupted run bit for bit",
-                stacklevel=3,
-            )
         generator.set_state(state["generator"])
         losses = list(state["losses"])
         if len(losses) > schedule.steps:
@@ -452,10 +443,6 @@ def _check_weights(model: nn.Module, ema: nn.Module | None, steps: int, path: Pa
             )
 
 
-#: Modules that draw from torch's global generator during training (what a resume of an old run changes).
-_DROPOUT = (nn.modules.dropout._DropoutNd,)
-
-
 def _seed_global_rng(seed: int, device: torch.device) -> None:
     """Seed torch's global generator of the CPU (and of ``device`` when it is a GPU) for a step: a model's own
     randomness (Dropout) then follows the run's seed and step, not whatever the caller drew before."""
@@ -539,7 +526,7 @@ def check_run(
 
 
 def _check_same_run(state: dict[str, Any], run: dict[str, Any], defaults: dict[str, Any], path: Path) -> None:
-    saved = state.get("run", state.get("config"))  # format 1 recorded the TrainConfig only
+    saved = state.get("run")
     if not isinstance(saved, dict):
         raise ValueError(f"resume: {path} records no settings to compare with")
     missing = object()
@@ -548,7 +535,7 @@ def _check_same_run(state: dict[str, Any], run: dict[str, Any], defaults: dict[s
         if key == "steps":
             continue
         before = saved.get(key, defaults.get(key, missing))
-        if before is not missing and before != value and not same_record(before, value):
+        if before is not missing and before != value:
             differing.append(f"{key}: checkpoint {before!r} vs now {value!r}")
     if differing:
         raise ValueError(f"resume: the checkpoint was made with another config ({', '.join(differing)})")

@@ -37,7 +37,7 @@ from otcfm._describe import describe
 from otcfm._random import keeps_global_rng
 from otcfm.batches import FixedPairs
 from otcfm.data import Sampler
-from otcfm.data.sources import DataSource, as_source, check_class_labels, content_hash, same_file
+from otcfm.data.sources import DataSource, as_source, check_class_labels, content_hash
 from otcfm.engine import LRSchedule, Precision, Schedule, fit, resolve_device
 from otcfm.flow import FlowMatcher
 from otcfm.solvers import METHODS, Method, check_output, check_velocity, integrate
@@ -270,8 +270,7 @@ def generate_pairs(
 
 def _describe(pairs: PairSet | PairSource) -> dict[str, Any]:
     """What a run records of its pairs, for resume to compare: a generated set's description (or the source's
-    ``repr``), and for a set made by hand (whose description is empty) a hash of its content, under a key of its
-    own that runs recorded before it had not (they resume as before)."""
+    ``repr``), and for a set made by hand (whose description is empty) a hash of its content."""
     if not isinstance(pairs, PairSet):
         return {"pairs": describe(pairs)}
     if pairs.meta:
@@ -289,18 +288,12 @@ def _check_or_write_meta(directory: Path, meta: dict[str, Any], overwrite: bool 
     """Write ``meta.json`` of a new pair set; check an existing one against ``meta``, or replace it (``overwrite``).
 
     Returns:
-        the set's identity, which its chunks record: that of the settings on disk (for a set written before
-        ``meta.json`` recorded it too, of its settings as written then).
+        the set's identity, which its chunks record: that of the settings on disk.
     """
     path = directory / "meta.json"
     if path.is_file():
         saved = _read_meta(path, "out")
-        # pair sets written before "source_draw" was recorded are checked on the other keys
-        differing = [
-            k
-            for k in meta
-            if saved.get(k) != meta[k] and (k != "source_draw" or k in saved) and not same_file(saved.get(k), meta[k])
-        ]
+        differing = [k for k in meta if saved.get(k) != meta[k]]
         if not differing:
             return _set_identity(saved)
         if not overwrite:
@@ -357,9 +350,9 @@ def _load(directory: Path, argument: str) -> PairSet:
     if not meta_path.is_file():
         raise FileNotFoundError(f"{argument}: no pair set (meta.json) in {directory}")
     meta = _read_meta(meta_path, argument)
-    recorded = meta.pop("set", None)  # sets written before meta.json recorded the identity have none
+    recorded = meta.pop("set", None)
     identity = _set_identity(meta)
-    if recorded is not None and recorded != identity:
+    if recorded != identity:
         raise ValueError(
             f"{argument}: {meta_path} records the pair set {recorded!r}, but its settings are those of {identity!r}: "
             "meta.json was edited or copied from another pair set"
@@ -382,8 +375,7 @@ def _load(directory: Path, argument: str) -> PairSet:
                 "(a file from another pair set?)"
             )
         owner, index = part.get("set"), part.get("chunk")
-        # a chunk without an identity was written before chunks recorded one, in a set whose meta.json has none
-        if (owner is not None or recorded is not None) and (owner != identity or index != k):
+        if owner != identity or index != k:
             raise ValueError(
                 f"{argument}: {chunk} is not chunk {k} of this pair set (it records set {owner!r}, chunk {index!r}; "
                 f"this set is {identity!r}): a file copied from another pair set or position? Delete it and resume "

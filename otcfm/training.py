@@ -20,7 +20,6 @@ import importlib
 import json
 import numbers
 import os
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -256,28 +255,20 @@ def _option_error(name: str, options: dict[str, Any], error: Exception) -> Value
     return ValueError(f"{name}: invalid options {options} ({error})")
 
 
-def _unused(message: str, resuming: bool) -> None:
-    """Refuse a setting that would be recorded and never used; a run that already recorded it (before such
-    settings were refused) resumes with a warning, since it trained without it and can only go on that way."""
-    if not resuming:
-        raise ValueError(message)
-    warnings.warn(f"{message} (this run recorded it, unused, when it started; it resumes as it trained)", stacklevel=5)
-
-
-def _flow_matcher(config: TrainConfig, objects: dict[str, Any], resuming: bool = False) -> FlowMatcher | MeanFlow:
+def _flow_matcher(config: TrainConfig, objects: dict[str, Any]) -> FlowMatcher | MeanFlow:
+    """The objective of ``config`` (its coupler, path and time sampler built from their names and options, or the
+    instances in ``objects``); settings that would be recorded and never used are refused."""
     for name in ("coupler", "path", "time_sampler"):
         options = getattr(config, f"{name}_options")
-        if name in objects and options:  # they would be recorded, and not used
-            _unused(
+        if name in objects and options:
+            raise ValueError(
                 f"{name}_options: {options} are for a {name} given by name; set them on the {name} instance "
-                f"({describe(objects[name])}) instead",
-                resuming,
+                f"({describe(objects[name])}) instead"
             )
-    if "label_weight" in config.coupler_options:
-        _unused(
-            "coupler_options: label_weight weighs labels, and train passes none to the coupler (it trains "
-            "unconditional flows); pair within labels in a loop of your own: FlowMatcher.loss(..., y0=..., y1=...)",
-            resuming,
+    if "label_weight" in config.coupler_options and not config.conditional:
+        raise ValueError(
+            "coupler_options: label_weight weighs labels, which only a class-conditional run passes to the coupler "
+            "(conditional=True)"
         )
     coupler: str | Coupler = objects.get("coupler", config.coupler)
     if isinstance(coupler, str) and config.coupler_options:
@@ -324,8 +315,8 @@ def _flow_matcher(config: TrainConfig, objects: dict[str, Any], resuming: bool =
 
 
 def _recorded_source(config: TrainConfig, path: Path) -> TrainConfig:
-    """``source="auto"`` on resume: the source the run recorded, which 'auto' chose when it started (runs from
-    before 2026-11-25 gave a user's own 2-D data 8gaussians, 'auto' now gives them a Gaussian)."""
+    """``source="auto"`` on resume: the source the run recorded (what 'auto' chose, or a source named when it
+    started), so that a resume need not name it again."""
     saved = ckpt.load(path).get("config") if path.is_file() else None
     recorded = saved.get("source") if isinstance(saved, dict) else None
     nameable = isinstance(recorded, str) and (
@@ -472,14 +463,13 @@ def _classes(config: TrainConfig, target: DataSource) -> int:
     return given
 
 
-def _check_model_settings(config: TrainConfig, model: nn.Module | None, resuming: bool) -> None:
+def _check_model_settings(config: TrainConfig, model: nn.Module | None) -> None:
     """Refuse ``model_options`` beside a built model: they are a factory's, and no factory is called (they would
     be recorded, and a later rebuild from the record would build another model)."""
     if model is not None and config.model_options:
-        _unused(
+        raise ValueError(
             f"model_options: {config.model_options} are for a model factory ('package.module:factory'); the "
-            f"model given ({type(model).__name__}) is already built",
-            resuming,
+            f"model given ({type(model).__name__}) is already built"
         )
 
 
@@ -559,8 +549,7 @@ def train(
     if unknown:
         raise TypeError(f"train: unknown settings {unknown}; valid settings are the fields of TrainConfig")
     config = dataclasses.replace(config or TrainConfig(), **names)  # TrainConfig checks each value
-    resuming = resume and out is not None and (Path(out) / CHECKPOINT_NAME).is_file()
-    _check_model_settings(config, model, resuming)
+    _check_model_settings(config, model)
     if resume and out is not None and config.source == "auto" and "source" not in objects:
         config = _recorded_source(config, Path(out) / CHECKPOINT_NAME)
     source, target = _data(config, objects, target_labels)
@@ -572,7 +561,7 @@ def train(
     if model is not None:
         described["model"] = f"object:{type(model).__module__}.{type(model).__qualname__}"
     config = dataclasses.replace(config, source=source.spec, target=target.spec, **described)
-    fm = _flow_matcher(config, objects, resuming)
+    fm = _flow_matcher(config, objects)
     global_coupling = config.global_coupling and distributed.world()[1] > 1
     classes = _classes(config, target) if conditional else None
     net_model = model if model is not None else build_model(config, target.features, target.shape, classes)
@@ -782,25 +771,16 @@ def load_model(
     if path.is_dir():
         path = path / CHECKPOINT_NAME
     state = ckpt.load(path)
-    if not isinstance(state, dict) or state.get("format") not in (1, FORMAT_VERSION):
+    if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise ValueError(f"checkpoint: {path} is not an otcfm training checkpoint (format {found!r})")
     config = _config_from(state.get("config"), path)
     weights = state["ema"] if use_ema and state.get("ema") is not None else state.get("model")
     bad = first_nonfinite(weights) if isinstance(weights, dict) else None
-    if bad is not None:  # a run that diverged before otcfm refused to save such weights
+    if bad is not None:  # a diverged run's weights, saved by another program
         raise ValueError(f"checkpoint: {path} holds NaN/Inf weights ({bad!r}); the run it comes from diverged")
     if model is None:
         spec = state.get("model_spec")
-        if spec is None and config is not None and config.model == "mlp":  # format 1: an MLP described by the config
-            spec = {
-                "kind": "mlp",
-                "dim": config.data_dim(),
-                "hidden": config.hidden,
-                "depth": config.depth,
-                "time_dim": 33,
-                "activation": "SiLU",
-            }
         if spec is None:
             raise ValueError(f"checkpoint: {path} does not describe its model; pass model=")
         try:

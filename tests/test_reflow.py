@@ -220,22 +220,6 @@ def test_pairs_held_as_a_tuple_train_and_resume_only_on_the_same_tensors(tmp_pat
         reflow.train_on_pairs(x0, copy.deepcopy(net), **options)
 
 
-def test_a_pair_set_of_a_file_source_recorded_relative_is_still_resumed(
-    teacher: torch.nn.Module, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import numpy as np
-
-    np.save(tmp_path / "noise.npy", np.random.default_rng(0).normal(size=(64, 2)))
-    monkeypatch.chdir(tmp_path)
-    settings = {"steps": 2, "method": "euler", "out": tmp_path / "p", "progress": False}
-    first = reflow.generate_pairs(teacher, "noise.npy", 20, **settings)
-    _as_written_before_identities(tmp_path / "p")  # as recorded before, when sets recorded no identity either
-    meta = json.loads((tmp_path / "p" / "meta.json").read_text())
-    assert meta["source"] == str(tmp_path / "noise.npy")
-    (tmp_path / "p" / "meta.json").write_text(json.dumps({**meta, "source": "noise.npy"}))
-    assert torch.equal(reflow.generate_pairs(teacher, "noise.npy", 20, **settings).x1, first.x1)
-
-
 def test_online_pairs_and_target_variance_name_bad_settings_up_front(teacher: torch.nn.Module) -> None:
     from otcfm.metrics import target_variance
 
@@ -320,25 +304,6 @@ def test_a_chunk_from_another_pair_set_or_position_is_refused(tmp_path: Path) ->
     (tmp_path / "a" / "meta.json").write_text("{")
     with pytest.raises(ValueError, match="^path: .*meta.json is not a readable"):  # said 'pairs:'
         reflow.load_pairs(tmp_path / "a")
-
-
-def _as_written_before_identities(directory: Path) -> None:
-    """Make a pair set as otcfm wrote it before sets recorded an identity: none in meta.json, chunks of x0, x1."""
-    meta = json.loads((directory / "meta.json").read_text())
-    (directory / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "set"}))
-    for chunk in sorted(directory.glob("chunk-*.pt")):
-        part = otcfm.checkpoint.load(chunk)
-        otcfm.checkpoint.atomic_save({"x0": part["x0"], "x1": part["x1"]}, chunk)
-
-
-def test_pair_sets_written_before_chunks_carried_an_identity_still_load_and_resume(tmp_path: Path) -> None:
-    teacher = _tiny(0)
-    made = reflow.generate_pairs(teacher, "8gaussians", 12, out=tmp_path, **TINY)
-    _as_written_before_identities(tmp_path)
-    assert torch.equal(reflow.load_pairs(tmp_path).x1, made.x1)
-    (tmp_path / "chunk-00002.pt").unlink()
-    resumed = reflow.generate_pairs(teacher, "8gaussians", 12, out=tmp_path, **TINY)  # a new chunk beside old ones
-    assert torch.equal(resumed.x1, made.x1) and resumed.meta == made.meta
 
 
 def test_pairs_of_other_shapes_rows_dtypes_or_values_are_refused_naming_pairs() -> None:

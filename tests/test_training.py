@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import pickle
-import warnings
 from pathlib import Path
 
 import pytest
@@ -273,22 +272,6 @@ def test_settings_that_were_silently_ignored_or_unchecked(tmp_path: Path) -> Non
         dataclasses.replace(SMALL, global_coupling="no")  # a truthy string
 
 
-def test_runs_that_recorded_an_unused_setting_still_resume(tmp_path: Path) -> None:
-    """label_weight in train's coupler_options was recorded and unused before it was refused: such a run resumes
-    with a warning (it failed on both sides: refused with the setting, a config mismatch without it)."""
-    train(SMALL, out=tmp_path, progress=False, steps=5)
-    state = checkpoint.load(tmp_path / "checkpoint.pt")
-    for key in ("run", "config"):  # as a run started with coupler_options={"label_weight": 10.0} recorded it
-        state[key]["coupler_options"] = {"label_weight": 10.0}
-    checkpoint.atomic_save(state, tmp_path / "checkpoint.pt")
-    options = {"coupler_options": {"label_weight": 10.0}}
-    with pytest.warns(UserWarning, match="label_weight weighs labels.*recorded it, unused, when it started"):
-        resumed = train(SMALL, out=tmp_path, resume=True, progress=False, **options)
-    assert resumed.start_step == 5 and len(resumed.losses) == SMALL.steps
-    with pytest.raises(ValueError, match="label_weight weighs labels"):  # a fresh run is still refused
-        train(SMALL, out=tmp_path / "fresh", resume=True, progress=False, **options)
-
-
 def test_reflow_settings_checked_up_front() -> None:
     from otcfm import reflow
 
@@ -346,23 +329,6 @@ def test_a_model_with_dropout_resumes_bit_exactly(tmp_path: Path) -> None:
     resumed = train(SMALL, model=_Dropped(), out=tmp_path, resume=True, progress=False)
     assert resumed.start_step == 7
     _assert_same_run(full, resumed)
-
-
-def test_resuming_an_older_dropout_run_warns_that_it_is_not_bit_exact(tmp_path: Path) -> None:
-    """Checkpoints of otcfm before per-step seeding carried the global state ('global_rng'); their Dropout masks
-    cannot be continued, which a resume says (a model without Dropout resumes as before, without a word)."""
-    for name, model in (("dropout", _Dropped()), ("plain", otcfm.models.MLP(2, hidden=16, depth=2))):
-        train(SMALL, model=model, out=tmp_path / name, steps=5, progress=False)
-        state = checkpoint.load(tmp_path / name / "checkpoint.pt")
-        state["global_rng"] = {"cpu": torch.random.get_rng_state()}  # as such a checkpoint held it
-        checkpoint.atomic_save(state, tmp_path / name / "checkpoint.pt")
-    with pytest.warns(UserWarning, match="written by an older otcfm.*not equal an uninterrupted run bit for bit"):
-        train(SMALL, model=_Dropped(), out=tmp_path / "dropout", resume=True, progress=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        resumed = train(SMALL, model=otcfm.models.MLP(2, hidden=16, depth=2), out=tmp_path / "plain", resume=True,
-                        progress=False)  # fmt: skip
-    assert resumed.start_step == 5
 
 
 def test_a_dropout_run_follows_its_seed_and_leaves_the_global_state(tmp_path: Path) -> None:

@@ -61,12 +61,12 @@ def fast_bfloat16(device: torch.device) -> bool:
 
 @functools.cache
 def _cpu_has_bfloat16() -> bool:
-    """A hardware fact, read once: oneDNN's bfloat16 kernels and the CPU's bfloat16 instructions (Linux flags)."""
+    """A hardware fact, read once: oneDNN in this torch build and the CPU's bfloat16 instructions (Linux flags)."""
     try:
-        if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        if not torch.backends.mkldnn.is_available():
             return False
         flags = Path("/proc/cpuinfo").read_text().split()
-    except (AttributeError, RuntimeError, OSError):
+    except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
 

@@ -46,7 +46,7 @@ from torch import Tensor
 
 from otcfm import _random
 from otcfm._args import check_count, check_flag, check_generator, check_rate
-from otcfm._checks import check_batch, check_finite, value_checks_queued
+from otcfm._checks import check_batch, check_finite, mark_invalid, value_checks_queued
 from otcfm.couplers.base import Coupler, Pairing, check_labels
 from otcfm.couplers.screening import MAX_DIM, Screen, fast_bfloat16, padded_rows
 from otcfm.couplers.sinkhorn import ConvergenceWarning
@@ -209,7 +209,7 @@ class SemidiscreteCoupler(Coupler):
         classes = self._source_classes(y0, a.shape[0], generator, a.device)
         labels = None if self.labels is None else self.labels.to(data.device)
         h = self._score_offsets(data)
-        x, factor = _scaled_batch(a, self.unit, "x0")
+        x, factor = _scaled_batch(a, self.unit)
         chunk, epsilon = self._chunk(a.shape[0]), self.absolute_epsilon() / self.unit**2
         screen = self._screen_for(x1, data, a.shape[0], epsilon)
         h = h if factor == 1.0 else h * factor
@@ -287,9 +287,7 @@ class SemidiscreteCoupler(Coupler):
             self._classes = torch.unique(self.labels)
         known = self._classes.to(device)
         absent = ~torch.isin(classes, known)
-        if value_checks_queued(absent):  # no host read on CUDA: queued, as the NaN/Inf checks (otcfm._checks)
-            torch._assert_async(~absent.any(), "y0: a class with no point in the dataset (see its labels y1)")
-        elif bool(absent.any()):
+        if bool(absent.any()):  # a host read on every device: a partner index cannot carry the fault as NaN
             missing = torch.unique(classes[absent]).tolist()
             raise ValueError(
                 f"y0: classes {missing[:10]} have no point in the dataset (the potentials' labels hold classes "
@@ -445,7 +443,7 @@ class SemidiscreteCoupler(Coupler):
             total=steps, initial=state["step"], disable=not progress, desc="semidiscrete fit", unit="step"
         ) as bar:
             for k in range(state["step"], steps):
-                x, factor = _scaled_batch(sample(batch_size), unit, "source")
+                x, factor = _scaled_batch(sample(batch_size), unit)
                 h = g - square if factor == 1.0 else (g - square) * factor
                 share = _shares(x, flat, h, epsilon * factor, chunk, labels, classes(batch_size), screen)
                 g += (lr * mean_cost / math.sqrt(1.0 + k)) * (1.0 - n * share)
@@ -582,7 +580,7 @@ class SemidiscreteCoupler(Coupler):
         while done < samples:
             b = min(batch_size, samples - done)
             drawn = _drawn(draw, b, generator, flat)
-            x, factor = _scaled_batch(drawn, unit, "source")
+            x, factor = _scaled_batch(drawn, unit)
             scaled = h if factor == 1.0 else h * factor
             norms = _times_power_of_two(drawn.double(), -_exponent(unit)).square().sum(1)  # |x / unit|^2
             classes = None if labels is None else labels[_random.randint(n, (b,), generator, device)]
@@ -776,17 +774,16 @@ def _unit_for(data: Tensor, probe: Tensor) -> float:
     return math.ldexp(1.0, exponent)
 
 
-def _scaled_batch(x: Tensor, unit: float, name: str) -> tuple[Tensor, float]:
-    """``(c x / unit^2, c)`` for source samples ``x: (B, D)`` (called ``name``): ``c = 1`` unless ``max |x| / unit``
+def _scaled_batch(x: Tensor, unit: float) -> tuple[Tensor, float]:
+    """``(c x / unit^2, c)`` for source samples ``x: (B, D)``: ``c = 1`` unless ``max |x| / unit``
     exceeds the dtype's plain range, then the power of two that brings it to 1. ``2 (c x / unit^2).y_j + c h_j`` is
     ``c`` times the score in units of ``unit^2``: the same partners, and no overflow however large ``x`` is.
 
-    On CUDA, where reading ``max |x|`` on the host would stall each step, ``c = 1`` and such a batch is refused by a
-    queued check instead (as the NaN/Inf checks of :mod:`otcfm._checks`)."""
+    On CUDA, where reading ``max |x|`` on the host would stall each step, ``c = 1`` and such a batch is made NaN
+    (:func:`otcfm._checks.mark_invalid`), which its loss then carries (as the value checks of :mod:`otcfm._checks`)."""
     exponent, high = _exponent(unit), _plain_range(x.dtype)[1]
     if value_checks_queued(x):
-        message = f"{name}: magnitudes beyond {high * unit:.3g}, far from the scale the potentials were fitted at"
-        torch._assert_async(x.abs().amax() <= high * unit, message)
+        x = mark_invalid(x, x.abs().amax() <= high * unit)
         extra = 0
     else:
         largest = _largest(x) / unit

@@ -141,7 +141,7 @@ class SemidiscreteShard:
             base = int(torch.randint(2**62, (1,), generator=generator))
             noise = torch.Generator(device=self.data.device).manual_seed(stream_seed(base, "shard", rank))
         chunk = max(1, self.memory_budget // (8 * sources.shape[0]))
-        scaled, factor = _scaled_batch(sources, self.unit, "x0")  # the same factor on every rank: the same sources
+        scaled, factor = _scaled_batch(sources, self.unit)  # the same factor on every rank: the same sources
         offsets = self._offsets if factor == 1.0 else self._offsets * factor
         epsilon = self.epsilon * factor / self.unit**2
         local, best = _partners_and_scores(scaled, _flat(self.data), offsets, epsilon, chunk, None, None, noise)

@@ -41,7 +41,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 from otcfm.checkpoint import load_failure
 
-__all__ = ["FILE_SUFFIXES", "DataLike", "DataSource", "as_source", "content_hash", "same_file"]
+__all__ = ["FILE_SUFFIXES", "DataLike", "DataSource", "as_source", "content_hash"]
 
 #: File types :func:`as_source` reads.
 FILE_SUFFIXES = (".npy", ".pt", ".pth")
@@ -249,21 +249,6 @@ def content_hash(tensor: Tensor) -> str:
     if data.numel():
         digest.update(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
     return digest.hexdigest()[:16]
-
-
-def same_file(before: object, now: object) -> bool:
-    """Whether two recorded data files are one: records before 2026-11-25 kept the path as typed (a relative one
-    is read from the working directory) and now the absolute path; the content is compared by fingerprint anyway."""
-    files = isinstance(before, str) and isinstance(now, str) and before.endswith(FILE_SUFFIXES)
-    return files and os.path.abspath(before) == os.path.abspath(now)
-
-
-def same_record(before: object, now: object) -> bool:
-    """Whether a value a run recorded before 2026-11-26 names the data ``now`` records: :func:`same_file`, or a
-    Dataset's or sampler's fingerprint from before it held a hash of the data (``":sampled="``)."""
-    if same_file(before, now):
-        return True
-    return isinstance(before, str) and isinstance(now, str) and now.startswith(f"{before}{_SAMPLED}")
 
 
 #: How many items of a Dataset, or draws of a sampler, its fingerprint hashes (read twice, see :func:`_sampled`).
