@@ -16,12 +16,12 @@ import math
 import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from otcfm._args import check_rate
+from otcfm._args import check_options, check_rate
 from otcfm._checks import check_choice, check_finite, check_pair, check_time
 
 __all__ = [
@@ -314,28 +314,35 @@ PATHS: dict[str, tuple[type[Path], str | None]] = {
 }
 
 
-def get_path(path: str | Path, sigma: float | None = None) -> Path:
-    """Return a path from a registered name or pass an instance through.
+def get_path(path: str | Path, sigma: float | None = None, **options: Any) -> Path:
+    """Return a path from a registered name or pass an instance through (as :func:`otcfm.get_coupler`).
 
     Args:
         path: a name in :data:`PATHS` or a :class:`Path` instance.
         sigma: the path's noise parameter (``sigma`` of linear/cosine/bridge,
             ``sigma_min`` of gaussian); the path's default when None.
+        **options: other keyword arguments of the named path's constructor
+            (``get_path("diffusion", beta_max=20)``).
 
     Raises:
         ValueError: unknown name (lists the valid ones), ``sigma`` for a path
-            without one or together with an instance, invalid ``sigma``.
+            without one, ``sigma`` or options together with an instance, invalid values.
+        TypeError: neither a string nor a Path, or an unknown option (named, with the valid ones).
     """
     if isinstance(path, Path):
         if sigma is not None:
             raise ValueError("sigma: set it on the path instance, not beside it")
+        if options:
+            raise ValueError(f"path: options {sorted(options)} apply to a name, not to an instance")
         return path
     if not isinstance(path, str):
         raise TypeError(f"path: expected a name or a Path instance, got {type(path).__name__}")
     check_choice(path, PATHS, "path")
     cls, keyword = PATHS[path]
-    if sigma is None:
-        return cls()
-    if keyword is None:
-        raise ValueError(f"sigma: the {path!r} path has no sigma parameter; leave sigma=None")
-    return cls(**{keyword: sigma})
+    if sigma is not None:
+        if keyword is None:
+            raise ValueError(f"sigma: the {path!r} path has no sigma parameter; leave sigma=None")
+        if keyword in options:
+            raise ValueError(f"sigma: given twice, as sigma and as the option {keyword!r}")
+        options = {**options, keyword: sigma}
+    return cls(**check_options(cls, options, "path"))

@@ -12,13 +12,13 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
 from otcfm import _random
-from otcfm._args import check_rate
+from otcfm._args import check_options, check_rate
 from otcfm._checks import check_choice, check_time
 
 __all__ = ["TIME_SAMPLERS", "CheckedSampler", "LogitNormal", "TimeSampler", "UShaped", "Uniform", "get_time_sampler"]
@@ -109,19 +109,28 @@ class CheckedSampler:
         return check_time(self.sampler(n, generator, device, dtype), n)
 
 
-def get_time_sampler(sampler: str | TimeSampler) -> TimeSampler:
-    """Return a time sampler from a name in :data:`TIME_SAMPLERS`, or a callable, checked.
+def get_time_sampler(sampler: str | TimeSampler, **options: Any) -> TimeSampler:
+    """Return a time sampler from a name in :data:`TIME_SAMPLERS`, or a callable, checked (as
+    :func:`otcfm.get_coupler`).
 
     The samplers of this module are returned as they are; any other callable comes back wrapped in a
     :class:`CheckedSampler`, which checks its draws (``t: (n,)`` in ``[0, 1]``).
 
+    Args:
+        sampler: a name in :data:`TIME_SAMPLERS` or a callable ``sampler(n, generator, device, dtype) -> (n,)``.
+        **options: keyword arguments of the named sampler (``get_time_sampler("logit_normal", mean=-0.4)``).
+
     Raises:
-        ValueError: unknown name; the message lists the valid ones.
-        TypeError: neither a name nor a callable.
+        ValueError: unknown name (the message lists the valid ones), invalid option values, or options together
+            with a callable.
+        TypeError: neither a name nor a callable, or an unknown option (named, with the valid ones).
     """
     if isinstance(sampler, str):
         check_choice(sampler, TIME_SAMPLERS, "time_sampler")
-        return TIME_SAMPLERS[sampler]()
+        cls = TIME_SAMPLERS[sampler]
+        return cls(**check_options(cls, options, "time_sampler"))
+    if options:
+        raise ValueError(f"time_sampler: options {sorted(options)} apply to a name, not to a callable")
     if not callable(sampler):
         raise TypeError(f"time_sampler: expected a name or a callable, got {type(sampler).__name__}")
     if isinstance(sampler, (CheckedSampler, *TIME_SAMPLERS.values())):

@@ -35,7 +35,7 @@ from otcfm._checks import all_finite, first_nonfinite, named_as_data
 from otcfm._describe import describe
 from otcfm._random import keeps_global_rng
 from otcfm.batches import BatchSource, Draws, GlobalCoupling, Pools, WholeDataset, coupled_loss
-from otcfm.couplers import COUPLERS, Coupler, SemidiscreteCoupler, get_coupler
+from otcfm.couplers import SemidiscreteCoupler, get_coupler
 from otcfm.data import DATASETS
 from otcfm.data.sources import FILE_SUFFIXES, DataSource, as_source
 from otcfm.engine import (
@@ -55,11 +55,10 @@ from otcfm.flow import FlowMatcher
 from otcfm.guidance import null_label_of
 from otcfm.meanflow import MeanFlow, is_flow_map
 from otcfm.models import MLP, model_spec, rebuild_model, unet
-from otcfm.paths import PATHS
-from otcfm.paths import Path as ProbabilityPath
+from otcfm.paths import get_path
 from otcfm.runlock import run_lock
 from otcfm.solvers import check_output, check_velocity, first_call
-from otcfm.timesteps import TIME_SAMPLERS
+from otcfm.timesteps import get_time_sampler
 
 __all__ = ["CHECKPOINT_NAME", "TrainConfig", "TrainResult", "build_model", "load_model", "train", "write_checkpoint"]
 
@@ -255,6 +254,17 @@ def _option_error(name: str, options: dict[str, Any], error: Exception) -> Value
     return ValueError(f"{name}: invalid options {options} ({error})")
 
 
+def _built(get: Callable[..., Any], value: Any, options: dict[str, Any], name: str) -> Any:
+    """``get(value, **options)`` (:func:`otcfm.get_coupler` and the like); an error that the options cause is
+    named ``<name>_options``, one of the name itself stays ``<name>: ...``."""
+    try:
+        return get(value, **options)
+    except (TypeError, ValueError) as error:
+        if not options or str(error).startswith(f"{name}: unknown value") or not isinstance(value, str):
+            raise
+        raise _option_error(f"{name}_options", options, error) from error
+
+
 def _flow_matcher(config: TrainConfig, objects: dict[str, Any]) -> FlowMatcher | MeanFlow:
     """The objective of ``config`` (its coupler, path and time sampler built from their names and options, or the
     instances in ``objects``); settings that would be recorded and never used are refused."""
@@ -270,40 +280,16 @@ def _flow_matcher(config: TrainConfig, objects: dict[str, Any]) -> FlowMatcher |
             "coupler_options: label_weight weighs labels, which only a class-conditional run passes to the coupler "
             "(conditional=True)"
         )
-    coupler: str | Coupler = objects.get("coupler", config.coupler)
-    if isinstance(coupler, str) and config.coupler_options:
-        if coupler not in COUPLERS:
-            get_coupler(coupler)  # raises the error listing the valid names
-        try:
-            coupler = get_coupler(coupler, **config.coupler_options)
-        except (TypeError, ValueError) as error:
-            raise _option_error("coupler_options", config.coupler_options, error) from error
-    path: str | ProbabilityPath = objects.get("path", config.path)
-    sigma = config.sigma
-    if isinstance(path, str) and config.path_options:
-        if path not in PATHS:
-            raise ValueError(f"path: unknown value {path!r}; expected one of {', '.join(map(repr, sorted(PATHS)))}")
-        cls, keyword = PATHS[path]
-        options = dict(config.path_options)
-        if sigma is not None and keyword is not None:
-            options[keyword] = sigma
-        try:
-            path, sigma = cls(**check_options(cls, options, "path")), None
-        except (TypeError, ValueError) as error:
-            if str(error).startswith(f"{keyword}:") and config.sigma is not None:
-                raise ValueError(f"sigma: {error}") from error
-            raise _option_error("path_options", config.path_options, error) from error
-    time_sampler = objects.get("time_sampler", config.time_sampler)
-    if isinstance(time_sampler, str) and config.time_sampler_options:
-        if time_sampler not in TIME_SAMPLERS:
-            valid = ", ".join(map(repr, sorted(TIME_SAMPLERS)))
-            raise ValueError(f"time_sampler: unknown value {time_sampler!r}; expected one of {valid}")
-        try:
-            cls = TIME_SAMPLERS[time_sampler]
-            time_sampler = cls(**check_options(cls, config.time_sampler_options, "time_sampler"))
-        except (TypeError, ValueError) as error:
-            raise _option_error("time_sampler_options", config.time_sampler_options, error) from error
-    fm = FlowMatcher(coupler=coupler, path=path, sigma=sigma, time_sampler=time_sampler)
+    coupler = _built(get_coupler, objects.get("coupler", config.coupler), config.coupler_options, "coupler")
+    try:
+        path = get_path(objects.get("path", config.path), config.sigma, **config.path_options)
+    except (TypeError, ValueError) as error:
+        if not config.path_options or str(error).startswith(("path: unknown value", "path: expected", "sigma:")):
+            raise
+        raise _option_error("path_options", config.path_options, error) from error
+    sampler = objects.get("time_sampler", config.time_sampler)
+    time_sampler = _built(get_time_sampler, sampler, config.time_sampler_options, "time_sampler")
+    fm = FlowMatcher(coupler=coupler, path=path, time_sampler=time_sampler)
     if config.objective == "flow_matching":
         if config.objective_options:
             raise ValueError(f"objective_options: {config.objective_options} are for objective='meanflow'")

@@ -174,3 +174,25 @@ def test_noise_is_checked_by_the_public_call() -> None:
         path(x0, x1, t, torch.full((4, 2), float("nan")))
     with pytest.raises(ValueError, match=r"noise: expected a tensor of shape \(4, 2\) and dtype torch.float32"):
         path(x0, x1, t, torch.randn(4, 2, dtype=torch.float64))  # silently made x_t float64
+
+
+def test_getters_take_a_name_and_its_options_alike() -> None:
+    """get_coupler, get_path and get_time_sampler take (name_or_instance, **options); options beside an instance
+    and unknown options are named."""
+    import otcfm
+    from otcfm.timesteps import get_time_sampler
+
+    assert get_path("diffusion", beta_max=10.0) == get_path(DiffusionPath(beta_max=10.0))
+    assert get_path("linear", 0.1) == get_path("linear", sigma=0.1)
+    assert get_time_sampler("logit_normal", mean=-0.4) == LogitNormal(mean=-0.4)
+    assert otcfm.get_coupler("sinkhorn", epsilon=0.1).epsilon == 0.1
+    with pytest.raises(TypeError, match="path: unknown option 'beta' of DiffusionPath"):
+        get_path("diffusion", beta=1.0)
+    with pytest.raises(ValueError, match=r"path: options \['sigma_min'\] apply to a name"):
+        get_path(GaussianPath(), sigma_min=0.1)
+    with pytest.raises(ValueError, match="sigma: given twice"):
+        get_path("gaussian", 0.1, sigma_min=0.2)
+    with pytest.raises(TypeError, match="time_sampler: unknown option 'loc' of LogitNormal"):
+        get_time_sampler("logit_normal", loc=0.0)
+    with pytest.raises(ValueError, match=r"time_sampler: options \['std'\] apply to a name"):
+        get_time_sampler(LogitNormal(), std=2.0)

@@ -196,3 +196,14 @@ def test_relaxed_plans_estimate_their_memory(monkeypatch: pytest.MonkeyPatch) ->
         PartialCoupler().plan(x, x + 1)
     with pytest.raises(MemoryError, match="partial OT"):
         partial_plan(_cost(2048, 2048), 0.1, 0.5)
+
+
+def test_relaxed_benchmark_quick(capsys: pytest.CaptureFixture[str]) -> None:
+    """benchmarks/relaxed.py times partial against exact and POT, and reports the plans' difference."""
+    from benchmark_module import load_benchmark
+
+    assert load_benchmark("relaxed").main(["--quick"]) == 0
+    table = capsys.readouterr().out
+    assert "| 2 | 32 |" in table and "| 64 | 32 |" in table
+    difference = float(table.splitlines()[2].split("|")[-2])
+    assert difference < 1e-4  # the same problem, solved to the tolerance of each
