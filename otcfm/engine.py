@@ -220,7 +220,6 @@ def fit(
     callback: Callable[[int, float], None] | None = None,
     desc: str = "train",
     record: dict[str, Any] | Callable[[], dict[str, Any]] | None = None,
-    run_defaults: dict[str, Any] | None = None,
     locked: bool = False,
 ) -> Fitted:
     """Train ``model`` in place on ``step_loss``; see the module docstring.
@@ -239,7 +238,6 @@ def fit(
         callback: ``callback(step, loss)`` after every step (``step`` counts finished steps).
         desc: the progress bar's label.
         record: extra entries written into every checkpoint, or a function returning them (called at each write).
-        run_defaults: values of ``run`` keys that older checkpoints did not record.
         locked: the caller holds ``out``'s run lock already (:func:`otcfm.runlock.run_lock`, taken before work
             that precedes training, such as a semidiscrete fit), so ``fit`` does not take it again.
 
@@ -267,43 +265,50 @@ def fit(
                 path.unlink()
         device = resolve_device(device)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the caller's state is kept
-            return _run(
-                model, step_loss, schedule, run, path, resume, device, progress, callback, desc, record, run_defaults
-            )
+            output = _Output(path, run, record, resume, progress, desc, callback)
+            return _run(model, step_loss, schedule, device, output)
 
 
-def _run(
-    model: nn.Module,
-    step_loss: StepLoss,
-    schedule: Schedule,
-    run: dict[str, Any],
-    path: Path | None,
-    resume: bool,
-    device: torch.device,  # resolved by fit
-    progress: bool,
-    callback: Callable[[int, float], None] | None,
-    desc: str,
-    record: dict[str, Any] | Callable[[], dict[str, Any]] | None,
-    run_defaults: dict[str, Any] | None,
-) -> Fitted:
-    run_defaults = run_defaults or {}
-    rank, world_size = distributed.world()
-    model = model.to(device)
-    ema = copy.deepcopy(model).requires_grad_(False) if schedule.ema_decay > 0 else None
-    optimizer = torch.optim.Adam(model.parameters(), lr=schedule.lr)
-    generator = torch.Generator().manual_seed(schedule.seed)
-    losses: list[float] = []
-    if resume and path is not None and path.is_file():
+@dataclass(frozen=True)
+class _Output:
+    """What a run writes and how it reports: its checkpoint file (None: none), the settings that identify it, the
+    extra entries of each checkpoint, whether it continues the file, and its progress bar and callback."""
+
+    path: Path | None
+    run: dict[str, Any]
+    record: dict[str, Any] | Callable[[], dict[str, Any]] | None
+    resume: bool
+    progress: bool
+    desc: str
+    callback: Callable[[int, float], None] | None
+
+
+class _Training:
+    """The state of one run: model, EMA, optimiser, generator and the losses of the finished steps."""
+
+    def __init__(self, model: nn.Module, schedule: Schedule, device: torch.device, output: _Output) -> None:
+        self.model, self.schedule, self.device, self.output = model.to(device), schedule, device, output
+        self.ema = copy.deepcopy(self.model).requires_grad_(False) if schedule.ema_decay > 0 else None
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=schedule.lr)
+        self.generator = torch.Generator().manual_seed(schedule.seed)
+        self.losses: list[float] = []
+        self.pending: list[Tensor] = []  # losses not yet read back (one host sync per flush, not per step)
+        self.saved: int | None = None  # the step of the newest checkpoint on disk, if any
+        self.bar: Any = None  # the progress bar, while the run goes
+
+    def restore(self) -> None:
+        """Continue the checkpoint at ``output.path`` (checked to be this run's)."""
+        path = self.output.path
         state = ckpt.load(path)
         if state.get("optimizer") is None or state.get("generator") is None:
             raise ValueError(f"resume: {path} holds weights without training state")
-        _check_same_run(state, run, run_defaults, path)
-        _check_same_schedule(state, schedule, path)
+        _check_same_run(state, self.output.run, path)
+        _check_same_schedule(state, self.schedule, path)
         try:
-            model.load_state_dict(state["model"])
-            if ema is not None:
-                ema.load_state_dict(state["ema"])
-            optimizer.load_state_dict(state["optimizer"])
+            self.model.load_state_dict(state["model"])
+            if self.ema is not None:
+                self.ema.load_state_dict(state["ema"])
+            self.optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError, KeyError) as error:  # torch's own message lists every mismatched tensor
             reason = " ".join(str(error).split())
             raise ValueError(
@@ -313,117 +318,135 @@ def _run(
             bad = first_nonfinite(state.get(key) or {})
             if bad is not None:
                 raise ValueError(f"resume: {path} holds NaN/Inf weights ({key} entry {bad!r}); it cannot be continued")
-        generator.set_state(state["generator"])
-        losses = list(state["losses"])
-        if len(losses) > schedule.steps:
+        self.generator.set_state(state["generator"])
+        self.losses = list(state["losses"])
+        if len(self.losses) > self.schedule.steps:
             raise ValueError(
-                f"steps: the checkpoint already holds {len(losses)} steps, more than steps={schedule.steps}"
+                f"steps: the checkpoint already holds {len(self.losses)} steps, more than steps={self.schedule.steps}"
             )
-    start_step = len(losses)
-    saved: int | None = start_step if losses else None  # the step of the newest checkpoint on disk, if any
-    net = distributed.wrap(model, device)  # DDP averages the gradients over ranks
-    if schedule.precision == "bf16":
-        net = _Autocast(net, device.type)
-    pending: list[Tensor] = []  # losses not yet read back (one host sync per flush, not per step)
+        self.saved = len(self.losses) or None
 
-    def flush() -> None:
-        if pending:
-            values = torch.stack(pending).tolist()
-            pending.clear()
+    def flush(self) -> None:
+        """Read the pending losses back (one host sync) and stop at the first non-finite one."""
+        if self.pending:
+            values = torch.stack(self.pending).tolist()
+            self.pending.clear()
             bad = next((k for k, v in enumerate(values) if not math.isfinite(v)), None)
-            if bad is not None:  # checked here, not every step: one host sync per flush
+            if bad is not None:
                 raise ValueError(
-                    f"loss: {values[bad]} at step {len(losses) + bad + 1}: the model's output or the data holds "
+                    f"loss: {values[bad]} at step {len(self.losses) + bad + 1}: the model's output or the data holds "
                     "NaN/Inf, or the learning rate is too high; the last checkpoint holds the steps before"
                 )
-            losses.extend(values)
+            self.losses.extend(values)
 
-    def save(generator_state: Tensor) -> None:
-        nonlocal saved
-        flush()
-        _check_weights(model, ema, len(losses), path, saved)  # every rank: DDP keeps the same weights everywhere
-        if path is not None and rank == 0:
+    def save(self, generator_state: Tensor) -> None:
+        """Write the finished steps (rank 0), after checking the weights on every rank."""
+        self.flush()
+        path, steps = self.output.path, len(self.losses)
+        _check_weights(self.model, self.ema, steps, path, self.saved)  # every rank: DDP keeps the weights alike
+        if path is None:
+            return
+        if distributed.world()[0] == 0:
+            record = self.output.record() if callable(self.output.record) else self.output.record
             ckpt.atomic_save(
                 {
                     "format": FORMAT_VERSION,
-                    **((record() if callable(record) else record) or {}),
-                    "run": run,
-                    "model_spec": model_spec(model),
-                    "model": model.state_dict(),
-                    "ema": ema.state_dict() if ema is not None else None,
-                    "step": len(losses),
-                    "lr_schedule": schedule.lr_schedule,
-                    "warmup_steps": schedule.warmup_steps,
-                    "planned_steps": schedule.steps,
-                    "optimizer": optimizer.state_dict(),
+                    **(record or {}),
+                    "run": self.output.run,
+                    "model_spec": model_spec(self.model),
+                    "model": self.model.state_dict(),
+                    "ema": self.ema.state_dict() if self.ema is not None else None,
+                    "step": steps,
+                    "lr_schedule": self.schedule.lr_schedule,
+                    "warmup_steps": self.schedule.warmup_steps,
+                    "planned_steps": self.schedule.steps,
+                    "optimizer": self.optimizer.state_dict(),
                     "generator": generator_state,
-                    "losses": losses,
-                    "world_size": world_size,
+                    "losses": self.losses,
+                    "world_size": distributed.world()[1],
                 },
                 path,
             )
-        if path is not None:
-            saved = len(losses)  # by rank 0, for every rank
+        self.saved = steps  # by rank 0, for every rank
 
+    def step(self, net: nn.Module, step_loss: StepLoss, done: int) -> None:
+        """Optimisation step ``done`` (0-based); its loss joins ``pending``. An interrupt saves the finished steps
+        when it comes before the update began."""
+        schedule, rank = self.schedule, distributed.world()[0]
+        start_state = self.generator.get_state()
+        updating = False
+        try:
+            if rank > 0:
+                self.generator.manual_seed(distributed.stream_seed(schedule.seed, rank, done))
+            # torch's global generator (a model's Dropout): a stream of this step and rank, as above
+            _seed_global_rng(distributed.stream_seed(schedule.seed, "global", rank, done), self.device)
+            loss = step_loss(net, done, self.generator)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            updating = True  # from here until the step is recorded, the state is mid-update
+            if schedule.grad_clip is not None:
+                nn.utils.clip_grad_norm_(self.model.parameters(), schedule.grad_clip)
+            if schedule.lr_schedule != "constant" or schedule.warmup_steps:
+                rate = learning_rate(schedule.lr, schedule.lr_schedule, done, schedule.steps, schedule.warmup_steps)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = rate
+            self.optimizer.step()
+            if self.ema is not None:
+                _ema_update(self.ema, self.model, schedule.ema_decay)
+            self.pending.append(distributed.mean_over_ranks(loss.detach()).float())
+        except KeyboardInterrupt:
+            if not updating:  # the unfinished step left no trace: save the finished ones
+                self.save(start_state)
+            raise
+
+    def after_step(self, done: int) -> None:
+        """Checkpoint, progress and callback after ``done`` finished steps."""
+        if done % self.schedule.checkpoint_every == 0 or done == self.schedule.steps:
+            self.save(self.generator.get_state())
+        callback = self.output.callback
+        if callback is not None or done % 50 == 0:
+            self.flush()
+            self.bar.set_postfix(loss=f"{self.losses[-1]:.4f}", refresh=False)
+        if callback is not None:
+            try:
+                callback(done, self.losses[-1])
+            except KeyboardInterrupt:
+                self.save(self.generator.get_state())
+                raise
+
+
+def _run(model: nn.Module, step_loss: StepLoss, schedule: Schedule, device: torch.device, output: _Output) -> Fitted:
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=schedule.steps, initial=start_step, disable=not progress or rank > 0, desc=desc, unit="step")
-    model.train()
+    training = _Training(model, schedule, device, output)
+    if output.resume and output.path is not None and output.path.is_file():
+        training.restore()
+    start_step = len(training.losses)
+    net = distributed.wrap(training.model, device)  # DDP averages the gradients over ranks
+    if schedule.precision == "bf16":
+        net = _Autocast(net, device.type)
+    disable = not output.progress or distributed.world()[0] > 0
+    training.bar = tqdm(total=schedule.steps, initial=start_step, disable=disable, desc=output.desc, unit="step")
+    training.model.train()
     finished = start_step >= schedule.steps  # every step's collectives done: a failure from here on is shared
     try:
-        while len(losses) + len(pending) < schedule.steps:
-            done = len(losses) + len(pending)
-            start_state = generator.get_state()
-            updating = False
-            try:
-                if rank > 0:
-                    generator.manual_seed(distributed.stream_seed(schedule.seed, rank, done))
-                # torch's global generator (a model's Dropout): a stream of this step and rank, as above
-                _seed_global_rng(distributed.stream_seed(schedule.seed, "global", rank, done), device)
-                loss = step_loss(net, done, generator)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                updating = True  # from here until the step is recorded, the state is mid-update
-                if schedule.grad_clip is not None:
-                    nn.utils.clip_grad_norm_(model.parameters(), schedule.grad_clip)
-                if schedule.lr_schedule != "constant" or schedule.warmup_steps:
-                    rate = learning_rate(schedule.lr, schedule.lr_schedule, done, schedule.steps, schedule.warmup_steps)
-                    for group in optimizer.param_groups:
-                        group["lr"] = rate
-                optimizer.step()
-                if ema is not None:
-                    _ema_update(ema, model, schedule.ema_decay)
-                pending.append(distributed.mean_over_ranks(loss.detach()).float())
-                updating = False
-            except KeyboardInterrupt:
-                if not updating:  # the unfinished step left no trace: save the finished ones
-                    save(start_state)
-                raise
-            done += 1
-            finished = done == schedule.steps
-            bar.update(1)
-            if done % schedule.checkpoint_every == 0 or done == schedule.steps:
-                save(generator.get_state())
-            if callback is not None or done % 50 == 0:
-                flush()
-                bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
-            if callback is not None:
-                try:
-                    callback(done, losses[-1])
-                except KeyboardInterrupt:
-                    save(generator.get_state())
-                    raise
-        flush()
+        while len(training.losses) + len(training.pending) < schedule.steps:
+            done = len(training.losses) + len(training.pending)
+            training.step(net, step_loss, done)
+            finished = done + 1 == schedule.steps
+            training.bar.update(1)
+            training.after_step(done + 1)
+        training.flush()
     except Exception as error:
         if finished:  # the other ranks wait in end_together below: tell them, instead of leaving them there
             distributed.end_together(error, device)
         raise
     finally:
-        bar.close()
-    model.eval()
+        training.bar.close()
+    training.model.eval()
     # rank 0's last checkpoint is on disk before any rank returns (and, say, resumes it), or every rank raises
     distributed.end_together(None, device)
-    return Fitted(model, ema, losses, start_step)
+    return Fitted(training.model, training.ema, training.losses, start_step)
 
 
 def _check_weights(model: nn.Module, ema: nn.Module | None, steps: int, path: Path | None, saved: int | None) -> None:
@@ -463,14 +486,16 @@ def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
 
 def _check_same_schedule(state: dict[str, Any], schedule: Schedule, path: Path) -> None:
     """A resume keeps the learning-rate schedule; under ``"cosine"`` also the run's length, which shapes the rates."""
-    saved = state.get("lr_schedule", "constant")  # checkpoints from before lr_schedule: a constant rate
+    saved = state.get("lr_schedule")
     differing = None
     if saved != schedule.lr_schedule:
         differing = f"lr_schedule: checkpoint {saved!r} vs now {schedule.lr_schedule!r}"
-    elif saved == "cosine" and state.get("planned_steps", schedule.steps) != schedule.steps:
-        differing = f"steps: checkpoint {state['planned_steps']!r} vs now {schedule.steps!r} under lr_schedule 'cosine'"
-    elif state.get("warmup_steps", 0) != schedule.warmup_steps:
-        differing = f"warmup_steps: checkpoint {state.get('warmup_steps', 0)!r} vs now {schedule.warmup_steps!r}"
+    elif saved == "cosine" and state.get("planned_steps") != schedule.steps:
+        differing = (
+            f"steps: checkpoint {state.get('planned_steps')!r} vs now {schedule.steps!r} under lr_schedule 'cosine'"
+        )
+    elif state.get("warmup_steps") != schedule.warmup_steps:
+        differing = f"warmup_steps: checkpoint {state.get('warmup_steps')!r} vs now {schedule.warmup_steps!r}"
     if differing is not None:
         raise ValueError(f"resume: the checkpoint {path} was made with another config ({differing})")
 
@@ -525,7 +550,7 @@ def check_run(
         raise TypeError(f"callback: expected a function callback(step, loss) or None, got {type(callback).__name__}")
 
 
-def _check_same_run(state: dict[str, Any], run: dict[str, Any], defaults: dict[str, Any], path: Path) -> None:
+def _check_same_run(state: dict[str, Any], run: dict[str, Any], path: Path) -> None:
     saved = state.get("run")
     if not isinstance(saved, dict):
         raise ValueError(f"resume: {path} records no settings to compare with")
@@ -534,8 +559,10 @@ def _check_same_run(state: dict[str, Any], run: dict[str, Any], defaults: dict[s
     for key, value in run.items():
         if key == "steps":
             continue
-        before = saved.get(key, defaults.get(key, missing))
-        if before is not missing and before != value:
+        before = saved.get(key, missing)
+        if before is missing:
+            differing.append(f"{key}: not in the checkpoint, now {value!r}")
+        elif before != value:
             differing.append(f"{key}: checkpoint {before!r} vs now {value!r}")
     if differing:
         raise ValueError(f"resume: the checkpoint was made with another config ({', '.join(differing)})")

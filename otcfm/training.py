@@ -632,12 +632,6 @@ def train(
                 "config": dataclasses.asdict(config),
                 **({"semidiscrete": semidiscrete.state_dict()} if semidiscrete is not None else {}),
             },
-            run_defaults={  # what a checkpoint that predates a setting trained with
-                "stage": "train",
-                **dataclasses.asdict(TrainConfig(source="8gaussians")),
-                "conditional": False,
-                "label_dropout": 0.0,
-            },
             locked=out is not None,
         )
         return TrainResult(fitted.model, fitted.ema, fitted.losses, config, fitted.start_step)

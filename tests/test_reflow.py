@@ -209,12 +209,6 @@ def test_pairs_held_as_a_tuple_train_and_resume_only_on_the_same_tensors(tmp_pat
     reflow.train_on_pairs((x0, x1), copy.deepcopy(net), run=again, **options)  # the same pairs: resumes
     with pytest.raises(ValueError, match="pairs_content"):  # other pairs with the same (empty) description
         reflow.train_on_pairs((x0, x1 + 1), copy.deepcopy(net), run=again, **options)
-    from otcfm import checkpoint
-
-    state = checkpoint.load(tmp_path / "checkpoint.pt")  # as runs recorded before the content was
-    checkpoint.atomic_save(
-        {**state, "run": {k: v for k, v in state["run"].items() if k != "pairs_content"}}, tmp_path / "checkpoint.pt"
-    )
     reflow.train_on_pairs((x0, x1), copy.deepcopy(net), run=again, **dict(options, steps=6))
     with pytest.raises(TypeError, match="pairs: expected a PairSet, a tuple"):
         reflow.train_on_pairs(x0, copy.deepcopy(net), **options)
