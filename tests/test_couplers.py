@@ -136,6 +136,7 @@ def test_exact_pairing_cost_equals_emd2(coupler: Coupler, seed: int, n: int, d: 
     assert _pair_cost(x0, x1, coupler(x0, x1)) == pytest.approx(_emd2(x0, x1), rel=1e-9, abs=1e-12)
 
 
+@pytest.mark.slow
 def test_exact_is_optimal_where_pots_default_stops_short() -> None:
     """N=2048, d=64: ot.emd with its default numItermax stops early; ours reaches the optimum (rel 1e-9)."""
     g = torch.Generator().manual_seed(0)

@@ -26,6 +26,8 @@ from otcfm.distributed import global_pairs
 from otcfm.flow import FlowMatcher
 from otcfm.training import CHECKPOINT_NAME, TrainConfig, build_model
 
+pytestmark = pytest.mark.slow  # end-to-end runs: in the full suite, out of the quick subset
+
 B = 48
 CONFIG = TrainConfig(steps=1, batch_size=32, hidden=32, depth=2, global_coupling=True, seed=3)
 

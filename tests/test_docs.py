@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # end-to-end runs: in the full suite, out of the quick subset
+
 ROOT = Path(__file__).resolve().parent.parent
 DOCUMENTS = ("README.md", "docs/getting-started.md")
 

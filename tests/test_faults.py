@@ -181,6 +181,7 @@ def kill_and_resume_trials(tmp_path: Path, trials: int, seed: int = 0) -> dict[s
     return counts
 
 
+@pytest.mark.slow
 def test_interrupted_cli_training_resumes_bit_exact(tmp_path: Path) -> None:
     """One random kill (SIGINT or SIGKILL) and resume; `python tests/test_faults.py N` runs N trials."""
     counts = kill_and_resume_trials(tmp_path, trials=1, seed=3)

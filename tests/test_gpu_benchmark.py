@@ -12,6 +12,8 @@ from benchmark_module import load_benchmark
 
 import otcfm
 
+pytestmark = pytest.mark.slow  # end-to-end runs: in the full suite, out of the quick subset
+
 
 def test_gpu_benchmark_quick_on_the_cpu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "gpu.json"

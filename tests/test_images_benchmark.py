@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 from benchmark_module import load_benchmark
 
+pytestmark = pytest.mark.slow  # end-to-end runs: in the full suite, out of the quick subset
+
 
 def test_images_benchmark_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     if not os.environ.get("CI"):  # CI installs the 'images' extra with the tests and must not skip

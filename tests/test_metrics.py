@@ -102,6 +102,7 @@ def test_gradient_variance_leaves_the_model_alone() -> None:
         gradient_variance(otcfm.FlowMatcher(), model, "gaussian", "moons", 8, 1)
 
 
+@pytest.mark.slow
 def test_target_variance_estimator_against_the_closed_form() -> None:
     """Independent coupling, N(0, I) source, 64 target points: the estimator is an upper bound within 10%."""
     g = torch.Generator().manual_seed(0)

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 from benchmark_module import load_benchmark
 
+pytestmark = pytest.mark.slow  # end-to-end runs: in the full suite, out of the quick subset
+
 pytest.importorskip("sklearn")
 
 

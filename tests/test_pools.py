@@ -57,6 +57,7 @@ def test_training_with_pools_resumes_bit_exact(tmp_path: Path) -> None:
     assert whole.config.pool_size == 64
 
 
+@pytest.mark.slow
 def test_cli_pool_size(tmp_path: Path) -> None:
     command = [
         sys.executable,

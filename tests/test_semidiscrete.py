@@ -296,6 +296,7 @@ def test_train_fits_then_trains_and_resumes_bit_exact(tmp_path: Path, screen: bo
         otcfm.train(steps=2, target="moons", coupler="semidiscrete", progress=False)
 
 
+@pytest.mark.slow
 def test_cli_trains_with_the_semidiscrete_coupler(tmp_path: Path) -> None:
     import subprocess
     import sys
@@ -354,6 +355,7 @@ def test_cli_trains_with_the_semidiscrete_coupler(tmp_path: Path) -> None:
     assert model(torch.zeros(3, 4), torch.zeros(3)).shape == (3, 4)
 
 
+@pytest.mark.slow
 def test_scale_benchmark_quick(tmp_path: Path) -> None:
     from benchmark_module import load_benchmark
 
