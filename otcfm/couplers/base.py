@@ -120,21 +120,8 @@ class Coupler(ABC):
         """Compute the pairing of validated inputs."""
 
     def _arange(self, n: int, device: torch.device) -> Tensor:
-        """``torch.arange(n, device=device)``, the same tensor from call to call until someone modifies it in place.
-
-        In a training step the model has just evicted the caches, and any tensor op then costs a measurable part of
-        a small model's step (``benchmarks/step.py``). The reuse is
-        guarded by the tensor's version counter: a caller that changes ``i`` in place gets a fresh one next time.
-        A tensor made under ``torch.inference_mode()`` has no version counter and is not kept.
-        """
-        cache = self.__dict__.setdefault("_aranges", {})
-        hit = cache.get((n, device))
-        if hit is not None and hit[0]._version == hit[1]:
-            return hit[0]
-        fresh = torch.arange(n, device=device)
-        if not fresh.is_inference():
-            cache[(n, device)] = (fresh, fresh._version)
-        return fresh
+        """``torch.arange(n, device=device)``: the source indices of a pairing that keeps its sources in order."""
+        return torch.arange(n, device=device)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

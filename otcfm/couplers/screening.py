@@ -125,18 +125,17 @@ class Screen:
         self.factor = _error_factor(d)
         self.calls = self.fallbacks = 0
         self._lock = threading.Lock()  # self.right's last two columns are rewritten when the potentials change
-        self._prepared: tuple[weakref.ref[Tensor], int, Tensor, Tensor] | None = None
+        self._prepared: tuple[weakref.ref[Tensor], Tensor, Tensor] | None = None
 
     def _prepare(self, h: Tensor) -> tuple[Tensor, Tensor]:
         """Write ``[c_j, 1]`` for score offsets ``h`` into the last two columns of :attr:`right` (under the lock);
-        return ``h: (N,)`` in float32 and ``max_j |c_j|``. Kept while ``h`` is the same tensor object, unchanged by
-        in-place ops (fixed potentials while training); a temporary copy, an inference tensor, or a new
-        tensor at a freed one's address is prepared afresh. Writes that bypass torch's version counter
-        (``h.data``, a NumPy view) are not seen: pass a new tensor instead."""
-        version = None if h.is_inference() else h._version  # read first: an update racing this call re-prepares
+        return ``h: (N,)`` in float32 and ``max_j |c_j|``. Kept while ``h`` is the same tensor object
+        (fixed potentials while training); a temporary copy, or a new tensor at a freed one's
+        address, is prepared afresh. Changes made in place to ``h`` are not seen: pass a new tensor instead (the
+        semidiscrete coupler derives a new ``h`` whenever its potentials change)."""
         prepared = self._prepared
-        if version is not None and prepared is not None and prepared[0]() is h and prepared[1] == version:
-            return prepared[2], prepared[3]
+        if prepared is not None and prepared[0]() is h:
+            return prepared[1], prepared[2]
         n, original = self.data.shape[0], h
         h = h.to(self.data.dtype)
         low, high = torch.aminmax(h)
@@ -144,7 +143,7 @@ class Screen:
         self.right[:n, -2], self.right[:n, -1] = c.to(torch.bfloat16), 1.0
         self.right[n:, -2], self.right[n:, -1] = -1.0, 0.0  # padded points: v < 0, below every real entry
         reach = c.abs().amax()
-        self._prepared = None if version is None else (weakref.ref(original), version, h, reach)
+        self._prepared = (weakref.ref(original), h, reach)
         return h, reach
 
     def argmax(self, x: Tensor, h: Tensor) -> tuple[Tensor, Tensor] | None:

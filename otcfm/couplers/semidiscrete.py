@@ -218,6 +218,7 @@ class SemidiscreteCoupler(Coupler):
             counts = torch.bincount(j, minlength=data.shape[0]).to(self.potentials.dtype)
             step = self.online_lr * float(self.mean_cost or 1.0)
             self.potentials.add_((step * (1.0 - data.shape[0] * counts / a.shape[0])).to(self.potentials))
+            self._offsets = None  # derived from the potentials before this update
         return Pairing(torch.arange(a.shape[0], device=x0.device), j.to(x0.device))
 
     def _chunk(self, batch: int) -> int:
@@ -238,16 +239,16 @@ class SemidiscreteCoupler(Coupler):
     def _score_offsets(self, data: Tensor) -> Tensor:
         """``h_j = g_j / unit^2 - |y_j / unit|^2`` of the verified dataset ``data: (N, D)``, ``(N,)`` in its dtype:
         the score of ``y_j`` is ``2 (x / unit^2).y_j + h_j``. Derived again when the potentials change (a new
-        tensor, or an in-place update of the online mode)."""
+        tensor, or an update of the online mode, which drops the cache). Potentials changed in place by other code
+        are not seen: assign a new tensor, or use :meth:`load_state_dict`."""
         g = self.potentials
         assert g is not None
-        version = None if g.is_inference() else g._version  # inference tensors have no version: not kept
         cached, key = self._offsets, (self._verified, self.unit, data.dtype, data.device)
-        if version is not None and cached is not None and cached[0] is g and (cached[1], cached[2]) == (version, key):
-            return cached[3]
+        if cached is not None and cached[0] is g and cached[1] == key:
+            return cached[2]
         scaled = _times_power_of_two(g.detach().to(device=data.device, dtype=torch.float64), -2 * _exponent(self.unit))
         h = scaled.to(data.dtype) - self._squares(data)
-        self._offsets = None if version is None else (g, version, key, h)
+        self._offsets = (g, key, h)
         return h
 
     def _screen_for(self, data: Tensor, flat: Tensor, batch: int, epsilon: float) -> Screen | None:
@@ -304,10 +305,11 @@ class SemidiscreteCoupler(Coupler):
         return state
 
     def _is_verified(self, x1: Tensor) -> bool:
-        """Whether ``x1`` is the tensor :meth:`check_dataset` verified last, unchanged since by torch's in-place ops.
+        """Whether ``x1`` is the tensor :meth:`check_dataset` verified last (the same object, storage, shape, dtype
+        and device).
 
-        Writes that bypass torch's version counter (through a NumPy view of the tensor, or ``.data``) are not seen:
-        pass a fresh tensor, or call :meth:`check_dataset` after such a write.
+        Changes made in place to that tensor after it was verified are not seen: pass a fresh tensor, or call
+        :meth:`check_dataset` after such a write.
         """
         ref = self._verified_tensor
         return ref is not None and ref() is x1 and _dataset_key(x1) == self._verified
@@ -849,8 +851,8 @@ def _affine_warm_start(x: Tensor, data: Tensor, unit: float, rows: int) -> Tenso
 
 
 def _dataset_key(x1: Tensor) -> tuple[Any, ...]:
-    """What identifies a dataset tensor between calls: storage, in-place version, shape, dtype, device."""
-    return (x1.data_ptr(), x1._version, tuple(x1.shape), x1.dtype, x1.device)
+    """What identifies a dataset tensor between calls: storage, shape, strides, dtype, device."""
+    return (x1.data_ptr(), tuple(x1.shape), x1.stride(), x1.dtype, x1.device)
 
 
 def _scores(x: Tensor, data: Tensor, h: Tensor, start: int, stop: int) -> Tensor:
