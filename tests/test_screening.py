@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import otcfm
 from otcfm.couplers import SemidiscreteCoupler
 from otcfm.couplers.screening import MAX_DIM, Screen
-from otcfm.couplers.semidiscrete import _partners_and_scores
+from otcfm.couplers.semidiscrete.kernels import _partners_and_scores
 
 
 def _offsets(data: torch.Tensor, g: torch.Tensor) -> torch.Tensor:

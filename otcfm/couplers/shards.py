@@ -25,12 +25,12 @@ from torch import Tensor
 
 from otcfm._checks import all_finite, check_finite
 from otcfm._ranks import fail_together, gather_batch, stream_seed, world
-from otcfm.couplers.semidiscrete import (
-    SemidiscreteCoupler,
+from otcfm.couplers.semidiscrete import SemidiscreteCoupler
+from otcfm.couplers.semidiscrete.kernels import _partners_and_scores
+from otcfm.couplers.semidiscrete.scaling import (
     _check_unit,
     _exponent,
     _flat,
-    _partners_and_scores,
     _scaled_batch,
     _squared_norms,
     _times_power_of_two,

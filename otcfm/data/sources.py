@@ -26,7 +26,6 @@ caller's CPU ``torch.Generator``, so a training run that saves the generator res
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -39,6 +38,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, TensorDataset
 
+from otcfm._hashing import content_hash
 from otcfm.checkpoint import load_failure
 
 __all__ = ["FILE_SUFFIXES", "DataLike", "DataSource", "as_source", "content_hash"]
@@ -238,17 +238,6 @@ def _looks_like_file(text: str) -> bool:
 def _no_options(options: dict[str, Any], argument: str) -> None:
     if options:
         raise ValueError(f"{argument}: options {sorted(options)} apply to a dataset name only")
-
-
-def content_hash(tensor: Tensor) -> str:
-    """SHA-256 of a tensor's shape, dtype and values, first 16 hex digits: identifies a dataset's content.
-
-    A contiguous CPU tensor is hashed where it lies (no copy of a dataset that may be gigabytes)."""
-    data = tensor.detach().cpu().contiguous()
-    digest = hashlib.sha256(f"{tuple(data.shape)}:{data.dtype}".encode())
-    if data.numel():
-        digest.update(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
-    return digest.hexdigest()[:16]
 
 
 #: How many items of a Dataset, or draws of a sampler, its fingerprint hashes (read twice, see :func:`_sampled`).

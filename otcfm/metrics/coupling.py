@@ -25,6 +25,7 @@ from torch import Tensor
 
 from otcfm._args import check_count, check_rate
 from otcfm._checks import check_pair
+from otcfm.couplers.semidiscrete.fit import error_of_counts
 
 __all__ = ["assignment_error", "error_of_counts", "renormalised_entropy", "transport_cost_ratio"]
 
@@ -45,12 +46,6 @@ def assignment_error(partners: Tensor, n: int) -> float:
     if int(partners.min()) < 0 or int(partners.max()) >= n:
         raise ValueError(f"partners: expected indices in [0, {n})")
     return error_of_counts(torch.bincount(partners, minlength=n))
-
-
-def error_of_counts(counts: Tensor) -> float:
-    """:func:`assignment_error` from the partner counts ``(N,)`` of each data point."""
-    shares = counts.to(torch.float64) / float(counts.sum())
-    return 0.5 * float((shares - 1.0 / counts.shape[0]).abs().sum())
 
 
 def transport_cost_ratio(x0: Tensor, x1: Tensor, w2_squared: float) -> float:
