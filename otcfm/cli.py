@@ -213,6 +213,14 @@ def _parser(train_defaults: dict[str, Any] | None = None) -> argparse.ArgumentPa
     )
     parser.add_argument("--version", action="version", version=f"otcfm {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_train(commands, train_defaults)
+    _add_pair_commands(commands)
+    _add_sample(commands)
+    return parser
+
+
+def _add_train(commands: Any, train_defaults: dict[str, Any] | None) -> None:
+    """``otcfm train`` and its options."""
     defaults = TrainConfig()
     names = ", ".join(sorted(DATASETS))
 
@@ -268,6 +276,13 @@ def _parser(train_defaults: dict[str, Any] | None = None) -> argparse.ArgumentPa
         metavar="KEY=VALUE",
         help="a time-sampler option, repeatable: std=0.5, a=2",
     )
+    _add_train_model(tr, defaults)
+    if train_defaults:
+        tr.set_defaults(**train_defaults)  # after every add_argument: those with a default keep theirs otherwise
+
+
+def _add_train_model(tr: argparse.ArgumentParser, defaults: TrainConfig) -> None:
+    """``otcfm train``'s model, objective, labels, scale-out and output options (and the shared ones)."""
     tr.add_argument(
         "--model-option",
         type=_key_value,
@@ -320,9 +335,10 @@ def _parser(train_defaults: dict[str, Any] | None = None) -> argparse.ArgumentPa
     )
     tr.add_argument("--out", default="runs/train", help="output directory")
     _add_common(tr, defaults.steps)
-    if train_defaults:
-        tr.set_defaults(**train_defaults)  # after every add_argument: those with a default keep theirs otherwise
 
+
+def _add_pair_commands(commands: Any) -> None:
+    """``otcfm reflow`` and ``otcfm distill``, which generate pairs with a teacher and train on them."""
     for name, helptext in (
         ("reflow", "generate pairs with a trained run, train the 2-rectified flow on them"),
         ("distill", "generate pairs with a trained run, distill a one-step generator"),
@@ -348,6 +364,9 @@ def _parser(train_defaults: dict[str, Any] | None = None) -> argparse.ArgumentPa
         else:
             rf.add_argument("--loss", default="l2", choices=["l2", "pseudo_huber"], help="distillation loss")
 
+
+def _add_sample(commands: Any) -> None:
+    """``otcfm sample``."""
     sa = commands.add_parser(
         "sample",
         help="sample from a checkpoint",
@@ -388,7 +407,6 @@ def _parser(train_defaults: dict[str, Any] | None = None) -> argparse.ArgumentPa
         "--png",
         help="also save a PNG: a grid of the samples for image data, else trajectories and samples (default: none)",
     )
-    return parser
 
 
 def _table_name(evaluation: dict[str, Any]) -> str:

@@ -523,19 +523,7 @@ def train(
         KeyboardInterrupt: re-raised after the last finished step was saved.
     """
     check_run_flags(resume, overwrite, progress)  # before anything reads them
-    objects, names = _split_objects(overrides)
-    if isinstance(model, str):
-        names["model"] = model
-        model = None
-    if model is not None and not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected an nn.Module or 'package.module:factory', got {type(model).__name__}")
-    if config is not None and not isinstance(config, TrainConfig):
-        raise TypeError(f"config: expected a TrainConfig, got {type(config).__name__}")
-    unknown = sorted(set(names) - {f.name for f in dataclasses.fields(TrainConfig)})
-    if unknown:
-        raise TypeError(f"train: unknown settings {unknown}; valid settings are the fields of TrainConfig")
-    config = dataclasses.replace(config or TrainConfig(), **names)  # TrainConfig checks each value
-    _check_model_settings(config, model)
+    config, model, objects = _settings(config, model, overrides)
     if resume and out is not None and config.source == "auto" and "source" not in objects:
         config = _recorded_source(config, Path(out) / CHECKPOINT_NAME)
     source, target = _data(config, objects, target_labels)
@@ -559,49 +547,20 @@ def train(
             f"label_dropout: {config.label_dropout} replaces labels by a 'no class' label, and the model has no "
             "null_label attribute; give it one (the built-in UNet has), or set label_dropout=0"
         )
-    place = next(net_model.parameters()).device
-    first = source(2, torch.Generator().manual_seed(0)).to(place)
-    if not all_finite(first):  # blamed on the data, not on the model that it makes return NaN
-        raise ValueError("source: a draw of 2 samples contains NaN or Inf")
-    probe_labels = torch.zeros(2, dtype=torch.int64, device=place) if conditional else None
-    if (config.objective == "meanflow") != is_flow_map(net_model):
-        wanted = "a flow map model(z, r, t) with flow_map = True" if config.objective == "meanflow" else "a velocity"
-        raise ValueError(f"model: objective={config.objective!r} trains {wanted}; the model given is not one")
-    with torch.autocast(place.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):  # as the steps run it
-        if config.objective == "meanflow":  # z at r = 0 towards t = 0: the call a step makes, on two samples
-            zero = torch.zeros(2, dtype=first.dtype, device=place)
-            check_output(
-                first_call(lambda x, t, *y: net_model(x, t, zero, *y), first, zero, "model", probe_labels), first
-            )
-        else:
-            check_velocity(net_model, first, "model", y=probe_labels)  # before any work
+    _probe_model(net_model, config, source, conditional)
     semidiscrete = fm.coupler if fm.coupler.pairs_with_dataset else None
-    if semidiscrete is not None and config.pool_size is not None:
-        raise ValueError("pool_size: the semidiscrete coupler pairs with the whole dataset; pools are for others")
-    if config.pool_size is not None and conditional:
-        raise ValueError("pool_size: OT pools are coupled without labels; train a conditional model without pools")
-    if config.pool_size is not None and global_coupling and semidiscrete is None:
-        raise ValueError("pool_size: pools couple each rank's own samples; leave global_coupling off with pools")
+    _check_pools(config, semidiscrete is not None, conditional, global_coupling)
     check_out(out, resume, overwrite)  # before the lock and any fit: an existing run is not touched
     lock = run_lock(out) if out is not None and distributed.world()[0] == 0 else contextlib.nullcontext()
     with lock:  # held from before a semidiscrete fit (which writes in out) to the end of the run
-        dataset = dataset_labels = None
-        if conditional and semidiscrete is not None:
-            dataset_labels = target.all_labels().to(device_)
-        batches: BatchSource = Draws(source, target, config.batch_size, device_, labels=conditional)
         if semidiscrete is not None:  # every rank pairs its batch with the whole dataset itself
+            labels = target.all_labels().to(device_) if conditional else None
             dataset = _fit_semidiscrete(
-                semidiscrete, config, source, target, out, resume, overwrite, device_, progress, dataset_labels
+                semidiscrete, config, source, target, out, resume, overwrite, device_, progress, labels
             )
-            batches = WholeDataset(source, dataset, config.batch_size, dataset_labels)
-        elif config.pool_size is not None:
-            from otcfm.loader import PoolStream
-
-            rank_seed = distributed.stream_seed(config.seed, "pools", distributed.world()[0])
-            stream = PoolStream(source, target, fm.coupler, config.pool_size, config.batch_size, rank_seed)
-            batches = Pools(stream, device_)
-        elif global_coupling:
-            batches = GlobalCoupling(batches, fm.coupler, config.seed)
+            batches: BatchSource = WholeDataset(source, dataset, config.batch_size, labels)
+        else:
+            batches = _batch_source(config, fm, source, target, device_, conditional, global_coupling)
         labelled: dict[str, Any] = {"label_dropout": config.label_dropout, "null_label": null} if conditional else {}
 
         def step_loss(net: nn.Module, step: int, generator: torch.Generator) -> torch.Tensor:
@@ -635,6 +594,77 @@ def train(
             locked=out is not None,
         )
         return TrainResult(fitted.model, fitted.ema, fitted.losses, config, fitted.start_step)
+
+
+def _settings(
+    config: TrainConfig | None, model: nn.Module | str | None, overrides: dict[str, Any]
+) -> tuple[TrainConfig, nn.Module | None, dict[str, Any]]:
+    """:func:`train`'s config with its keyword overrides, the model object (None for a named one), and the
+    objects given in place of names (data, coupler, path, time sampler instances)."""
+    objects, names = _split_objects(overrides)
+    if isinstance(model, str):
+        names["model"] = model
+        model = None
+    if model is not None and not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module or 'package.module:factory', got {type(model).__name__}")
+    if config is not None and not isinstance(config, TrainConfig):
+        raise TypeError(f"config: expected a TrainConfig, got {type(config).__name__}")
+    unknown = sorted(set(names) - {f.name for f in dataclasses.fields(TrainConfig)})
+    if unknown:
+        raise TypeError(f"train: unknown settings {unknown}; valid settings are the fields of TrainConfig")
+    config = dataclasses.replace(config or TrainConfig(), **names)  # TrainConfig checks each value
+    _check_model_settings(config, model)
+    return config, model, objects
+
+
+def _probe_model(model: nn.Module, config: TrainConfig, source: DataSource, conditional: bool) -> None:
+    """Call ``model`` once on two source draws as a step calls it (a flow map as ``model(z, r, t)``), before any
+    work: a model of the wrong signature or output shape is named ``model``, NaN/Inf draws ``source``."""
+    place = next(model.parameters()).device
+    first = source(2, torch.Generator().manual_seed(0)).to(place)
+    if not all_finite(first):  # blamed on the data, not on the model that it makes return NaN
+        raise ValueError("source: a draw of 2 samples contains NaN or Inf")
+    labels = torch.zeros(2, dtype=torch.int64, device=place) if conditional else None
+    if (config.objective == "meanflow") != is_flow_map(model):
+        wanted = "a flow map model(z, r, t) with flow_map = True" if config.objective == "meanflow" else "a velocity"
+        raise ValueError(f"model: objective={config.objective!r} trains {wanted}; the model given is not one")
+    with torch.autocast(place.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):  # as the steps run it
+        if config.objective == "meanflow":  # z at r = 0 towards t = 0: the call a step makes, on two samples
+            zero = torch.zeros(2, dtype=first.dtype, device=place)
+            check_output(first_call(lambda x, t, *y: model(x, t, zero, *y), first, zero, "model", labels), first)
+        else:
+            check_velocity(model, first, "model", y=labels)
+
+
+def _check_pools(config: TrainConfig, semidiscrete: bool, conditional: bool, global_coupling: bool) -> None:
+    """``pool_size`` only where pools apply: not with the semidiscrete coupler, labels or a global coupling."""
+    if semidiscrete and config.pool_size is not None:
+        raise ValueError("pool_size: the semidiscrete coupler pairs with the whole dataset; pools are for others")
+    if config.pool_size is not None and conditional:
+        raise ValueError("pool_size: OT pools are coupled without labels; train a conditional model without pools")
+    if config.pool_size is not None and global_coupling and not semidiscrete:
+        raise ValueError("pool_size: pools couple each rank's own samples; leave global_coupling off with pools")
+
+
+def _batch_source(
+    config: TrainConfig,
+    fm: FlowMatcher | MeanFlow,
+    source: DataSource,
+    target: DataSource,
+    device: torch.device,
+    conditional: bool,
+    global_coupling: bool,
+) -> BatchSource:
+    """Where a step's coupled batch comes from (other than the semidiscrete coupler's whole dataset): draws
+    coupled alone, OT pools, or a coupling across ranks."""
+    if config.pool_size is not None:
+        from otcfm.loader import PoolStream
+
+        rank_seed = distributed.stream_seed(config.seed, "pools", distributed.world()[0])
+        stream = PoolStream(source, target, fm.coupler, config.pool_size, config.batch_size, rank_seed)
+        return Pools(stream, device)
+    batches = Draws(source, target, config.batch_size, device, labels=conditional)
+    return GlobalCoupling(batches, fm.coupler, config.seed) if global_coupling else batches
 
 
 #: Where ``train`` keeps an unfinished semidiscrete fit in ``out`` (see :func:`_fit_semidiscrete`).
