@@ -501,7 +501,8 @@ def train_on_pairs(
             _check_drawn_finite(x0, x1)  # names pairs where fm.loss named x0 or x1
             raise
 
-    return _fit(model, pairs, loss, steps, batch_size, lr, seed, progress, "reflow", run, settings)
+    run = run or RunOptions()
+    return _fit(model, pairs, loss, _schedule(steps, lr, seed, run), batch_size, progress, "reflow", run, settings)
 
 
 @keeps_global_rng
@@ -555,7 +556,9 @@ def distill(
             raise ValueError("model: the loss is NaN or Inf with finite pairs: the model returned NaN/Inf")
         return value
 
-    return _fit(model, pairs, one_step_loss, steps, batch_size, lr, seed, progress, "distill", run, {"loss": loss})
+    run = run or RunOptions()
+    schedule = _schedule(steps, lr, seed, run)
+    return _fit(model, pairs, one_step_loss, schedule, batch_size, progress, "distill", run, {"loss": loss})
 
 
 def _check_drawn_finite(x0: Tensor, x1: Tensor) -> None:
@@ -570,23 +573,36 @@ def _check_training(steps: int, batch_size: int, lr: float) -> None:
     Schedule(steps=steps, lr=lr)  # validates steps and lr
 
 
+def _schedule(steps: int, lr: float, seed: int, run: RunOptions) -> Schedule:
+    """The engine's schedule of :func:`train_on_pairs` / :func:`distill`: their steps, rate and seed, and ``run``'s
+    optimisation options."""
+    return Schedule(
+        steps=steps,
+        lr=lr,
+        seed=seed,
+        ema_decay=run.ema_decay,
+        grad_clip=run.grad_clip,
+        precision=run.precision,
+        checkpoint_every=run.checkpoint_every,
+        lr_schedule=run.lr_schedule,
+        warmup_steps=run.warmup_steps,
+    )
+
+
 def _fit(
     model: nn.Module,
     pairs: PairSet | tuple[Tensor, Tensor] | PairSource,
     loss: Callable[[nn.Module, Tensor, Tensor, torch.Generator, Tensor | None], Tensor],
-    steps: int,
+    schedule: Schedule,
     batch_size: int,
-    lr: float,
-    seed: int,
     progress: bool,
     desc: str,
-    run: RunOptions | None,
+    run: RunOptions,
     settings: dict[str, Any],
 ) -> nn.Module:
     """Adam on ``loss(net, x0, x1, generator, y)`` over pairs drawn from ``pairs``, through the training engine
     (``y``: the labels of a labelled :class:`PairSet`, else None); ``model`` is trained in place (and given the EMA
     weights when ``run.ema_decay > 0``)."""
-    run = run or RunOptions()
     model_dtype = floating_dtype(model)
     if isinstance(pairs, tuple) and len(pairs) == 2 and all(isinstance(x, Tensor) for x in pairs):
         _check_pair_tensors(*pairs, "pairs: x0", "pairs: x1")
@@ -600,18 +616,7 @@ def _fit(
         check_dtype_fits(pairs.x0, model_dtype, "pairs", "pairs")
         _check_drawn_finite(pairs.x0, pairs.x1)
     device = run.device if run.device is not None else next(iter(model.parameters()), torch.empty(0)).device
-    schedule = Schedule(
-        steps=steps,
-        lr=lr,
-        seed=seed,
-        ema_decay=run.ema_decay,
-        grad_clip=run.grad_clip,
-        precision=run.precision,
-        checkpoint_every=run.checkpoint_every,
-        lr_schedule=run.lr_schedule,
-        warmup_steps=run.warmup_steps,
-    )
-    steps, lr, seed, batch_size = schedule.steps, schedule.lr, schedule.seed, check_count(batch_size, "batch_size")
+    lr, seed, batch_size = schedule.lr, schedule.seed, check_count(batch_size, "batch_size")
     identity = {
         "stage": desc,
         **settings,

@@ -236,17 +236,17 @@ def _scaling(
     tol: float,
     max_iter: int,
     anneal: bool | Literal["auto"],
-    fused: bool = False,
     out: Tensor | None = None,
     mean: float | None = None,
 ) -> _Scaled:
     """The stabilised scaling iterations of :func:`sinkhorn_plan`, in ``cost``'s dtype.
 
     The target marginal is checked every 10 iterations (its product ``K^T u`` is reused by the next one), or,
-    ``fused``, every iteration: ``u`` and ``K^T u`` then come from one pass over the kernel
-    (:func:`_rows_then_columns`). Kernels are written into ``out`` (shaped like ``cost``) when given;
+    with ``out`` (a buffer shaped like ``cost`` that the kernels are written into: the float32 path), every
+    iteration: ``u`` and ``K^T u`` then come from one pass over the kernel (:func:`_rows_then_columns`).
     ``mean`` is ``cost.mean()`` when the caller knows it.
     """
+    fused = out is not None
     check_rate(epsilon, "epsilon")
     check_rate(tol, "tol")
     check_count(max_iter, "max_iter")
@@ -561,7 +561,7 @@ class SinkhornCoupler(OTCoupler):
         one0, one1 = torch.ones_like(a_sq[:, None]), torch.ones_like(b_sq[:, None])
         torch.mm(torch.cat([a, a_sq[:, None], one0], 1), torch.cat([-2.0 * b, one1, b_sq[:, None]], 1).T, out=cost)
         return _scaling(
-            cost, problem.epsilon, None, None, False, self.tol, self.max_iter, self.anneal, fused=True, out=kernel,
+            cost, problem.epsilon, None, None, False, self.tol, self.max_iter, self.anneal, out=kernel,
             mean=problem.mean,
         )  # fmt: skip
 
