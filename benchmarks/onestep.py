@@ -322,13 +322,14 @@ def main(argv: list[str] | None = None) -> int:
     rows = read_jsonl(results)
     started = time.perf_counter()
     finals = [*(f"{c} distilled" for c in TEACHERS), *(f"meanflow {c}" for c in FLOW_MAPS)]
-    judge = None
+    judge, computed = None, False
     for seed in range(args.seeds):
         judge = Judge(args.eval_n, seed, args.cache)
         for final in finals:
             if any(r["method"] == final and r["seed"] == seed for r in rows):
                 continue
             print(f"seed {seed}: {final} ...", flush=True)
+            computed = True
             if final.startswith("meanflow"):
                 records, model = meanflow(final.split(" ")[1], args, seed, judge)
             else:
@@ -344,13 +345,14 @@ def main(argv: list[str] | None = None) -> int:
                 )
             with results.open("a") as handle:  # a method's records at once: a rerun redoes an unfinished one
                 handle.writelines(json.dumps(record) + "\n" for record in records)
-    seconds = time.perf_counter() - started
+    seconds = _total_seconds(out / "seconds.json", time.perf_counter() - started, computed)
     judge = judge or Judge(args.eval_n, 0, args.cache)
     methods = [f"{c} {stage}" for c in TEACHERS for stage in ("teacher", "2-RF", "distilled")]
     methods += [f"meanflow {c}" for c in FLOW_MAPS]
     table = markdown_table(["method", "FD@1", "FD@2", "train s", "network evals", "notes"], summary(rows, methods))
     floor = judge.features.frechet_distance(otcfm.data.load_digits("train")[0], judge.test)
-    print(f"\n{table}\n\nfloor (train split vs test split): FD {floor:.2f}; {seconds:.0f} s")
+    curves = _curves(rows)
+    print(f"\n{table}\n\n{curves}\n\nfloor (train split vs test split): FD {floor:.2f}; {seconds:.0f} s")
     if args.json is not None:
         args.json.write_text(json.dumps(rows, indent=1))
         print(f"records: {args.json}")
@@ -376,10 +378,34 @@ backward passes (a MeanFlow step 3 per sample, a flow-matching step 2, an rk4 st
 
 {table}
 
+{curves}
+
 ![FD after one step against training seconds; one-step samples](figures/onestep.png)
 """
         print(f"written to {write_section('onestep', body, args.docs)}")
     return 0
+
+
+def _total_seconds(ledger: Path, elapsed: float, computed: bool) -> float:
+    """Wall seconds of the whole benchmark over the invocations that computed methods (a resumed run adds its own),
+    kept in ``ledger``; an invocation that only reports adds nothing."""
+    before = json.loads(ledger.read_text())["seconds"] if ledger.is_file() else 0.0
+    if not computed:
+        return before or elapsed
+    ledger.parent.mkdir(parents=True, exist_ok=True)
+    ledger.write_text(json.dumps({"seconds": before + elapsed}))
+    return before + elapsed
+
+
+def _curves(rows: list[dict]) -> str:
+    """Each MeanFlow run's FD after one step at the quarters of its steps (seed 0): its curve in the figure."""
+    lines = []
+    for coupler in FLOW_MAPS:
+        run = next((r for r in rows if r["method"] == f"meanflow {coupler}" and r["seed"] == 0), None)
+        if run is not None:
+            points = ", ".join(f"{fd:.1f} at step {step} ({seconds:.0f} s)" for step, seconds, fd in run["curve"])
+            lines.append(f"- MeanFlow, {coupler}: FD@1 {points}")
+    return "FD after one step during each MeanFlow run (seed 0):\n\n" + "\n".join(lines) if lines else ""
 
 
 def _recipe() -> str:

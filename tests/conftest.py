@@ -12,6 +12,9 @@ from hypothesis import settings
 import otcfm
 import otcfm.couplers
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # parallel workers (pytest -n 2): one torch thread each, not two apiece
+    torch.set_num_threads(1)
+
 settings.register_profile("otcfm", deadline=None, derandomize=True, max_examples=40)
 settings.load_profile("otcfm")
 
