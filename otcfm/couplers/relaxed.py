@@ -312,13 +312,13 @@ def _partial_scaling(
         scale = (b_ / (shifted * (kernel.T @ u))).clip(max=1.0)
         q2, v = 1.0 / scale, shifted * scale
         kv = kernel @ v
-        total = q3 * float(u @ kv)  # projection 3: total mass m
+        total = q3 * (u @ kv)  # projection 3: total mass m (a number, read on the host only at the checks)
         q3, u = total / mass, u * (q3 * mass / total)
         iterations += 1
         if iterations % 10 == 0 or iterations == max_iter:
             p = _scaled(kernel_t, u, v)
             error = float(torch.linalg.matrix_norm(_scaled(kernel_t, previous_u, previous_v) - p))
-            if not all(math.isfinite(x) for x in (error, q3, float(q1.sum()), float(q2.sum()))):
+            if not all(math.isfinite(x) for x in (error, float(q3), float(q1.sum()), float(q2.sum()))):
                 return None
             if error < tol and partial_constraint_error(p, mass, a, b) <= math.sqrt(tol):
                 break
