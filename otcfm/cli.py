@@ -437,41 +437,22 @@ def _check_out(out: str, resume: bool, overwrite: bool) -> Path:
 
 
 def _config(args: argparse.Namespace) -> TrainConfig:
-    """The :class:`TrainConfig` of ``otcfm train``'s options."""
+    """The :class:`TrainConfig` of ``otcfm train``'s options: each field from the option of its name
+    (``_FIELD_OPTIONS`` for the repeatable ``--*-option``), the data's options from ``--dim``."""
     dim = {"dim": args.dim} if args.dim is not None else {}
-    return TrainConfig(
-        source=args.source,
-        target=args.target,
-        source_options=dim if args.source in DIM_DATASETS else {},
-        target_options=dim if args.target in DIM_DATASETS else {},
-        coupler=args.coupler,
-        coupler_options=dict(args.coupler_option),
-        path=args.path,
-        sigma=args.sigma,
-        path_options=dict(args.path_option),
-        time_sampler=args.time_sampler,
-        time_sampler_options=dict(args.time_sampler_option),
-        model=args.model or "mlp",
-        model_options=dict(args.model_option),
-        hidden=args.hidden,
-        depth=args.depth,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        lr_schedule=args.lr_schedule,
-        ema_decay=args.ema_decay,
-        grad_clip=args.grad_clip,
-        precision=args.precision,
-        seed=args.seed,
-        checkpoint_every=args.checkpoint_every,
-        global_coupling=args.global_coupling,
-        pool_size=args.pool_size,
-        warmup_steps=args.warmup_steps,
-        objective=args.objective,
-        objective_options=dict(args.objective_option),
-        conditional={"auto": None, "on": True, "off": False}[args.conditional],
-        label_dropout=args.label_dropout,
-    )
+    special = {
+        "source_options": dim if args.source in DIM_DATASETS else {},
+        "target_options": dim if args.target in DIM_DATASETS else {},
+        "model": args.model or "mlp",
+        "conditional": {"auto": None, "on": True, "off": False}[args.conditional],
+    }
+    values = {}
+    for field in dataclasses.fields(TrainConfig):
+        value = (
+            special[field.name] if field.name in special else getattr(args, _FIELD_OPTIONS.get(field.name, field.name))
+        )
+        values[field.name] = dict(value) if field.name in _FIELD_OPTIONS else value
+    return TrainConfig(**values)
 
 
 class _Unset(list):
@@ -732,19 +713,8 @@ def _reflow(args: argparse.Namespace) -> int:
         guidance=args.guidance,
     )
     student = copy.deepcopy(teacher)
-    run = reflow.RunOptions(
-        out=out,
-        resume=args.resume,
-        overwrite=args.overwrite,
-        ema_decay=args.ema_decay,
-        lr_schedule=args.lr_schedule,
-        grad_clip=args.grad_clip,
-        precision=args.precision,
-        device=args.device,
-        checkpoint_every=args.checkpoint_every,
-        warmup_steps=args.warmup_steps,
-        record={"config": dataclasses.asdict(config)},
-    )
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(reflow.RunOptions) if hasattr(args, f.name)}
+    run = reflow.RunOptions(**{**given, "out": out, "record": {"config": dataclasses.asdict(config)}})
     common = {
         "steps": args.steps,
         "batch_size": args.batch_size,
