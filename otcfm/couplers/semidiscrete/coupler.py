@@ -122,7 +122,7 @@ class SemidiscreteCoupler(Coupler):
         self._verified: tuple[Any, ...] | None = None
         self._verified_tensor: weakref.ref[Tensor] | None = None
         self._square: tuple[Any, Tensor] | None = None
-        self._offsets: tuple[Tensor, int, Any, Tensor] | None = None
+        self._offsets: tuple[Tensor, Any, Tensor] | None = None
         self._screen: tuple[Any, Tensor, Screen] | None = None
 
     # ----------------------------------------------------------------------------------------------- pairing
