@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 import numbers
 from collections.abc import Callable
@@ -50,6 +51,7 @@ __all__ = [
     "fit",
     "learning_rate",
     "resolve_device",
+    "schedule_from",
 ]
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -93,6 +95,13 @@ class Schedule:
 
     def __post_init__(self) -> None:
         check_schedule(self)
+
+
+def schedule_from(settings: object, **given: Any) -> Schedule:
+    """A :class:`Schedule` whose fields are ``given`` or else the attributes of the same names of ``settings``
+    (a :class:`otcfm.TrainConfig`, a :class:`otcfm.reflow.RunOptions`)."""
+    fields = dataclasses.fields(Schedule)
+    return Schedule(**{f.name: given[f.name] if f.name in given else getattr(settings, f.name) for f in fields})
 
 
 def learning_rate(lr: float, lr_schedule: LRSchedule, step: int, steps: int, warmup_steps: int = 0) -> float:

@@ -160,8 +160,8 @@ class FlowMatcher:
             a :class:`FlowBatch` (one entry per pair).
 
         Raises:
-            ValueError: mismatched sample shapes, empty batches, NaN/Inf (on CUDA: a device-side
-                assertion at the next synchronisation, see :mod:`otcfm._checks`).
+            ValueError: mismatched sample shapes, empty batches, NaN/Inf (on CUDA NaN/Inf are not read on the
+                host: they reach ``x_t`` and ``u_t``, see :mod:`otcfm._checks`).
         """
         return FlowBatch(*self._batch(x0, x1, generator, y0, y1, True))
 

@@ -38,7 +38,7 @@ from otcfm._random import keeps_global_rng
 from otcfm.batches import FixedPairs
 from otcfm.data import Sampler
 from otcfm.data.sources import DataSource, as_source, check_class_labels, content_hash
-from otcfm.engine import LRSchedule, Precision, Schedule, fit, resolve_device
+from otcfm.engine import LRSchedule, Precision, Schedule, fit, resolve_device, schedule_from
 from otcfm.flow import FlowMatcher
 from otcfm.solvers import METHODS, Method, check_output, check_velocity, integrate
 from otcfm.timesteps import TimeSampler
@@ -502,7 +502,8 @@ def train_on_pairs(
             raise
 
     run = run or RunOptions()
-    return _fit(model, pairs, loss, _schedule(steps, lr, seed, run), batch_size, progress, "reflow", run, settings)
+    schedule = schedule_from(run, steps=steps, lr=lr, seed=seed)
+    return _fit(model, pairs, loss, schedule, batch_size, progress, "reflow", run, settings)
 
 
 @keeps_global_rng
@@ -557,7 +558,7 @@ def distill(
         return value
 
     run = run or RunOptions()
-    schedule = _schedule(steps, lr, seed, run)
+    schedule = schedule_from(run, steps=steps, lr=lr, seed=seed)
     return _fit(model, pairs, one_step_loss, schedule, batch_size, progress, "distill", run, {"loss": loss})
 
 
@@ -571,22 +572,6 @@ def _check_drawn_finite(x0: Tensor, x1: Tensor) -> None:
 def _check_training(steps: int, batch_size: int, lr: float) -> None:
     check_count(batch_size, "batch_size")
     Schedule(steps=steps, lr=lr)  # validates steps and lr
-
-
-def _schedule(steps: int, lr: float, seed: int, run: RunOptions) -> Schedule:
-    """The engine's schedule of :func:`train_on_pairs` / :func:`distill`: their steps, rate and seed, and ``run``'s
-    optimisation options."""
-    return Schedule(
-        steps=steps,
-        lr=lr,
-        seed=seed,
-        ema_decay=run.ema_decay,
-        grad_clip=run.grad_clip,
-        precision=run.precision,
-        checkpoint_every=run.checkpoint_every,
-        lr_schedule=run.lr_schedule,
-        warmup_steps=run.warmup_steps,
-    )
 
 
 def _fit(

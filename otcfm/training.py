@@ -50,6 +50,7 @@ from otcfm.engine import (
     check_schedule,
     fit,
     resolve_device,
+    schedule_from,
 )
 from otcfm.flow import FlowMatcher
 from otcfm.guidance import null_label_of
@@ -208,17 +209,7 @@ class TrainConfig:
 
     def schedule(self) -> Schedule:
         """The engine's optimisation settings of this config."""
-        return Schedule(
-            steps=self.steps,
-            lr=self.lr,
-            lr_schedule=self.lr_schedule,
-            seed=self.seed,
-            ema_decay=self.ema_decay,
-            grad_clip=self.grad_clip,
-            precision=self.precision,
-            checkpoint_every=self.checkpoint_every,
-            warmup_steps=self.warmup_steps,
-        )
+        return schedule_from(self)
 
     def data_dim(self) -> int:
         """Number of features of one sample of ``target``."""
