@@ -38,6 +38,7 @@ from otcfm import distributed
 from otcfm._args import check_count, check_flag, check_rate, check_seed
 from otcfm._checks import first_nonfinite
 from otcfm.models import model_spec
+from otcfm.rundir import CHECKPOINT_NAME, RunDirectory
 from otcfm.runlock import run_lock
 
 __all__ = [
@@ -54,7 +55,6 @@ __all__ = [
     "schedule_from",
 ]
 
-CHECKPOINT_NAME = "checkpoint.pt"
 FORMAT_VERSION = 2
 
 #: ``step_loss(net, step, generator) -> scalar loss``: ``net`` is the model (or its DDP / autocast wrapper).
@@ -221,7 +221,7 @@ def fit(
     schedule: Schedule,
     *,
     run: dict[str, Any],
-    out: str | Path | None = None,
+    out: str | Path | RunDirectory | None = None,
     resume: bool = False,
     overwrite: bool = False,
     device: torch.device | str | None = None,
@@ -239,7 +239,8 @@ def fit(
         schedule: steps, learning rate, seed, EMA, clipping, precision, checkpoint period.
         run: JSON-like settings that identify the run; a resume must find the same (``steps`` excepted). The
             engine itself also refuses another ``lr_schedule``, and another ``steps`` under ``"cosine"``.
-        out: directory of ``checkpoint.pt``; no checkpoints when None.
+        out: directory of ``checkpoint.pt``; no checkpoints when None. A :class:`otcfm.rundir.RunDirectory` whose
+            checkpoint the caller read already is resumed from that read.
         resume: continue from ``out/checkpoint.pt`` when it exists.
         overwrite: replace a run already in ``out`` (otherwise an existing run there is an error).
         device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"``/None (see :func:`resolve_device`).
@@ -274,16 +275,19 @@ def fit(
                 path.unlink()
         device = resolve_device(device)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the caller's state is kept
-            output = _Output(path, run, record, resume, progress, desc, callback)
+            directory = RunDirectory.of(out)
+            output = _Output(path, directory, run, record, resume, progress, desc, callback)
             return _run(model, step_loss, schedule, device, output)
 
 
 @dataclass(frozen=True)
 class _Output:
-    """What a run writes and how it reports: its checkpoint file (None: none), the settings that identify it, the
-    extra entries of each checkpoint, whether it continues the file, and its progress bar and callback."""
+    """What a run writes and how it reports: its checkpoint file (None: none) and directory (which a resume reads
+    once), the settings that identify it, the extra entries of each checkpoint, whether it continues the file, and its
+    progress bar and callback."""
 
     path: Path | None
+    directory: RunDirectory | None
     run: dict[str, Any]
     record: dict[str, Any] | Callable[[], dict[str, Any]] | None
     resume: bool
@@ -306,9 +310,12 @@ class _Training:
         self.bar: Any = None  # the progress bar, while the run goes
 
     def restore(self) -> None:
-        """Continue the checkpoint at ``output.path`` (checked to be this run's)."""
-        path = self.output.path
-        state = ckpt.load(path)
+        """Continue the checkpoint in ``output.directory`` (checked to be this run's), read there once."""
+        path, directory = self.output.path, self.output.directory
+        state = directory.saved() if directory is not None else None
+        if state is None:
+            raise ValueError(f"resume: no checkpoint at {path}")
+        directory.release()  # its tensors stay alive only as long as the model and optimiser need them
         if state.get("optimizer") is None or state.get("generator") is None:
             raise ValueError(f"resume: {path} holds weights without training state")
         _check_same_run(state, self.output.run, path)
@@ -509,7 +516,7 @@ def _check_same_schedule(state: dict[str, Any], schedule: Schedule, path: Path) 
         raise ValueError(f"resume: the checkpoint {path} was made with another config ({differing})")
 
 
-def check_out(out: str | Path | None, resume: bool, overwrite: bool) -> Path | None:
+def check_out(out: str | Path | RunDirectory | None, resume: bool, overwrite: bool) -> Path | None:
     """``out/checkpoint.pt``, None without ``out``; refuses an ``out`` that is a file, or that holds a run when
     neither ``resume`` nor ``overwrite`` is set (checked before any work, and again by :func:`fit`)."""
     path = Path(out) / CHECKPOINT_NAME if out is not None else None

@@ -40,6 +40,7 @@ from otcfm.data import Sampler
 from otcfm.data.sources import DataSource, as_source, check_class_labels, content_hash
 from otcfm.engine import LRSchedule, Precision, Schedule, fit, resolve_device, schedule_from
 from otcfm.flow import FlowMatcher
+from otcfm.rundir import RunDirectory
 from otcfm.solvers import METHODS, Method, check_output, check_velocity, integrate
 from otcfm.timesteps import TimeSampler
 
@@ -430,7 +431,8 @@ class RunOptions:
     """Where and how :func:`train_on_pairs` and :func:`distill` run (the engine :func:`otcfm.engine.fit`).
 
     Attributes:
-        out: directory of ``checkpoint.pt`` (None: no checkpoints).
+        out: directory of ``checkpoint.pt`` (None: no checkpoints); a :class:`otcfm.rundir.RunDirectory` whose
+            checkpoint the caller read already is resumed from that read.
         resume: continue the run in ``out``.
         overwrite: replace a run in ``out`` (otherwise an existing run there is an error).
         ema_decay: EMA of the weights (0: none); the returned model then holds the EMA weights.
@@ -444,7 +446,7 @@ class RunOptions:
         record: extra entries of the checkpoint (the CLI stores the teacher's config there).
     """
 
-    out: str | Path | None = None
+    out: str | Path | RunDirectory | None = None
     resume: bool = False
     overwrite: bool = False
     ema_decay: float = 0.0

@@ -57,6 +57,7 @@ from otcfm.guidance import null_label_of
 from otcfm.meanflow import MeanFlow, is_flow_map
 from otcfm.models import MLP, model_spec, rebuild_model, unet
 from otcfm.paths import get_path
+from otcfm.rundir import RunDirectory
 from otcfm.runlock import run_lock
 from otcfm.solvers import check_output, check_velocity, first_call
 from otcfm.timesteps import get_time_sampler
@@ -291,10 +292,10 @@ def _flow_matcher(config: TrainConfig, objects: dict[str, Any]) -> FlowMatcher |
         raise _option_error("objective_options", config.objective_options, error) from error
 
 
-def _recorded_source(config: TrainConfig, path: Path) -> TrainConfig:
-    """``source="auto"`` on resume: the source the run recorded (what 'auto' chose, or a source named when it
-    started), so that a resume need not name it again."""
-    saved = ckpt.load(path).get("config") if path.is_file() else None
+def _recorded_source(config: TrainConfig, directory: RunDirectory) -> TrainConfig:
+    """``source="auto"`` on resume: the source the run in ``directory`` recorded (what 'auto' chose, or a source
+    named when it started), so that a resume need not name it again."""
+    saved = (directory.saved() or {}).get("config")
     recorded = saved.get("source") if isinstance(saved, dict) else None
     nameable = isinstance(recorded, str) and (
         recorded in DATASETS
@@ -467,7 +468,7 @@ def _split_objects(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str,
 def train(
     config: TrainConfig | None = None,
     *,
-    out: str | Path | None = None,
+    out: str | Path | RunDirectory | None = None,
     resume: bool = False,
     overwrite: bool = False,
     model: nn.Module | str | None = None,
@@ -491,7 +492,8 @@ def train(
             (``train(steps=500, coupler="independent")``); ``source``, ``target``, ``coupler``, ``path`` and
             ``time_sampler`` also take objects: data as a tensor / array ``(N, ...)``, a ``Dataset`` or a sampler
             ``f(n, generator)``, and coupler / path / time-sampler instances.
-        out: directory for ``checkpoint.pt``; no checkpoints when None.
+        out: directory for ``checkpoint.pt``; no checkpoints when None. A :class:`otcfm.rundir.RunDirectory`
+            whose checkpoint the caller read already (for its settings) is resumed from that read.
         resume: continue from ``out/checkpoint.pt`` if it exists (its config and data must match, except
             ``steps``, which may be raised under a constant learning rate, not under ``lr_schedule="cosine"``).
         overwrite: replace a run already in ``out``; without it (or ``resume``) an existing run is an error.
@@ -515,8 +517,9 @@ def train(
     """
     check_run_flags(resume, overwrite, progress)  # before anything reads them
     config, model, objects = _settings(config, model, overrides)
-    if resume and out is not None and config.source == "auto" and "source" not in objects:
-        config = _recorded_source(config, Path(out) / CHECKPOINT_NAME)
+    directory = RunDirectory.of(out)  # a resume reads its checkpoint once, here or where a caller read it
+    if resume and directory is not None and config.source == "auto" and "source" not in objects:
+        config = _recorded_source(config, directory)
     source, target = _data(config, objects, target_labels)
     explicit = target_labels is not None or isinstance(objects.get("target"), tuple)
     conditional = _resolve_conditional(config, target, explicit, model)
@@ -541,13 +544,13 @@ def train(
     _probe_model(net_model, config, source, conditional)
     semidiscrete = fm.coupler if fm.coupler.pairs_with_dataset else None
     _check_pools(config, semidiscrete is not None, conditional, global_coupling)
-    check_out(out, resume, overwrite)  # before the lock and any fit: an existing run is not touched
-    lock = run_lock(out) if out is not None and distributed.world()[0] == 0 else contextlib.nullcontext()
+    check_out(directory, resume, overwrite)  # before the lock and any fit: an existing run is not touched
+    lock = run_lock(directory) if directory is not None and distributed.world()[0] == 0 else contextlib.nullcontext()
     with lock:  # held from before a semidiscrete fit (which writes in out) to the end of the run
         if semidiscrete is not None:  # every rank pairs its batch with the whole dataset itself
             labels = target.all_labels().to(device_) if conditional else None
             dataset = _fit_semidiscrete(
-                semidiscrete, config, source, target, out, resume, overwrite, device_, progress, labels
+                semidiscrete, config, source, target, directory, resume, overwrite, device_, progress, labels
             )
             batches: BatchSource = WholeDataset(source, dataset, config.batch_size, labels)
         else:
@@ -572,7 +575,7 @@ def train(
             step_loss,
             config.schedule(),
             run=run,
-            out=out,
+            out=directory,
             resume=resume,
             overwrite=overwrite,
             device=device_,
@@ -582,7 +585,7 @@ def train(
                 "config": dataclasses.asdict(config),
                 **({"semidiscrete": semidiscrete.state_dict()} if semidiscrete is not None else {}),
             },
-            locked=out is not None,
+            locked=directory is not None,
         )
         return TrainResult(fitted.model, fitted.ema, fitted.losses, config, fitted.start_step)
 
@@ -667,7 +670,7 @@ def _fit_semidiscrete(
     config: TrainConfig,
     source: DataSource,
     target: DataSource,
-    out: str | Path | None,
+    out: RunDirectory | None,
     resume: bool,
     overwrite: bool,
     device: torch.device,
@@ -686,9 +689,9 @@ def _fit_semidiscrete(
             "it once, e.g. otcfm.data.sample('mixture', 20000, generator, dim=32))"
         )
     dataset = target.rows.to(device)
-    saved = Path(out) / CHECKPOINT_NAME if out is not None and resume else None
-    if saved is not None and saved.exists():
-        state = ckpt.load(saved).get("semidiscrete")
+    saved = out.saved() if out is not None and resume else None
+    if saved is not None:
+        state = saved.get("semidiscrete")
         if state is not None:
             coupler.load_state_dict(state, dataset)
             return dataset

@@ -96,6 +96,34 @@ def test_import_stays_light() -> None:
         otcfm.nope  # noqa: B018
 
 
+def test_top_level_help_does_not_import_torch() -> None:
+    """``import otcfm`` and ``otcfm --help`` / ``--version`` load no torch (the help answers at once); a subcommand's
+    help builds its options."""
+    code = (
+        "import sys, contextlib, io, otcfm; from otcfm.cli import main\n"
+        "codes = []\n"
+        "for argv in (['--help'], ['--version'], []):\n"
+        "    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):\n"
+        "        try: main(argv)\n"
+        "        except SystemExit as exit: codes.append(exit.code)\n"
+        "print(codes, 'torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split("\n")[0] == "[0, 0, 2] False"
+
+
+def test_public_names_resolve_to_their_objects() -> None:
+    """Every name of ``otcfm.__all__`` loads on access; ``otcfm.likelihood`` stays the function also when the
+    submodule of that name was imported first."""
+    code = (
+        "import otcfm, otcfm.likelihood, inspect; from otcfm.likelihood import likelihood\n"
+        "print(otcfm.likelihood is likelihood, all(getattr(otcfm, n) is not None for n in otcfm.__all__))\n"
+        "print(sorted(otcfm.__all__) == sorted(otcfm._HOMES), inspect.ismodule(otcfm.reflow))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split("\n")[:2] == ["True True", "True True"]
+
+
 def test_help_shows_every_default_and_version(capsys: pytest.CaptureFixture[str]) -> None:
     for command in ("train", "reflow", "distill", "sample"):
         with pytest.raises(SystemExit):
@@ -145,7 +173,7 @@ def test_cli_options_reach_the_run(tmp_path: Path) -> None:
 )
 def test_option_words_in_any_case(text: str, value: object) -> None:
     """``False`` typed as on a Python line is the boolean, not the (truthy) string 'False'."""
-    from otcfm.cli import _key_value
+    from otcfm.cli.options import _key_value
 
     assert _key_value(text) == (text.partition("=")[0], value)
 
@@ -203,17 +231,18 @@ def test_interrupt_says_whether_anything_was_saved(
 ) -> None:
     """Interrupted before its first checkpoint, a run said its finished work was saved; --resume then trained
     the default datasets."""
-    import otcfm.cli
+    import otcfm.cli.sample
+    import otcfm.cli.train
 
     def stopped(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(otcfm.cli, "train", stopped)
+    monkeypatch.setattr(otcfm.cli.train, "train", stopped)
     assert main(["train", "--out", str(tmp_path / "run"), *SMALL]) == 130
     assert "interrupted before anything was saved" in capsys.readouterr().err
     monkeypatch.undo()
     assert main(["train", "--out", str(tmp_path / "run"), *SMALL]) == 0
-    monkeypatch.setattr(otcfm.cli, "train", stopped)
+    monkeypatch.setattr(otcfm.cli.train, "train", stopped)
     assert main(["train", "--out", str(tmp_path / "run"), "--resume", *SMALL]) == 130
     assert "finished work (steps, pairs, a semidiscrete fit) is saved" in capsys.readouterr().err
 
@@ -277,7 +306,8 @@ def test_a_missing_teacher_is_named(tmp_path: Path, capsys: pytest.CaptureFixtur
 def test_an_interrupted_sample_says_what_was_written(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import otcfm.cli
+    import otcfm.cli.sample
+    import otcfm.cli.train
     import otcfm.plotting
 
     def stopped(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
@@ -286,7 +316,7 @@ def test_an_interrupted_sample_says_what_was_written(
     assert main(["train", "--out", str(tmp_path / "run"), *SMALL]) == 0
     sample = ["sample", "--checkpoint", str(tmp_path / "run"), "--n", "8", "--steps", "2"]
     sample += ["--out", str(tmp_path / "x.pt")]
-    monkeypatch.setattr(otcfm.cli, "solve", stopped)
+    monkeypatch.setattr(otcfm.cli.sample, "solve", stopped)
     assert main(sample) == 130
     assert "otcfm: interrupted; no samples written" in capsys.readouterr().err
     monkeypatch.undo()
@@ -294,7 +324,7 @@ def test_an_interrupted_sample_says_what_was_written(
     assert main([*sample, "--png", str(tmp_path / "x.png")]) == 130
     assert "samples written to --out, no figure" in capsys.readouterr().err
     monkeypatch.undo()
-    monkeypatch.setattr(otcfm.cli, "solve", stopped)  # x.pt is the earlier run's file: it was not written now
+    monkeypatch.setattr(otcfm.cli.sample, "solve", stopped)  # x.pt is the earlier run's file: it was not written now
     assert main(sample) == 130
     assert "otcfm: interrupted; no samples written" in capsys.readouterr().err
 
