@@ -47,6 +47,7 @@ __all__ = [
     "Fitted",
     "LRSchedule",
     "LR_SCHEDULES",
+    "PRECISIONS",
     "Schedule",
     "StepLoss",
     "fit",
@@ -62,6 +63,7 @@ StepLoss = Callable[[nn.Module, int, torch.Generator], Tensor]
 Precision = Literal["fp32", "bf16"]
 LRSchedule = Literal["constant", "cosine"]
 LR_SCHEDULES: tuple[str, ...] = get_args(LRSchedule)
+PRECISIONS: tuple[str, ...] = get_args(Precision)
 
 
 @dataclass(frozen=True)
@@ -145,7 +147,7 @@ def check_schedule(s: Any) -> None:
     }
     plain["warmup_steps"] = _check_warmup(s.warmup_steps, plain["steps"])
     _check_lr_schedule(s.lr_schedule)
-    if s.precision not in ("fp32", "bf16"):
+    if s.precision not in PRECISIONS:
         raise ValueError(f"precision: unknown value {s.precision!r}; expected one of 'bf16', 'fp32'")
     for name, value in plain.items():
         object.__setattr__(s, name, value)

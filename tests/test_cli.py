@@ -361,3 +361,30 @@ def test_sample_a_run_trained_on_a_tensor_in_python(tmp_path: Path, capsys: pyte
     assert not (tmp_path / "rf").exists()
     assert main(["sample", "--checkpoint", str(tmp_path / "run"), "--out", str(out), "--model", "nope:f"]) == 2
     assert capsys.readouterr().err.startswith("otcfm: error: --model nope:f: ")
+
+
+def test_options_default_to_the_run_configuration() -> None:
+    """Each option that sets a field of TrainConfig (train) or of RunOptions / train_on_pairs (reflow, distill)
+    defaults to that field's default: the command line builds its options from the configuration."""
+    import dataclasses
+    import inspect
+
+    from otcfm.cli.options import parser
+    from otcfm.reflow import RunOptions, train_on_pairs
+
+    given = vars(parser().parse_args(["train"]))  # every option at its default
+    named_otherwise = {"model", "conditional"}  # --model None means mlp, --conditional auto means None
+    fields = [f.name for f in dataclasses.fields(otcfm.TrainConfig) if f.name in set(given) - named_otherwise]
+    assert len(fields) >= 20
+    for name in fields:
+        assert given[name] == getattr(otcfm.TrainConfig(), name), name
+    signature = inspect.signature(train_on_pairs).parameters
+    pair_defaults = {
+        f.name: f.default for f in dataclasses.fields(RunOptions) if f.name not in ("device", "record", "callback")
+    }
+    pair_defaults.update({name: signature[name].default for name in ("steps", "batch_size", "lr", "seed")})
+    for command in ("reflow", "distill"):
+        given = vars(parser().parse_args([command, "--teacher", "t", "--out", "o"]))
+        assert {name: given[name] for name in pair_defaults if name != "out"} == {
+            name: default for name, default in pair_defaults.items() if name != "out"
+        }, command

@@ -12,7 +12,7 @@ from otcfm._args import check_seed
 from otcfm.cli.parser import top_parser
 from otcfm.couplers import COUPLERS
 from otcfm.data import DATASETS
-from otcfm.engine import LR_SCHEDULES
+from otcfm.engine import LR_SCHEDULES, PRECISIONS
 from otcfm.paths import PATHS
 from otcfm.solvers import METHODS
 from otcfm.timesteps import TIME_SAMPLERS
@@ -94,37 +94,51 @@ class _OldSpelling(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
-def _add_common(parser: argparse.ArgumentParser, steps_default: int, old_spelling: bool = False) -> None:
-    """Options every training command shares (the engine's: optimisation, device, output, evaluation);
-    ``old_spelling``: ``--steps`` is also accepted as ``--train-steps`` (reflow and distill)."""
+def _add_common(parser: argparse.ArgumentParser, old_spelling: bool = False) -> None:
+    """Options every training command shares (the engine's: optimisation, device, output, evaluation), with the
+    defaults of :class:`otcfm.TrainConfig`; ``old_spelling``: ``--steps`` is also accepted as ``--train-steps``
+    (reflow and distill)."""
+    defaults = TrainConfig()
     flags = ("--steps", "--train-steps") if old_spelling else ("--steps",)
     parser.add_argument(
         *flags,
         dest="steps",
         type=_positive_int,
-        default=steps_default,
+        default=defaults.steps,
         help="training steps (total)",
         action=_OldSpelling,
     )
-    parser.add_argument("--batch-size", type=_positive_int, default=256, help="samples per batch and side")
-    parser.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam learning rate (peak rate of cosine)")
+    parser.add_argument(
+        "--batch-size", type=_positive_int, default=defaults.batch_size, help="samples per batch and side"
+    )
+    parser.add_argument(
+        "--lr", type=_positive_float, default=defaults.lr, help="Adam learning rate (peak rate of cosine)"
+    )
     parser.add_argument(
         "--lr-schedule",
-        default="constant",
+        default=defaults.lr_schedule,
         choices=list(LR_SCHEDULES),
         help="cosine: decay the rate from --lr to 0 over the steps",
     )
-    parser.add_argument("--ema-decay", type=_decay, default=0.0, help="EMA of the weights, in [0, 1); 0: none")
+    parser.add_argument(
+        "--ema-decay", type=_decay, default=defaults.ema_decay, help="EMA of the weights, in [0, 1); 0: none"
+    )
     parser.add_argument(
         "--grad-clip",
         type=_positive_float,
-        default=None,
+        default=defaults.grad_clip,
         help="clip the gradient norm at this value (default: no clipping)",
     )
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast forward")
+    parser.add_argument(
+        "--precision", default=defaults.precision, choices=list(PRECISIONS), help="bf16: autocast forward"
+    )
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when available)")
-    parser.add_argument("--seed", type=_seed, default=0, help="seed of every draw and of the initial weights")
-    parser.add_argument("--checkpoint-every", type=_positive_int, default=500, help="steps between checkpoints")
+    parser.add_argument(
+        "--seed", type=_seed, default=defaults.seed, help="seed of every draw and of the initial weights"
+    )
+    parser.add_argument(
+        "--checkpoint-every", type=_positive_int, default=defaults.checkpoint_every, help="steps between checkpoints"
+    )
     parser.add_argument(
         "--resume",
         action="store_true",
@@ -132,7 +146,10 @@ def _add_common(parser: argparse.ArgumentParser, steps_default: int, old_spellin
     )
     parser.add_argument("--overwrite", action="store_true", help="replace a run already in OUT")
     parser.add_argument(
-        "--warmup-steps", type=_count, default=0, help="linear learning-rate warm-up over the first steps (0: none)"
+        "--warmup-steps",
+        type=_count,
+        default=defaults.warmup_steps,
+        help="linear learning-rate warm-up over the first steps (0: none)",
     )
     parser.add_argument(
         "--eval-n",
@@ -274,7 +291,7 @@ def _add_train_model(tr: argparse.ArgumentParser, defaults: TrainConfig) -> None
         "pool-size / batch-size steps, each pair once (default: each batch coupled alone)",
     )
     tr.add_argument("--out", default="runs/train", help="output directory")
-    _add_common(tr, defaults.steps)
+    _add_common(tr)
 
 
 def _add_pair_command(rf: argparse.ArgumentParser, name: str) -> None:
@@ -292,7 +309,7 @@ def _add_pair_command(rf: argparse.ArgumentParser, name: str) -> None:
         help="a class-conditional teacher's guidance weight for the pairs (each pair of a uniformly drawn class; "
         "the student is conditional too)",
     )
-    _add_common(rf, 2000, old_spelling=True)
+    _add_common(rf, old_spelling=True)
     if name == "reflow":
         rf.add_argument("--time-sampler", default="uniform", choices=sorted(TIME_SAMPLERS), help="distribution of t")
     else:
