@@ -774,7 +774,13 @@ def load_model(
     path = Path(path)
     if path.is_dir():
         path = path / CHECKPOINT_NAME
-    state = ckpt.load(path)
+    return model_from_checkpoint(ckpt.load(path), path, use_ema, model)
+
+
+def model_from_checkpoint(
+    state: dict[str, Any], path: Path, use_ema: bool = True, model: nn.Module | None = None
+) -> tuple[nn.Module, TrainConfig | None]:
+    """:func:`load_model` of a checkpoint's content ``state`` already read from ``path`` (named in errors)."""
     if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise ValueError(f"checkpoint: {path} is not an otcfm training checkpoint (format {found!r})")

@@ -69,10 +69,20 @@ def test_a_python_resume_reads_the_checkpoint_once(tmp_path: Path, reads: list[P
     assert len(resumed.losses) == 6 and reads == [tmp_path / CHECKPOINT_NAME]
 
 
-def test_a_command_line_resume_reads_the_checkpoint_once(tmp_path: Path, reads: list[Path]) -> None:
+def test_command_line_resumes_and_samples_read_a_checkpoint_once(tmp_path: Path, reads: list[Path]) -> None:
     small = ["--batch-size", "32", "--hidden", "16", "--depth", "1", "--eval-n", "100", "--eval-draws", "1"]
     assert main(["train", "--coupler", "independent", "--out", str(tmp_path), "--steps", "4", *small]) == 0
     assert reads == []
     assert main(["train", "--out", str(tmp_path), "--resume", "--steps", "6", *small[-4:], "--no-progress"]) == 0
     assert reads == [tmp_path / CHECKPOINT_NAME]  # the settings it takes, then the engine's state
     assert ckpt.load(tmp_path / CHECKPOINT_NAME)["step"] == 6
+    reads.clear()
+    sample = ["sample", "--checkpoint", str(tmp_path), "--n", "8", "--steps", "2", "--out", str(tmp_path / "x.pt")]
+    assert main(sample) == 0
+    assert reads == [tmp_path / CHECKPOINT_NAME]  # the run's settings and its weights: one read
+    student = tmp_path / "reflow"
+    pairs = ["reflow", "--teacher", str(tmp_path), "--out", str(student), "--pairs", "64", "--solver-steps", "2"]
+    assert main([*pairs, "--steps", "2", *small[:2], *small[-4:], "--no-progress"]) == 0
+    reads.clear()
+    assert main([*pairs, "--steps", "3", *small[:2], *small[-4:], "--no-progress", "--resume"]) == 0
+    assert sorted(reads) == [tmp_path / CHECKPOINT_NAME, student / CHECKPOINT_NAME]  # the teacher's, the student's

@@ -16,7 +16,7 @@ from otcfm import distributed, report
 from otcfm.data import DATASETS
 from otcfm.data.sources import FILE_SUFFIXES, DataSource, as_source
 from otcfm.engine import CHECKPOINT_NAME
-from otcfm.training import TrainConfig, build_model, builds_a_module, load_model
+from otcfm.training import TrainConfig, build_model, builds_a_module, model_from_checkpoint
 
 __all__ = ["BUILT_IN_MODELS", "DIM_DATASETS", "check_out", "load_run", "nameable", "recorded_factory", "table_name"]
 
@@ -80,7 +80,8 @@ def load_run(checkpoint: str, factory: str | None, argument: str) -> tuple[nn.Mo
     ``"distill"``); a model built by a factory is rebuilt by the recorded factory (:func:`recorded_factory`)
     unless ``--model`` is given, which is then the one used (its weights must fit)."""
     path = Path(checkpoint)
-    state = ckpt.load(path / CHECKPOINT_NAME if path.is_dir() else path, argument)
+    path = path / CHECKPOINT_NAME if path.is_dir() else path
+    state = ckpt.load(path, argument)  # read once: the settings below and the weights
     saved = state.get("config") if isinstance(state, dict) else None
     model = None
     if isinstance(saved, dict) and str(saved.get("model", "mlp")).startswith("object:") and factory is None:
@@ -97,7 +98,7 @@ def load_run(checkpoint: str, factory: str | None, argument: str) -> tuple[nn.Mo
         except (ValueError, TypeError) as error:
             raise ValueError(f"--model {factory}: {error}") from error
     try:
-        model, config = load_model(path, model=model)
+        model, config = model_from_checkpoint(state, path, model=model)
     except ValueError as error:
         if factory is None or "do not fit the model" not in str(error):
             raise
