@@ -14,9 +14,11 @@ import otcfm.couplers
 
 if os.environ.get("PYTEST_XDIST_WORKER"):  # parallel workers (pytest -n 2): one torch thread each, not two apiece
     torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # and so the processes a test starts (CLI runs, torchrun, docs)
 
 settings.register_profile("otcfm", deadline=None, derandomize=True, max_examples=40)
 settings.load_profile("otcfm")
+
 
 
 @pytest.fixture
