@@ -20,7 +20,6 @@ settings.register_profile("otcfm", deadline=None, derandomize=True, max_examples
 settings.load_profile("otcfm")
 
 
-
 @pytest.fixture
 def generator() -> torch.Generator:
     """A CPU generator with a fixed seed."""
