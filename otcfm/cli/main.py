@@ -13,7 +13,8 @@ from otcfm.cli.parser import COMMANDS, top_parser
 
 __all__ = ["main", "run"]
 
-
+#: Errors that mean "the user asked for something that cannot be done": one line, exit code 2. Anything else is
+#: a bug in otcfm or a dependency and keeps its traceback, which a bug report needs.
 USER_ERRORS = (ValueError, TypeError, OSError, MemoryError)
 
 
