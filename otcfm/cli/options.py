@@ -184,6 +184,11 @@ def parser(train_defaults: dict[str, Any] | None = None) -> argparse.ArgumentPar
     return top
 
 
+def _add_key_values(parser: argparse.ArgumentParser, flag: str, helptext: str) -> None:
+    """A repeatable ``flag KEY=VALUE`` option (``--coupler-option epsilon=0.01``), collected as a list of pairs."""
+    parser.add_argument(flag, type=_key_value, action="append", default=[], metavar="KEY=VALUE", help=helptext)
+
+
 def _add_train(tr: argparse.ArgumentParser, train_defaults: dict[str, Any] | None) -> None:
     """``otcfm train``'s options."""
     defaults = TrainConfig()
@@ -202,37 +207,18 @@ def _add_train(tr: argparse.ArgumentParser, train_defaults: dict[str, Any] | Non
         help="dimension of gaussian / mixture data (default: the dataset's own)",
     )
     tr.add_argument("--coupler", default=defaults.coupler, choices=sorted(COUPLERS), help="who is paired with whom")
-    tr.add_argument(
-        "--coupler-option",
-        type=_key_value,
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a coupler option, repeatable: epsilon=0.01, max_iter=5000, solver=lsa, replace=true",
+    _add_key_values(
+        tr, "--coupler-option", "a coupler option, repeatable: epsilon=0.01, max_iter=5000, solver=lsa, replace=true"
     )
     tr.add_argument("--path", default=defaults.path, choices=sorted(PATHS), help="probability path")
     tr.add_argument(
         "--sigma", type=float, default=defaults.sigma, help="the path's noise parameter (default: the path's own)"
     )
-    tr.add_argument(
-        "--path-option",
-        type=_key_value,
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a path option, repeatable: beta_max=20",
-    )
+    _add_key_values(tr, "--path-option", "a path option, repeatable: beta_max=20")
     tr.add_argument(
         "--time-sampler", default=defaults.time_sampler, choices=sorted(TIME_SAMPLERS), help="distribution of t"
     )
-    tr.add_argument(
-        "--time-sampler-option",
-        type=_key_value,
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a time-sampler option, repeatable: std=0.5, a=2",
-    )
+    _add_key_values(tr, "--time-sampler-option", "a time-sampler option, repeatable: std=0.5, a=2")
     _add_train_model(tr, defaults)
     if train_defaults:
         tr.set_defaults(**train_defaults)  # after every add_argument: those with a default keep theirs otherwise
@@ -240,14 +226,10 @@ def _add_train(tr: argparse.ArgumentParser, train_defaults: dict[str, Any] | Non
 
 def _add_train_model(tr: argparse.ArgumentParser, defaults: TrainConfig) -> None:
     """``otcfm train``'s model, objective, labels, scale-out and output options (and the shared ones)."""
-    tr.add_argument(
+    _add_key_values(
+        tr,
         "--model-option",
-        type=_key_value,
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a model option, repeatable: preset=cifar10, base_channels=64 for --model unet; a keyword of a "
-        "--model factory",
+        "a model option, repeatable: preset=cifar10, base_channels=64 for --model unet; a keyword of a --model factory",
     )
     tr.add_argument(
         "--objective",
@@ -255,14 +237,7 @@ def _add_train_model(tr: argparse.ArgumentParser, defaults: TrainConfig) -> None
         choices=list(OBJECTIVES),
         help="meanflow: a flow map u(z, r, t) sampled in one step (otcfm sample --steps 1)",
     )
-    tr.add_argument(
-        "--objective-option",
-        type=_key_value,
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="an objective option, repeatable: flow_map_fraction=0.25, adaptive_p=1",
-    )
+    _add_key_values(tr, "--objective-option", "an objective option, repeatable: flow_map_fraction=0.25, adaptive_p=1")
     tr.add_argument(
         "--conditional",
         default="auto",
