@@ -521,11 +521,10 @@ def _check_same_schedule(state: dict[str, Any], schedule: Schedule, path: Path) 
 def check_out(out: str | Path | RunDirectory | None, resume: bool, overwrite: bool) -> Path | None:
     """``out/checkpoint.pt``, None without ``out``; refuses an ``out`` that is a file, or that holds a run when
     neither ``resume`` nor ``overwrite`` is set (checked before any work, and again by :func:`fit`)."""
-    path = Path(out) / CHECKPOINT_NAME if out is not None else None
+    directory = RunDirectory.of(out)  # refuses an out that is no path, or ''
+    path = directory.checkpoint_path if directory is not None else None
     if resume and path is None:
         raise ValueError("resume: needs out, the directory holding checkpoint.pt")
-    if path is not None and str(out) == "":
-        raise ValueError("out: expected a directory, got ''")
     if path is not None and path.parent.exists() and not path.parent.is_dir():
         raise ValueError(f"out: {str(out)!r} is a file; expected a directory for the run")
     if path is not None and path.is_file() and not resume and not overwrite:
